@@ -1,0 +1,1787 @@
+#!/usr/bin/env python3
+"""bbolt_lite: the bbolt on-disk format in one file of pure Python.
+
+bbolt (go.etcd.io/bbolt) is an embedded key/value store: one file holding a
+copy-on-write B+tree of buckets and keys. This module reads and writes that
+file format (version 2, as written by bbolt 1.3.x), so a file made here opens
+in Go's bbolt and passes its ``tx.Check()``, and a file made by Go reads here.
+It needs nothing but the Python standard library (3.9 or newer) on a POSIX
+system (it locks the file with ``flock``, as bbolt does).
+
+Use as a library::
+
+    import bbolt_lite
+    with bbolt_lite.open("my.db") as db:        # creates the file if missing
+        with db.update() as tx:                  # one writer at a time
+            b = tx.create_bucket_if_not_exists(b"widgets")
+            b.put(b"foo", b"bar")
+        with db.view() as tx:                    # any number of readers
+            print(tx.bucket(b"widgets").get(b"foo"))
+        assert db.check() == []                  # like Go's tx.Check()
+
+Transactions: ``update()`` commits when its block ends normally and rolls
+back on an exception; ``view()`` is a read-only snapshot. A commit writes the
+changed pages to free space, then the freelist, syncs, then writes the meta
+page with the new transaction id and syncs again, so a crash at any moment
+leaves the file at its last committed transaction.
+
+Use as a command, after Go's ``bbolt`` tool::
+
+    python bbolt_lite.py check   FILE               # prints OK, exit 0, when sound
+    python bbolt_lite.py info    FILE               # page size, txid, high-water mark
+    python bbolt_lite.py stats   FILE               # page, key and bucket counts
+    python bbolt_lite.py buckets FILE               # top-level bucket names
+    python bbolt_lite.py keys    FILE BUCKET...     # keys of a (nested) bucket
+    python bbolt_lite.py get     FILE BUCKET... KEY # one value, raw bytes to stdout
+    python bbolt_lite.py dump    FILE [BUCKET...]   # one JSON line per key
+    python bbolt_lite.py pages   FILE               # every page, its type and use
+
+Errors are subclasses of ``bbolt_lite.Error``; a damaged file raises
+``ChecksumError``, ``InvalidError``, ``VersionMismatchError`` or
+``CorruptionError``, naming the page and what was wrong.
+"""
+
+import bisect
+import errno
+import fcntl
+import json
+import os
+import struct
+import sys
+import threading
+import time
+
+__all__ = [
+    "open", "DB", "Tx", "Bucket", "Cursor",
+    "Error", "InvalidError", "VersionMismatchError", "ChecksumError",
+    "CorruptionError", "DatabaseLockedError", "DatabaseNotOpenError",
+    "DatabaseReadOnlyError", "TxClosedError", "TxNotWritableError",
+    "BucketExistsError", "BucketNotFoundError", "BucketNameRequiredError",
+    "IncompatibleValueError", "KeyRequiredError", "KeyTooLargeError",
+    "ValueTooLargeError",
+]
+
+MAGIC = 0xED0CDAED
+VERSION = 2
+MAX_KEY_SIZE = 32768
+MAX_VALUE_SIZE = (1 << 31) - 2
+DEFAULT_FILL_PERCENT = 0.5
+MIN_FILL_PERCENT = 0.1
+MAX_FILL_PERCENT = 1.0
+# A tree deeper than this cannot be made of pages that hold two keys or more:
+# meeting one means a cycle or a damaged branch page.
+MAX_TREE_DEPTH = 64
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class Error(Exception):
+    """Base class of every error this module raises."""
+
+
+class InvalidError(Error):
+    """The file is not a bbolt file (bad magic), or a meta page is unusable."""
+
+
+class VersionMismatchError(Error):
+    """The file is a bbolt file of another format version."""
+
+
+class ChecksumError(Error):
+    """A meta page's checksum does not match its contents."""
+
+
+class CorruptionError(Error):
+    """A page is damaged: wrong type, out of bounds, cyclic or inconsistent."""
+
+
+class DatabaseLockedError(Error):
+    """Another process holds the file's lock (bbolt's ErrTimeout)."""
+
+
+class DatabaseNotOpenError(Error):
+    """The database is closed."""
+
+
+class DatabaseReadOnlyError(Error):
+    """A write transaction was asked of a database opened read-only."""
+
+
+class TxClosedError(Error):
+    """The transaction has been committed or rolled back."""
+
+
+class TxNotWritableError(Error):
+    """A change was asked of a read-only transaction."""
+
+
+class BucketExistsError(Error):
+    """create_bucket of a name that already exists."""
+
+
+class BucketNotFoundError(Error):
+    """delete_bucket of a name that does not exist."""
+
+
+class BucketNameRequiredError(Error):
+    """A bucket name must not be empty."""
+
+
+class IncompatibleValueError(Error):
+    """A key was used as a bucket where it holds a value, or the other way."""
+
+
+class KeyRequiredError(Error):
+    """A key must not be empty."""
+
+
+class KeyTooLargeError(Error):
+    """A key is longer than MAX_KEY_SIZE."""
+
+
+class ValueTooLargeError(Error):
+    """A value is longer than MAX_VALUE_SIZE."""
+
+
+def _assert(condition, message, *args):
+    """Raise CorruptionError when an invariant of the file does not hold."""
+    if not condition:
+        raise CorruptionError(message % args if args else message)
+
+
+# ---------------------------------------------------------------------------
+# Page: the on-disk layout (bbolt page.go, db.go's meta)
+# ---------------------------------------------------------------------------
+#
+# The file is an array of pages of page_size bytes; page N starts at byte
+# N * page_size. Pages 0 and 1 are the two meta pages; the rest are branch,
+# leaf, freelist pages, or free. A page longer than one page_size spans
+# `overflow` following pages. All integers are little-endian.
+#
+#   page header, 16 bytes, at the start of every page:
+#     +0 id u64 | +8 flags u16 | +10 count u16 | +12 overflow u32
+#
+#   meta page: header, then 64 bytes:
+#     +16 magic u32 | +20 version u32 | +24 page_size u32 | +28 flags u32
+#     +32 root bucket (root u64, sequence u64) | +48 freelist u64
+#     +56 pgid (high-water mark) u64 | +64 txid u64 | +72 checksum u64
+#   checksum = FNV-1a 64 over the 56 bytes from magic to txid.
+#
+#   branch page: header, `count` elements of 16 bytes, then the keys:
+#     element: pos u32 | ksize u32 | pgid u64
+#   leaf page: header, `count` elements of 16 bytes, then keys and values:
+#     element: flags u32 | pos u32 | ksize u32 | vsize u32
+#   `pos` counts from the start of the element itself to its key; a leaf's
+#   value follows its key. Leaf flag 0x01 marks a nested bucket, whose value
+#   is a bucket header, followed, for an inline bucket (root 0), by a whole
+#   leaf page (header with id 0, elements, data) inside the value.
+#
+#   bucket header, 16 bytes: root u64 | sequence u64
+#
+#   freelist page: header, then `count` page ids of u64, sorted. When there
+#   are 0xFFFF ids or more, count is 0xFFFF and the first u64 holds the real
+#   count. A meta whose freelist is 0xFFFFFFFFFFFFFFFF has none on disk
+#   (Go's NoFreelistSync): the free pages are those not reachable.
+
+PAGE_HEADER = struct.Struct("<QHHI")
+PAGE_HEADER_SIZE = PAGE_HEADER.size  # 16
+META = struct.Struct("<IIIIQQQQQQ")
+META_SIZE = META.size  # 64
+META_CHECKSUMMED_SIZE = META_SIZE - 8  # 56
+BRANCH_ELEMENT = struct.Struct("<IIQ")
+LEAF_ELEMENT = struct.Struct("<IIII")
+ELEMENT_SIZE = 16
+assert BRANCH_ELEMENT.size == LEAF_ELEMENT.size == ELEMENT_SIZE
+BUCKET_HEADER = struct.Struct("<QQ")
+BUCKET_HEADER_SIZE = BUCKET_HEADER.size  # 16
+PGID = struct.Struct("<Q")
+PGID_SIZE = PGID.size  # 8
+
+BRANCH_PAGE = 0x01
+LEAF_PAGE = 0x02
+META_PAGE = 0x04
+FREELIST_PAGE = 0x10
+BUCKET_LEAF_FLAG = 0x01
+
+NO_FREELIST = 0xFFFFFFFFFFFFFFFF
+FREELIST_COUNT_OVERFLOW = 0xFFFF
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 1 << 20
+# Pages 0, 1 (metas), 2 (freelist), 3 (root leaf) in a new file.
+NEW_FILE_PAGES = 4
+
+_FNV64_OFFSET = 0xCBF29CE484222325
+_FNV64_PRIME = 0x100000001B3
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _fnv1a64(data):
+    h = _FNV64_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV64_PRIME) & _U64
+    return h
+
+
+def _page_type_name(flags):
+    for flag, name in ((BRANCH_PAGE, "branch"), (LEAF_PAGE, "leaf"),
+                       (META_PAGE, "meta"), (FREELIST_PAGE, "freelist")):
+        if flags & flag:
+            return name
+    return "unknown<%02x>" % flags
+
+
+class _Meta:
+    """A meta page's fields; `txid` is the transaction that wrote it."""
+
+    __slots__ = ("page_size", "flags", "root", "sequence", "freelist",
+                 "pgid", "txid")
+
+    def __init__(self, page_size, flags, root, sequence, freelist, pgid, txid):
+        self.page_size = page_size
+        self.flags = flags
+        self.root = root
+        self.sequence = sequence
+        self.freelist = freelist
+        self.pgid = pgid
+        self.txid = txid
+
+    def copy(self):
+        return _Meta(self.page_size, self.flags, self.root, self.sequence,
+                     self.freelist, self.pgid, self.txid)
+
+    def to_page(self):
+        """The whole meta page: it is page txid % 2, as in bbolt."""
+        body = META.pack(MAGIC, VERSION, self.page_size, self.flags,
+                         self.root, self.sequence, self.freelist, self.pgid,
+                         self.txid, 0)
+        checksum = _fnv1a64(body[:META_CHECKSUMMED_SIZE])
+        body = body[:META_CHECKSUMMED_SIZE] + PGID.pack(checksum)
+        header = PAGE_HEADER.pack(self.txid % 2, META_PAGE, 0, 0)
+        page = header + body
+        return page + bytes(self.page_size - len(page))
+
+    @classmethod
+    def from_bytes(cls, buf, page_id):
+        """Parse and validate a meta page; raise the error bbolt would."""
+        if len(buf) < PAGE_HEADER_SIZE + META_SIZE:
+            raise InvalidError("meta page %d: file too short" % page_id)
+        (magic, version, page_size, flags, root, sequence, freelist, pgid,
+         txid, checksum) = META.unpack_from(buf, PAGE_HEADER_SIZE)
+        if magic != MAGIC:
+            raise InvalidError("meta page %d: invalid magic %#x, expected %#x"
+                               % (page_id, magic, MAGIC))
+        if version != VERSION:
+            raise VersionMismatchError("meta page %d: format version %d, "
+                                       "expected %d" % (page_id, version, VERSION))
+        body = buf[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + META_CHECKSUMMED_SIZE]
+        if checksum != _fnv1a64(body):
+            raise ChecksumError("meta page %d: checksum %#x does not match "
+                                "its contents (%#x)" % (page_id, checksum, _fnv1a64(body)))
+        if page_size & (page_size - 1) or not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidError("meta page %d: page size %d is not a power of "
+                               "two in %d..%d" % (page_id, page_size, MIN_PAGE_SIZE, MAX_PAGE_SIZE))
+        if pgid < NEW_FILE_PAGES - 1 or root >= pgid or root < 2:
+            raise InvalidError("meta page %d: root page %d outside 2..%d (high-water mark)"
+                               % (page_id, root, pgid))
+        if freelist != NO_FREELIST and not 2 <= freelist < pgid:
+            raise InvalidError("meta page %d: freelist page %d outside 2..%d"
+                               % (page_id, freelist, pgid))
+        return cls(page_size, flags, root, sequence, freelist, pgid, txid)
+
+
+class _Node:
+    """A branch or leaf page, parsed, or a node being changed in memory.
+
+    Leaf: keys[i] holds values[i] with flags[i] (BUCKET_LEAF_FLAG for a
+    nested bucket). Branch: keys[i] is the first key of page children[i]; in
+    a write transaction kids[i] is that child once loaded into memory. Pages
+    read from the file are shared by readers and never changed; a write
+    transaction changes copies (`_Node.copy`), which remember the page they
+    came from (`pgid`, `overflow`) so that commit can free it.
+    """
+
+    __slots__ = ("pgid", "overflow", "is_leaf", "keys", "values", "flags",
+                 "children", "kids")
+
+    def __init__(self, pgid, overflow, is_leaf, keys, values=None, flags=None,
+                 children=None, kids=None):
+        self.pgid = pgid
+        self.overflow = overflow
+        self.is_leaf = is_leaf
+        self.keys = keys
+        self.values = values
+        self.flags = flags
+        self.children = children
+        self.kids = kids
+
+    @classmethod
+    def empty_leaf(cls):
+        return cls(0, 0, True, [], [], [])
+
+    def copy(self):
+        if self.is_leaf:
+            return _Node(self.pgid, self.overflow, True, list(self.keys),
+                         list(self.values), list(self.flags))
+        return _Node(self.pgid, self.overflow, False, list(self.keys),
+                     children=list(self.children), kids=[None] * len(self.keys))
+
+    def size(self):
+        """Bytes this node takes as a page (header, elements, data)."""
+        size = PAGE_HEADER_SIZE + ELEMENT_SIZE * len(self.keys)
+        size += sum(map(len, self.keys))
+        if self.is_leaf:
+            size += sum(map(len, self.values))
+        return size
+
+    def child_index(self, key):
+        """Index of the branch entry whose subtree would hold `key`."""
+        i = bisect.bisect_right(self.keys, key) - 1
+        return i if i > 0 else 0
+
+    def to_bytes(self, pgid, overflow, pad_to=0):
+        """Serialize as a page; pad with zeros up to `pad_to` bytes."""
+        count = len(self.keys)
+        fields = []
+        data = []
+        offset = ELEMENT_SIZE * count  # from the first element to the data
+        if self.is_leaf:
+            for i, key in enumerate(self.keys):
+                value = self.values[i]
+                fields += (self.flags[i], offset - ELEMENT_SIZE * i, len(key), len(value))
+                data.append(key)
+                data.append(value)
+                offset += len(key) + len(value)
+            elements = struct.pack("<%dI" % (4 * count), *fields)
+            flag = LEAF_PAGE
+        else:
+            for i, key in enumerate(self.keys):
+                fields += (offset - ELEMENT_SIZE * i, len(key), self.children[i])
+                data.append(key)
+                offset += len(key)
+            elements = struct.pack("<" + "IIQ" * count, *fields)
+            flag = BRANCH_PAGE
+        page = b"".join([PAGE_HEADER.pack(pgid, flag, count, overflow), elements] + data)
+        if len(page) < pad_to:
+            page += bytes(pad_to - len(page))
+        return page
+
+
+def _parse_node(buf, where, expect_pgid=None):
+    """Parse a branch or leaf page out of `buf`, checking every bound.
+
+    `where` names the page in error messages; `expect_pgid` is the id the
+    page header must carry (None for an inline bucket's page).
+    """
+    _assert(len(buf) >= PAGE_HEADER_SIZE, "%s: %d bytes, shorter than a page header",
+            where, len(buf))
+    pgid, flags, count, overflow = PAGE_HEADER.unpack_from(buf, 0)
+    if expect_pgid is not None:
+        _assert(pgid == expect_pgid, "%s: header says page %d (damaged or not a tree page)",
+                where, pgid)
+    is_leaf = flags == LEAF_PAGE
+    _assert(is_leaf or flags == BRANCH_PAGE, "%s: invalid type %s, expected branch or leaf",
+            where, _page_type_name(flags))
+    end = len(buf)
+    _assert(PAGE_HEADER_SIZE + ELEMENT_SIZE * count <= end,
+            "%s: %d elements do not fit in %d bytes", where, count, end)
+    keys = []
+    if is_leaf:
+        fields = struct.unpack_from("<%dI" % (4 * count), buf, PAGE_HEADER_SIZE)
+        values = []
+        leaf_flags = []
+        for i in range(count):
+            flag, pos, ksize, vsize = fields[4 * i:4 * i + 4]
+            start = PAGE_HEADER_SIZE + ELEMENT_SIZE * i + pos
+            mid = start + ksize
+            stop = mid + vsize
+            _assert(stop <= end, "%s: element %d runs past the page end (%d > %d)",
+                    where, i, stop, end)
+            _assert(flag in (0, BUCKET_LEAF_FLAG), "%s: element %d has unknown flags %#x",
+                    where, i, flag)
+            keys.append(bytes(buf[start:mid]))
+            values.append(bytes(buf[mid:stop]))
+            leaf_flags.append(flag)
+        return _Node(pgid if expect_pgid is not None else 0, overflow, True,
+                     keys, values, leaf_flags)
+    fields = struct.unpack_from("<" + "IIQ" * count, buf, PAGE_HEADER_SIZE)
+    children = []
+    for i in range(count):
+        pos, ksize, child = fields[3 * i:3 * i + 3]
+        start = PAGE_HEADER_SIZE + ELEMENT_SIZE * i + pos
+        _assert(start + ksize <= end, "%s: element %d runs past the page end", where, i)
+        keys.append(bytes(buf[start:start + ksize]))
+        children.append(child)
+    _assert(count > 0, "%s: branch page with no elements", where)
+    return _Node(pgid, overflow, False, keys, children=children)
+
+
+# ---------------------------------------------------------------------------
+# Freelist (bbolt freelist.go, array form)
+# ---------------------------------------------------------------------------
+
+class _Freelist:
+    """Free page ids, and pages freed by transactions that readers may see.
+
+    `ids` are free now (sorted). `pending[txid]` are pages that write
+    transaction `txid` stopped using: snapshots older than txid still use
+    them, so they are released only once no reader older than txid is open.
+    """
+
+    def __init__(self, ids=()):
+        self.ids = sorted(ids)
+        self.pending = {}
+
+    def copy(self):
+        other = _Freelist()
+        other.ids = list(self.ids)
+        other.pending = {txid: list(ids) for txid, ids in self.pending.items()}
+        return other
+
+    def count(self):
+        return len(self.ids) + sum(map(len, self.pending.values()))
+
+    def all_ids(self):
+        """Free and pending ids together, sorted: what the freelist page holds."""
+        everything = list(self.ids)
+        for ids in self.pending.values():
+            everything.extend(ids)
+        everything.sort()
+        return everything
+
+    def allocate(self, n):
+        """Take `n` contiguous free pages; return the first id, or 0 if none."""
+        ids = self.ids
+        if n == 1:
+            return ids.pop(0) if ids else 0
+        run_start = 0
+        for i, pgid in enumerate(ids):
+            if i == 0 or pgid != ids[i - 1] + 1:
+                run_start = i
+            if i - run_start + 1 == n:
+                first = ids[run_start]
+                del ids[run_start:i + 1]
+                return first
+        return 0
+
+    def free(self, txid, pgid, overflow):
+        _assert(pgid > 1, "cannot free meta page %d", pgid)
+        pending = self.pending.setdefault(txid, [])
+        pending.extend(range(pgid, pgid + overflow + 1))
+
+    def release(self, oldest_reader_txid):
+        """Release pages freed by transactions no open reader predates."""
+        released = [txid for txid in self.pending if txid <= oldest_reader_txid]
+        if released:
+            for txid in released:
+                self.ids.extend(self.pending.pop(txid))
+            self.ids.sort()
+
+    def page_size_needed(self):
+        count = self.count()
+        if count >= FREELIST_COUNT_OVERFLOW:
+            count += 1
+        return PAGE_HEADER_SIZE + PGID_SIZE * count
+
+    def to_bytes(self, pgid, overflow, pad_to):
+        ids = self.all_ids()
+        if len(ids) < FREELIST_COUNT_OVERFLOW:
+            header = PAGE_HEADER.pack(pgid, FREELIST_PAGE, len(ids), overflow)
+        else:
+            header = PAGE_HEADER.pack(pgid, FREELIST_PAGE, FREELIST_COUNT_OVERFLOW,
+                                      overflow) + PGID.pack(len(ids))
+        page = header + struct.pack("<%dQ" % len(ids), *ids)
+        return page + bytes(pad_to - len(page))
+
+
+def _parse_freelist(buf, pgid, high_water):
+    """The page ids a freelist page lists, checked against the file's bounds."""
+    where = "freelist page %d" % pgid
+    _assert(len(buf) >= PAGE_HEADER_SIZE, "%s: beyond the end of the file", where)
+    header_id, flags, count, _overflow = PAGE_HEADER.unpack_from(buf, 0)
+    _assert(header_id == pgid, "%s: header says page %d", where, header_id)
+    _assert(flags == FREELIST_PAGE, "%s: invalid type %s, expected freelist",
+            where, _page_type_name(flags))
+    offset = PAGE_HEADER_SIZE
+    if count == FREELIST_COUNT_OVERFLOW:
+        _assert(len(buf) >= offset + PGID_SIZE, "%s: count missing", where)
+        count = PGID.unpack_from(buf, offset)[0]
+        offset += PGID_SIZE
+    _assert(offset + PGID_SIZE * count <= len(buf),
+            "%s: %d ids do not fit in %d bytes", where, count, len(buf))
+    ids = sorted(struct.unpack_from("<%dQ" % count, buf, offset))
+    for free_id in ids:
+        _assert(2 <= free_id < high_water, "%s: free page %d outside 2..%d",
+                where, free_id, high_water)
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# Bucket (bbolt bucket.go)
+# ---------------------------------------------------------------------------
+
+class Bucket:
+    """A collection of keys, values and nested buckets, in byte order."""
+
+    def __init__(self, tx, root, sequence, inline_page=None):
+        self.tx = tx
+        self._root = root                 # root page id; 0 for an inline bucket
+        self._sequence = sequence
+        self._inline_page = inline_page   # the parsed page of an inline bucket
+        self._root_node = None            # the root, once changed in memory
+        self._sequence_changed = False
+        self._children = {}               # name -> Bucket opened in this tx
+        #: How full split pages are made (bbolt's FillPercent): raise it for
+        #: keys that only ever grow, such as time-ordered ids.
+        self.fill_percent = DEFAULT_FILL_PERCENT
+
+    # -- reading ----------------------------------------------------------
+
+    def _root_ref(self):
+        if self._root_node is not None:
+            return self._root_node
+        if self._root == 0:
+            return self._inline_page
+        return self.tx._page(self._root)
+
+    def _child(self, node, i):
+        if node.kids is not None and node.kids[i] is not None:
+            return node.kids[i]
+        return self.tx._page(node.children[i])
+
+    def _find(self, key):
+        """The leaf that would hold `key`, and the key's index in it."""
+        node = self._root_ref()
+        depth = 0
+        while not node.is_leaf:
+            depth += 1
+            _assert(depth < MAX_TREE_DEPTH, "page %d: tree deeper than %d (a cycle?)",
+                    node.pgid, MAX_TREE_DEPTH)
+            node = self._child(node, node.child_index(key))
+        return node, bisect.bisect_left(node.keys, key)
+
+    def get(self, key):
+        """The value of `key`, or None if missing or a nested bucket."""
+        leaf, i = self._find(key)
+        if i < len(leaf.keys) and leaf.keys[i] == key and not leaf.flags[i] & BUCKET_LEAF_FLAG:
+            return leaf.values[i]
+        return None
+
+    def cursor(self):
+        return Cursor(self)
+
+    def items(self):
+        """(key, value) pairs in byte order; value is None for a nested bucket."""
+        cursor = Cursor(self)
+        key, value = cursor.first()
+        while key is not None:
+            yield key, value
+            key, value = cursor.next()
+
+    def __iter__(self):
+        for key, _value in self.items():
+            yield key
+
+    def keys(self):
+        return list(self)
+
+    def buckets(self):
+        """Names of the nested buckets, in byte order."""
+        cursor = Cursor(self)
+        key, flags = cursor._first_raw()
+        while key is not None:
+            if flags & BUCKET_LEAF_FLAG:
+                yield key
+            key, flags = cursor._next_raw()
+
+    def bucket(self, name):
+        """The nested bucket `name`, or None if there is none."""
+        child = self._children.get(name)
+        if child is not None:
+            return child
+        leaf, i = self._find(name)
+        if i >= len(leaf.keys) or leaf.keys[i] != name or not leaf.flags[i] & BUCKET_LEAF_FLAG:
+            return None
+        child = self._open_child(leaf.values[i], name)
+        if self.tx.writable:
+            self._children[name] = child
+        return child
+
+    def _open_child(self, value, name):
+        where = "bucket %r" % name
+        _assert(len(value) >= BUCKET_HEADER_SIZE, "%s: header of %d bytes", where, len(value))
+        root, sequence = BUCKET_HEADER.unpack_from(value, 0)
+        inline_page = None
+        if root == 0:
+            inline_page = _parse_node(value[BUCKET_HEADER_SIZE:], where + " (inline)")
+            _assert(inline_page.is_leaf, "%s: inline bucket is not a leaf", where)
+        else:
+            _assert(root < self.tx._meta.pgid, "%s: root page %d beyond high-water mark %d",
+                    where, root, self.tx._meta.pgid)
+        return Bucket(self.tx, root, sequence, inline_page)
+
+    def sequence(self):
+        return self._sequence
+
+    def stats(self):
+        """Counts of this bucket's tree: keys, buckets, pages, depth."""
+        counts = {"keys": 0, "buckets": 0, "inline_buckets": 0, "branch_pages": 0,
+                  "leaf_pages": 0, "overflow_pages": 0, "depth": 0}
+        self._count(counts, 1)
+        return counts
+
+    def _count(self, counts, depth):
+        counts["depth"] = max(counts["depth"], depth)
+        stack = [(self._root_ref(), 1)]
+        while stack:
+            node, level = stack.pop()
+            counts["depth"] = max(counts["depth"], depth + level - 1)
+            _assert(level < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)", MAX_TREE_DEPTH)
+            if self._root != 0 or node is not self._inline_page:
+                counts["leaf_pages" if node.is_leaf else "branch_pages"] += 1
+                counts["overflow_pages"] += node.overflow
+            if node.is_leaf:
+                for i, key in enumerate(node.keys):
+                    if node.flags[i] & BUCKET_LEAF_FLAG:
+                        counts["buckets"] += 1
+                        child = self.bucket(key)
+                        if child._root == 0:
+                            counts["inline_buckets"] += 1
+                        child._count(counts, depth + level)
+                    else:
+                        counts["keys"] += 1
+            else:
+                for i in range(len(node.keys)):
+                    stack.append((self._child(node, i), level + 1))
+
+    # -- writing ----------------------------------------------------------
+
+    def _writable_root(self):
+        self.tx._check_writable()
+        if self._root_node is None:
+            ref = self._root_ref()
+            self._root_node = ref.copy()
+            if self._root == 0:
+                self._root_node.pgid = 0  # an inline page frees no page
+        return self._root_node
+
+    def _writable_leaf(self, key):
+        """The leaf for `key`, with the path to it copied into memory."""
+        node = self._writable_root()
+        depth = 0
+        while not node.is_leaf:
+            depth += 1
+            _assert(depth < MAX_TREE_DEPTH, "page %d: tree deeper than %d (a cycle?)",
+                    node.pgid, MAX_TREE_DEPTH)
+            node = self._writable_kid(node, node.child_index(key))
+        return node
+
+    def _writable_kid(self, node, i):
+        kid = node.kids[i]
+        if kid is None:
+            kid = node.kids[i] = self.tx._page(node.children[i]).copy()
+        return kid
+
+    def _put_raw(self, key, value, flags):
+        leaf = self._writable_leaf(key)
+        i = bisect.bisect_left(leaf.keys, key)
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            leaf.values[i] = value
+            leaf.flags[i] = flags
+        else:
+            leaf.keys.insert(i, key)
+            leaf.values.insert(i, value)
+            leaf.flags.insert(i, flags)
+
+    def _delete_raw(self, key):
+        leaf = self._writable_leaf(key)
+        i = bisect.bisect_left(leaf.keys, key)
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            del leaf.keys[i], leaf.values[i], leaf.flags[i]
+
+    def _lookup_flags(self, key):
+        """The leaf flags of `key`, or None if it is missing."""
+        leaf, i = self._find(key)
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            return leaf.flags[i]
+        return None
+
+    def put(self, key, value):
+        """Set `key` to `value` (bytes-like), replacing any old value."""
+        self.tx._check_writable()
+        key = bytes(key)
+        value = bytes(value)
+        if not key:
+            raise KeyRequiredError("key required")
+        if len(key) > MAX_KEY_SIZE:
+            raise KeyTooLargeError("key of %d bytes, at most %d" % (len(key), MAX_KEY_SIZE))
+        if len(value) > MAX_VALUE_SIZE:
+            raise ValueTooLargeError("value of %d bytes, at most %d"
+                                     % (len(value), MAX_VALUE_SIZE))
+        if self._lookup_flags(key) == BUCKET_LEAF_FLAG:
+            raise IncompatibleValueError("%r is a bucket, not a value" % key)
+        self._put_raw(key, value, 0)
+
+    def delete(self, key):
+        """Remove `key`; a missing key is not an error."""
+        self.tx._check_writable()
+        key = bytes(key)
+        flags = self._lookup_flags(key)
+        if flags is None:
+            return
+        if flags & BUCKET_LEAF_FLAG:
+            raise IncompatibleValueError("%r is a bucket: use delete_bucket" % key)
+        self._delete_raw(key)
+
+    def create_bucket(self, name):
+        self.tx._check_writable()
+        name = bytes(name)
+        if not name:
+            raise BucketNameRequiredError("bucket name required")
+        if len(name) > MAX_KEY_SIZE:
+            raise KeyTooLargeError("bucket name of %d bytes, at most %d"
+                                   % (len(name), MAX_KEY_SIZE))
+        flags = self._lookup_flags(name)
+        if flags is not None:
+            if flags & BUCKET_LEAF_FLAG:
+                raise BucketExistsError("bucket %r already exists" % name)
+            raise IncompatibleValueError("%r holds a value, not a bucket" % name)
+        child = Bucket(self.tx, 0, 0, _Node.empty_leaf())
+        child._root_node = _Node.empty_leaf()
+        self._put_raw(name, child._inline_value(), BUCKET_LEAF_FLAG)
+        self._children[name] = child
+        return child
+
+    def create_bucket_if_not_exists(self, name):
+        self.tx._check_writable()
+        name = bytes(name)
+        child = self.bucket(name) if name else None
+        if child is not None:
+            return child
+        return self.create_bucket(name)
+
+    def delete_bucket(self, name):
+        self.tx._check_writable()
+        name = bytes(name)
+        child = self.bucket(name)
+        if child is None:
+            if self._lookup_flags(name) is not None:
+                raise IncompatibleValueError("%r holds a value, not a bucket" % name)
+            raise BucketNotFoundError("bucket %r not found" % name)
+        child._free_all()
+        self._children.pop(name, None)
+        self._delete_raw(name)
+
+    def next_sequence(self):
+        """Increment and return this bucket's sequence (saved at commit)."""
+        self._writable_root()
+        self._sequence += 1
+        self._sequence_changed = True
+        return self._sequence
+
+    def set_sequence(self, value):
+        self._writable_root()
+        self._sequence = int(value)
+        self._sequence_changed = True
+
+    # -- commit: rebalance and spill (bbolt node.go) -----------------------
+
+    def _changed(self):
+        return self._root_node is not None or any(
+            child._changed() for child in self._children.values())
+
+    def _free_all(self):
+        """Free every page of this bucket and of the buckets nested in it."""
+        stack = [self._root_ref()]  # an inline page has pgid 0: nothing to free
+        seen = set()
+        while stack:
+            node = stack.pop()
+            if node.pgid:
+                _assert(node.pgid not in seen, "page %d: referenced twice", node.pgid)
+                seen.add(node.pgid)
+                self.tx._free(node.pgid, node.overflow)
+            if node.is_leaf:
+                for i, key in enumerate(node.keys):
+                    if node.flags[i] & BUCKET_LEAF_FLAG:
+                        self.bucket(key)._free_all()
+            else:
+                for i in range(len(node.keys)):
+                    stack.append(self._child(node, i))
+
+    def _inlineable(self):
+        node = self._root_node
+        if node is None or not node.is_leaf or any(node.flags):
+            return False
+        return node.size() <= self.tx._db.page_size // 4
+
+    def _inline_value(self):
+        return BUCKET_HEADER.pack(0, self._sequence) + self._root_node.to_bytes(0, 0)
+
+    def _spill_children(self):
+        """Write changed nested buckets and put their new headers here."""
+        for name in sorted(self._children):
+            child = self._children[name]
+            if not child._changed():
+                continue
+            child._spill_children()
+            child._rebalance()
+            if child._inlineable():
+                if child._root_node.pgid:
+                    self.tx._free(child._root_node.pgid, child._root_node.overflow)
+                value = child._inline_value()
+                child._root = 0
+                child._inline_page = _parse_node(value[BUCKET_HEADER_SIZE:], "inline")
+            else:
+                child._spill()
+                value = BUCKET_HEADER.pack(child._root, child._sequence)
+            child._root_node = None
+            self._put_raw(name, value, BUCKET_LEAF_FLAG)
+
+    def _underfull(self, node):
+        return len(node.keys) < (1 if node.is_leaf else 2) or \
+            node.size() < self.tx._db.page_size // 4
+
+    def _rebalance(self):
+        """Merge nodes left small by deletes; shrink a root of one child."""
+        root = self._root_node
+        if root is None:
+            return
+        self._rebalance_node(root, 0)
+        while not root.is_leaf and len(root.keys) <= 1:
+            if root.pgid:
+                self.tx._free(root.pgid, root.overflow)
+            root = self._writable_kid(root, 0) if root.keys else _Node.empty_leaf()
+        self._root_node = root
+
+    def _rebalance_node(self, node, depth):
+        if node.is_leaf:
+            return
+        _assert(depth < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)", MAX_TREE_DEPTH)
+        for kid in node.kids:
+            if kid is not None:
+                self._rebalance_node(kid, depth + 1)
+        i = 0
+        while i < len(node.keys):
+            kid = node.kids[i]
+            if kid is None or not self._underfull(kid):
+                i += 1
+                continue
+            if not kid.keys:
+                self._remove_entry(node, i)
+                continue
+            if len(node.keys) == 1:
+                break
+            left = i - 1 if i > 0 else i
+            self._writable_kid(node, left)
+            self._writable_kid(node, left + 1)
+            self._merge(node, left)
+            i = left
+
+    def _remove_entry(self, node, i):
+        kid = node.kids[i]
+        if kid.pgid:
+            self.tx._free(kid.pgid, kid.overflow)
+        del node.keys[i], node.children[i], node.kids[i]
+
+    def _merge(self, node, left):
+        """Move all of kid left+1 into kid left, and drop the right entry."""
+        a, b = node.kids[left], node.kids[left + 1]
+        a.keys.extend(b.keys)
+        if a.is_leaf:
+            a.values.extend(b.values)
+            a.flags.extend(b.flags)
+        else:
+            a.children.extend(b.children)
+            a.kids.extend(b.kids)
+        self._remove_entry(node, left + 1)
+
+    def _spill(self):
+        """Write this bucket's changed nodes to new pages; set its root."""
+        entries = self._spill_node(self._root_node)
+        while len(entries) > 1:
+            keys = [key for key, _ in entries]
+            parent = _Node(0, 0, False, keys, children=[pgid for _, pgid in entries],
+                           kids=[None] * len(keys))
+            entries = self._spill_node(parent)
+        self._root = entries[0][1]
+        self._root_node = None
+        self._inline_page = None
+
+    def _spill_node(self, node):
+        """Write `node` (children first) as one page or more after a split.
+
+        Returns (first key, page id) for each page written: the entries its
+        parent must hold in its place.
+        """
+        if not node.is_leaf:
+            keys, children = [], []
+            for i, kid in enumerate(node.kids):
+                if kid is None:
+                    keys.append(node.keys[i])
+                    children.append(node.children[i])
+                else:
+                    for key, pgid in self._spill_node(kid):
+                        keys.append(key)
+                        children.append(pgid)
+            node.keys, node.children, node.kids = keys, children, [None] * len(keys)
+        if node.pgid:
+            self.tx._free(node.pgid, node.overflow)
+            node.pgid = 0
+        entries = []
+        for piece in self._split(node):
+            size = piece.size()
+            pages = (size + self.tx._db.page_size - 1) // self.tx._db.page_size
+            pgid = self.tx._allocate(pages)
+            self.tx._write(pgid, piece.to_bytes(pgid, pages - 1, pages * self.tx._db.page_size))
+            entries.append((piece.keys[0] if piece.keys else b"", pgid))
+        return entries
+
+    def _split(self, node):
+        """Cut a node bigger than a page into pieces filled to fill_percent."""
+        page_size = self.tx._db.page_size
+        fill = min(max(self.fill_percent, MIN_FILL_PERCENT), MAX_FILL_PERCENT)
+        threshold = int(page_size * fill)
+        min_keys = 2
+        pieces = []
+        start = 0
+        count = len(node.keys)
+        sizes = [ELEMENT_SIZE + len(k) for k in node.keys]
+        if node.is_leaf:
+            sizes = [s + len(v) for s, v in zip(sizes, node.values)]
+        remaining = PAGE_HEADER_SIZE + sum(sizes)
+        while count - start > 2 * min_keys and remaining > page_size:
+            size = PAGE_HEADER_SIZE
+            end = start
+            while end < count - min_keys:
+                if end - start >= min_keys and size + sizes[end] > threshold:
+                    break
+                size += sizes[end]
+                end += 1
+            pieces.append(self._slice(node, start, end))
+            remaining -= size - PAGE_HEADER_SIZE
+            start = end
+        pieces.append(self._slice(node, start, count) if start else node)
+        return pieces
+
+    @staticmethod
+    def _slice(node, start, end):
+        if node.is_leaf:
+            return _Node(0, 0, True, node.keys[start:end], node.values[start:end],
+                         node.flags[start:end])
+        return _Node(0, 0, False, node.keys[start:end], children=node.children[start:end],
+                     kids=[None] * (end - start))
+
+
+# ---------------------------------------------------------------------------
+# Cursor (bbolt cursor.go)
+# ---------------------------------------------------------------------------
+
+class Cursor:
+    """Moves over a bucket's keys in byte order.
+
+    Each move returns (key, value), value None for a nested bucket, or
+    (None, None) past either end. Changing the bucket while a cursor is on
+    it leaves the cursor undefined: collect keys first, then change.
+    """
+
+    def __init__(self, bucket):
+        self.bucket = bucket
+        self._stack = []  # [node, index] from the root down to a leaf
+
+    def _descend(self, node, index, from_end):
+        """Push `node` and go down to a leaf along the first or last child."""
+        stack = self._stack
+        stack.append([node, index])
+        while not node.is_leaf:
+            _assert(len(stack) < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)",
+                    MAX_TREE_DEPTH)
+            node = self.bucket._child(node, stack[-1][1])
+            stack.append([node, len(node.keys) - 1 if from_end else 0])
+
+    def _current(self):
+        if not self._stack:
+            return None, 0
+        node, index = self._stack[-1]
+        if index < 0 or index >= len(node.keys):
+            return None, 0
+        return node, index
+
+    def _pair(self):
+        node, index = self._current()
+        if node is None:
+            return None, None
+        if node.flags[index] & BUCKET_LEAF_FLAG:
+            return node.keys[index], None
+        return node.keys[index], node.values[index]
+
+    def _raw(self):
+        node, index = self._current()
+        if node is None:
+            return None, 0
+        return node.keys[index], node.flags[index]
+
+    def _step(self, forward):
+        """Move one key; skip empty leaves. False when past the end."""
+        stack = self._stack
+        while True:
+            while stack:
+                node, index = stack[-1]
+                index += 1 if forward else -1
+                if 0 <= index < len(node.keys):
+                    stack[-1][1] = index
+                    break
+                stack.pop()
+            if not stack:
+                return False
+            node, index = stack.pop()
+            self._descend(node, index, not forward)
+            leaf, index = stack[-1]
+            if leaf.keys:
+                return True
+
+    def _seek_first(self, from_end):
+        self._stack = []
+        root = self.bucket._root_ref()
+        self._descend(root, len(root.keys) - 1 if from_end else 0, from_end)
+        if not self._stack[-1][0].keys:
+            self._step(not from_end)
+
+    def first(self):
+        self._seek_first(False)
+        return self._pair()
+
+    def last(self):
+        self._seek_first(True)
+        return self._pair()
+
+    def _first_raw(self):
+        self._seek_first(False)
+        return self._raw()
+
+    def _next_raw(self):
+        self._step(True)
+        return self._raw()
+
+    def next(self):
+        if not self._stack:
+            return None, None
+        self._step(True)
+        return self._pair()
+
+    def prev(self):
+        if not self._stack:
+            return None, None
+        self._step(False)
+        return self._pair()
+
+    def seek(self, key):
+        """Move to `key`, or to the first key after it."""
+        key = bytes(key)
+        self._stack = []
+        node = self.bucket._root_ref()
+        while not node.is_leaf:
+            index = node.child_index(key)
+            self._stack.append([node, index])
+            _assert(len(self._stack) < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)",
+                    MAX_TREE_DEPTH)
+            node = self.bucket._child(node, index)
+        index = bisect.bisect_left(node.keys, key)
+        if index < len(node.keys):
+            self._stack.append([node, index])
+        else:
+            # Past this leaf's last key: the answer is the next leaf's first.
+            self._stack.append([node, len(node.keys) - 1])
+            self._step(True)
+        return self._pair()
+
+
+# ---------------------------------------------------------------------------
+# Transaction (bbolt tx.go)
+# ---------------------------------------------------------------------------
+
+class Tx:
+    """A read-only snapshot, or the one write transaction.
+
+    Use as a context manager (``with db.update() as tx``): commit when the
+    block ends normally, roll back on an exception. A read-only transaction
+    only closes.
+    """
+
+    def __init__(self, db, writable):
+        self._db = db
+        self.writable = writable
+        self._closed = False
+        self._dirty = {}  # pgid -> page bytes written at commit
+        with db._meta_lock:
+            self._meta = db._meta.copy()
+            if writable:
+                self._meta.txid += 1
+                db._freelist.release(min(db._readers) if db._readers else _U64)
+            else:
+                db._readers[self._meta.txid] = db._readers.get(self._meta.txid, 0) + 1
+        self.root = Bucket(self, self._meta.root, self._meta.sequence)
+
+    @property
+    def id(self):
+        return self._meta.txid
+
+    @property
+    def db(self):
+        return self._db
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._closed:
+            return False
+        if exc_type is None and self.writable:
+            self.commit()
+        else:
+            self.rollback()
+        return False
+
+    def _check_open(self):
+        if self._closed:
+            raise TxClosedError("transaction closed")
+
+    def _check_writable(self):
+        self._check_open()
+        if not self.writable:
+            raise TxNotWritableError("transaction not writable")
+
+    def _page(self, pgid):
+        self._check_open()
+        return self._db._read_node(pgid, self._meta.pgid)
+
+    # -- bucket shortcuts on the root bucket --------------------------------
+
+    def bucket(self, name):
+        return self.root.bucket(bytes(name))
+
+    def create_bucket(self, name):
+        return self.root.create_bucket(name)
+
+    def create_bucket_if_not_exists(self, name):
+        return self.root.create_bucket_if_not_exists(name)
+
+    def delete_bucket(self, name):
+        return self.root.delete_bucket(name)
+
+    def buckets(self):
+        """Top-level bucket names, in byte order."""
+        self._check_open()
+        return self.root.buckets()
+
+    def cursor(self):
+        return self.root.cursor()
+
+    # -- page allocation, used while committing ------------------------------
+
+    def _allocate(self, count):
+        pgid = self._db._freelist.allocate(count)
+        if pgid == 0:
+            pgid = self._meta.pgid
+            self._meta.pgid += count
+        return pgid
+
+    def _free(self, pgid, overflow):
+        self._db._freelist.free(self._meta.txid, pgid, overflow)
+
+    def _write(self, pgid, page):
+        self._dirty[pgid] = page
+
+    # -- ending ------------------------------------------------------------
+
+    def commit(self):
+        """Write the changes: pages, freelist, sync, meta, sync."""
+        self._check_writable()
+        db = self._db
+        if not self.root._changed():
+            self._close()
+            return
+        saved_freelist = db._freelist.copy()
+        try:
+            root = self.root
+            root._spill_children()
+            if root._root_node is not None:
+                root._rebalance()
+                root._spill()
+            self._meta.root = root._root
+            self._meta.sequence = root._sequence
+            if self._meta.freelist != NO_FREELIST:
+                old = db._read_page_header(self._meta.freelist)
+                self._free(self._meta.freelist, old[3])
+            page_size = db.page_size
+            pages = db._freelist.page_size_needed() // page_size + 1
+            freelist_pgid = self._allocate(pages)
+            self._write(freelist_pgid, db._freelist.to_bytes(
+                freelist_pgid, pages - 1, pages * page_size))
+            self._meta.freelist = freelist_pgid
+            db._write_pages(self._dirty)
+            db._sync()
+            db._write_meta(self._meta)
+            db._sync()
+        except BaseException:
+            db._freelist = saved_freelist
+            self._close()
+            raise
+        with db._meta_lock:
+            db._meta = self._meta
+        self._close()
+
+    def rollback(self):
+        """Drop the changes (for a read-only transaction: just close it)."""
+        if not self._closed:
+            self._close()
+
+    def _close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self._dirty = {}
+        db = self._db
+        if self.writable:
+            db._write_lock.release()
+        else:
+            with db._meta_lock:
+                left = db._readers[self._meta.txid] - 1
+                if left:
+                    db._readers[self._meta.txid] = left
+                else:
+                    del db._readers[self._meta.txid]
+
+    # -- checking (bbolt tx.Check, plus key order and inline buckets) -------
+
+    def check(self):
+        """A list of problems with this snapshot; empty when it is sound."""
+        self._check_open()
+        db = self._db
+        problems = []
+        high_water = self._meta.pgid
+        freed = set()
+        if self._meta.freelist != NO_FREELIST:
+            try:
+                buf = db._read_span(self._meta.freelist, high_water)
+                ids = _parse_freelist(buf, self._meta.freelist, high_water)
+            except Error as error:
+                problems.append(str(error))
+                ids = []
+            for pgid in ids:
+                if pgid in freed:
+                    problems.append("page %d: already freed" % pgid)
+                freed.add(pgid)
+        reachable = {0: "meta", 1: "meta"}
+        if self._meta.freelist != NO_FREELIST:
+            try:
+                overflow = db._read_page_header(self._meta.freelist)[3]
+            except Error as error:
+                problems.append(str(error))
+                overflow = 0
+            for pgid in range(self._meta.freelist, self._meta.freelist + overflow + 1):
+                reachable[pgid] = "freelist"
+        self._check_bucket(self.root, b"(root)", reachable, freed, problems, 0)
+        if self._meta.freelist != NO_FREELIST:
+            for pgid in range(high_water):
+                if pgid not in reachable and pgid not in freed:
+                    problems.append("page %d: unreachable unfreed" % pgid)
+        return problems
+
+    def _check_bucket(self, bucket, name, reachable, freed, problems, depth):
+        if depth > MAX_TREE_DEPTH:
+            problems.append("bucket %r: buckets nested deeper than %d" % (name, MAX_TREE_DEPTH))
+            return
+        try:
+            if bucket._root == 0:
+                self._check_keys(bucket._inline_page, name, None, None, problems)
+                nodes = [bucket._inline_page]
+            else:
+                nodes = self._check_tree(bucket._root, name, reachable, freed, problems)
+        except Error as error:
+            problems.append("bucket %r: %s" % (name, error))
+            return
+        for node in nodes:
+            for i, key in enumerate(node.keys):
+                if not node.flags[i] & BUCKET_LEAF_FLAG:
+                    continue
+                try:
+                    child = bucket._open_child(node.values[i], key)
+                except Error as error:
+                    problems.append("bucket %r in %r: %s" % (key, name, error))
+                    continue
+                self._check_bucket(child, key, reachable, freed, problems, depth + 1)
+
+    def _check_tree(self, root, name, reachable, freed, problems):
+        """Walk one bucket's pages; return its leaves for the nested buckets."""
+        high_water = self._meta.pgid
+        leaves = []
+        stack = [(root, None, None, 0)]  # page, lowest key, key bound above, depth
+        while stack:
+            pgid, low, high, depth = stack.pop()
+            if depth > MAX_TREE_DEPTH:
+                problems.append("page %d: tree deeper than %d (a cycle?)" % (pgid, MAX_TREE_DEPTH))
+                continue
+            if pgid >= high_water:
+                problems.append("page %d: out of bounds: %d" % (pgid, high_water))
+                continue
+            if pgid in reachable:
+                problems.append("page %d: multiple references" % pgid)
+                continue
+            try:
+                node = self._db._read_node(pgid, high_water)
+            except Error as error:
+                problems.append(str(error))
+                reachable[pgid] = name
+                continue
+            for i in range(node.overflow + 1):
+                if pgid + i in reachable and i:
+                    problems.append("page %d: multiple references" % (pgid + i))
+                reachable[pgid + i] = name
+            if pgid in freed:
+                problems.append("page %d: reachable freed" % pgid)
+            self._check_keys(node, "page %d" % pgid, low, high, problems)
+            if node.is_leaf:
+                leaves.append(node)
+                continue
+            for i in range(len(node.keys) - 1, -1, -1):
+                upper = node.keys[i + 1] if i + 1 < len(node.keys) else high
+                stack.append((node.children[i], node.keys[i] if i else low, upper, depth + 1))
+        return leaves
+
+    @staticmethod
+    def _check_keys(node, where, low, high, problems):
+        keys = node.keys
+        for i in range(1, len(keys)):
+            if keys[i - 1] >= keys[i]:
+                problems.append("%s: keys out of order at element %d" % (where, i))
+                break
+        if keys and low is not None and keys[0] < low:
+            problems.append("%s: first key sorts before its parent's key" % where)
+        if keys and high is not None and keys[-1] >= high:
+            problems.append("%s: last key sorts after the next parent key" % where)
+        if node.is_leaf:
+            for i, flag in enumerate(node.flags):
+                if flag & BUCKET_LEAF_FLAG and len(node.values[i]) < BUCKET_HEADER_SIZE:
+                    problems.append("%s: bucket header of element %d too short" % (where, i))
+
+
+# ---------------------------------------------------------------------------
+# Database (bbolt db.go)
+# ---------------------------------------------------------------------------
+
+_PAGE_CACHE_LIMIT = 4096
+
+
+class DB:
+    """An open bbolt file. Create with `bbolt_lite.open`."""
+
+    def __init__(self, path, readonly=False, timeout=None, page_size=None, mode=0o600):
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        # _write_lock: held by the one write transaction from begin to end.
+        self._write_lock = threading.Lock()
+        # _meta_lock guards _meta (the last committed meta), _readers (txid ->
+        # count of open read transactions), and the freelist's release; hold
+        # it for a moment only, never while doing I/O.
+        self._meta_lock = threading.Lock()
+        self._readers = {}
+        self._page_cache = {}
+        self._fd = -1
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        try:
+            self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+        except OSError as error:
+            raise Error("cannot open %s: %s" % (self.path, error.strerror)) from error
+        try:
+            self._lock_file(timeout)
+            size = os.fstat(self._fd).st_size
+            if size == 0 and not readonly:
+                self._init_file(page_size or _os_page_size())
+            self._meta, self.page_size = self._load_meta()
+            self._freelist = self._load_freelist()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return "<bbolt_lite.DB %r%s>" % (self.path, " closed" if self._fd < 0 else "")
+
+    # -- opening ------------------------------------------------------------
+
+    def _lock_file(self, timeout):
+        operation = fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX
+        if timeout is None:
+            fcntl.flock(self._fd, operation)
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._fd, operation | fcntl.LOCK_NB)
+                return
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() >= deadline:
+                raise DatabaseLockedError(
+                    "%s is locked by another process (waited %.1f s)" % (self.path, timeout))
+            time.sleep(0.05)
+
+    def _init_file(self, page_size):
+        pages = []
+        for txid in (0, 1):
+            pages.append(_Meta(page_size, 0, 3, 0, 2, NEW_FILE_PAGES, txid).to_page())
+        pages.append(_Freelist().to_bytes(2, 0, page_size))
+        pages.append(_Node.empty_leaf().to_bytes(3, 0, page_size))
+        os.pwrite(self._fd, b"".join(pages), 0)
+        self._sync()
+
+    def _load_meta(self):
+        """The valid meta with the highest txid, and the page size.
+
+        Like bbolt, a damaged meta page is passed over for the other one; a
+        meta whose pages lie beyond the end of the file is damaged too.
+        """
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, PAGE_HEADER_SIZE + META_SIZE, 0)
+        candidates = []
+        errors = []
+        try:
+            meta0 = _Meta.from_bytes(head, 0)
+            candidates.append(meta0)
+            page_sizes = [meta0.page_size]
+        except Error as error:
+            errors.append(error)
+            page_sizes = [_os_page_size()] + [1 << n for n in range(9, 21)]
+        for page_size in dict.fromkeys(page_sizes):
+            buf = os.pread(self._fd, PAGE_HEADER_SIZE + META_SIZE, page_size)
+            if len(buf) < PAGE_HEADER_SIZE or PAGE_HEADER.unpack_from(buf, 0)[0] != 1:
+                continue
+            try:
+                meta1 = _Meta.from_bytes(buf, 1)
+            except Error as error:
+                errors.append(error)
+                continue
+            if meta1.page_size == page_size:
+                candidates.append(meta1)
+                break
+        valid = []
+        for meta in candidates:
+            if meta.pgid * meta.page_size > size:
+                errors.append(InvalidError(
+                    "meta page %d: high-water mark %d needs %d bytes, the file has %d"
+                    % (meta.txid % 2, meta.pgid, meta.pgid * meta.page_size, size)))
+            else:
+                valid.append(meta)
+        if not valid:
+            if not errors:
+                raise InvalidError("%s: no meta page found" % self.path)
+            raise errors[0]
+        best = max(valid, key=lambda meta: meta.txid)
+        return best, best.page_size
+
+    def _load_freelist(self):
+        meta = self._meta
+        if meta.freelist == NO_FREELIST:
+            # Go's NoFreelistSync: free pages are those no bucket reaches.
+            with self.view() as tx:
+                reachable = {0: "meta", 1: "meta"}
+                problems = []
+                tx._check_bucket(tx.root, b"(root)", reachable, set(), problems, 0)
+            if problems:
+                raise CorruptionError("cannot rebuild the freelist: " + problems[0])
+            return _Freelist(pgid for pgid in range(2, meta.pgid) if pgid not in reachable)
+        buf = self._read_span(meta.freelist, meta.pgid)
+        return _Freelist(_parse_freelist(buf, meta.freelist, meta.pgid))
+
+    # -- pages --------------------------------------------------------------
+
+    def _read_page_header(self, pgid):
+        self._check_open()
+        buf = os.pread(self._fd, PAGE_HEADER_SIZE, pgid * self.page_size)
+        _assert(len(buf) == PAGE_HEADER_SIZE, "page %d: beyond the end of the file", pgid)
+        return PAGE_HEADER.unpack(buf)
+
+    def _read_span(self, pgid, high_water):
+        """Page `pgid` with its overflow pages, as bytes."""
+        self._check_open()
+        page_size = self.page_size
+        buf = os.pread(self._fd, page_size, pgid * page_size)
+        _assert(len(buf) == page_size, "page %d: beyond the end of the file", pgid)
+        overflow = PAGE_HEADER.unpack_from(buf, 0)[3]
+        if overflow:
+            _assert(pgid + overflow < high_water,
+                    "page %d: %d overflow pages run past high-water mark %d",
+                    pgid, overflow, high_water)
+            rest = os.pread(self._fd, overflow * page_size, (pgid + 1) * page_size)
+            _assert(len(rest) == overflow * page_size,
+                    "page %d: overflow pages beyond the end of the file", pgid)
+            buf += rest
+        return buf
+
+    def _read_node(self, pgid, high_water):
+        node = self._page_cache.get(pgid)
+        if node is not None:
+            return node
+        _assert(2 <= pgid < high_water, "page %d: out of bounds 2..%d", pgid, high_water)
+        node = _parse_node(self._read_span(pgid, high_water), "page %d" % pgid, pgid)
+        if not node.overflow:
+            cache = self._page_cache
+            if len(cache) >= _PAGE_CACHE_LIMIT:
+                cache.clear()
+            cache[pgid] = node
+        return node
+
+    def _write_pages(self, pages):
+        cache = self._page_cache
+        page_size = self.page_size
+        for pgid in sorted(pages):
+            page = pages[pgid]
+            for covered in range(pgid, pgid + len(page) // page_size):
+                cache.pop(covered, None)
+            os.pwrite(self._fd, page, pgid * page_size)
+
+    def _write_meta(self, meta):
+        os.pwrite(self._fd, meta.to_page(), (meta.txid % 2) * self.page_size)
+
+    def _sync(self):
+        _fdatasync(self._fd)
+
+    def _check_open(self):
+        if self._fd < 0:
+            raise DatabaseNotOpenError("database %s is closed" % self.path)
+
+    # -- transactions -------------------------------------------------------
+
+    def begin(self, writable=False):
+        """Start a transaction; end it with commit() or rollback()."""
+        self._check_open()
+        if not writable:
+            return Tx(self, False)
+        if self.readonly:
+            raise DatabaseReadOnlyError("%s is open read-only" % self.path)
+        self._write_lock.acquire()
+        try:
+            self._check_open()
+            return Tx(self, True)
+        except BaseException:
+            self._write_lock.release()
+            raise
+
+    def update(self):
+        """The write transaction, as a context manager (commit or rollback)."""
+        return self.begin(True)
+
+    def view(self):
+        """A read-only snapshot, as a context manager."""
+        return self.begin(False)
+
+    def check(self):
+        """Problems with the file's current state; empty when it is sound."""
+        with self.view() as tx:
+            return tx.check()
+
+    def info(self):
+        meta = self._meta
+        return {"path": self.path, "page_size": self.page_size, "txid": meta.txid,
+                "high_water_mark": meta.pgid, "root": meta.root,
+                "freelist": None if meta.freelist == NO_FREELIST else meta.freelist,
+                "free_pages": self._freelist.count(), "file_size": os.fstat(self._fd).st_size}
+
+    def close(self):
+        """Close the file, waiting for the write transaction to end."""
+        if self._fd < 0:
+            return
+        with self._write_lock:
+            fd, self._fd = self._fd, -1
+            self._page_cache = {}
+            os.close(fd)
+
+
+def open(path, readonly=False, timeout=None, page_size=None, mode=0o600):  # noqa: A001
+    """Open (or create, unless `readonly`) the bbolt file at `path`.
+
+    The file is locked as bbolt locks it: exclusively for a writer, shared
+    for readers. `timeout` is how many seconds to wait for that lock (None:
+    wait as long as it takes); then DatabaseLockedError.
+    """
+    return DB(path, readonly=readonly, timeout=timeout, page_size=page_size, mode=mode)
+
+
+def _os_page_size():
+    try:
+        return os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4096
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+# ---------------------------------------------------------------------------
+# Command line (after Go's bbolt tool)
+# ---------------------------------------------------------------------------
+
+_USAGE = """usage: python bbolt_lite.py COMMAND FILE [BUCKET...] [KEY]
+
+commands:
+  check   FILE                 check the file's structure; print OK and exit 0 when sound
+  info    FILE                 page size, transaction id, high-water mark, freelist
+  stats   FILE                 page, key and bucket counts per top-level bucket
+  buckets FILE                 top-level bucket names
+  keys    FILE BUCKET...       keys of a bucket (name nested buckets in turn)
+  get     FILE BUCKET... KEY   the value of KEY, as raw bytes
+  dump    FILE [BUCKET...]     every key below, one JSON line each
+  pages   FILE                 every page: id, type, items, overflow
+
+Names and keys are taken as UTF-8 text. The file is opened read-only, with a
+shared lock: a running writer makes these commands wait up to 5 seconds.
+Exit status: 0 done, 1 check found problems or a name is missing, 2 error."""
+
+
+def _text(raw):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+def _json_field(record, name, raw):
+    text = _text(raw)
+    if text is None:
+        record[name + "_hex"] = raw.hex()
+    else:
+        record[name] = text
+
+
+def _open_path(tx, names):
+    bucket = tx.root
+    for name in names:
+        bucket = bucket.bucket(name.encode())
+        if bucket is None:
+            raise LookupError("bucket not found: %s" % "/".join(names))
+    return bucket
+
+
+def _dump(bucket, path, out):
+    for key, value in bucket.items():
+        if value is None:
+            _dump(bucket.bucket(key), path + [_text(key) or key.hex()], out)
+            continue
+        record = {"bucket": path}
+        _json_field(record, "key", key)
+        _json_field(record, "value", value)
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _pages(db, tx, out):
+    kinds = {0: ("meta", 0, 0), 1: ("meta", 0, 0)}
+    meta = tx._meta
+    if meta.freelist != NO_FREELIST:
+        ids = _parse_freelist(db._read_span(meta.freelist, meta.pgid), meta.freelist, meta.pgid)
+        kinds[meta.freelist] = ("freelist", len(ids), db._read_page_header(meta.freelist)[3])
+        for pgid in ids:
+            kinds.setdefault(pgid, ("free", 0, 0))
+    stack = [tx.root]
+    while stack:
+        bucket = stack.pop()
+        if bucket._root == 0:
+            continue
+        nodes = [bucket._root]
+        while nodes:
+            node = db._read_node(nodes.pop(), meta.pgid)
+            kinds[node.pgid] = ("leaf" if node.is_leaf else "branch", len(node.keys),
+                                node.overflow)
+            if not node.is_leaf:
+                nodes.extend(node.children)
+                continue
+            for i, key in enumerate(node.keys):
+                if node.flags[i] & BUCKET_LEAF_FLAG:
+                    stack.append(bucket._open_child(node.values[i], key))
+    out.write("ID       TYPE       ITEMS  OVRFLW\n")
+    out.write("======== ========== ====== ======\n")
+    pgid = 0
+    while pgid < meta.pgid:
+        kind, items, overflow = kinds.get(pgid, ("unknown", 0, 0))
+        out.write("%-8d %-10s %-6d %-6d\n" % (pgid, kind, items, overflow))
+        pgid += overflow + 1
+
+
+def main(argv=None):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    needs = {"check": 0, "info": 0, "stats": 0, "buckets": 0, "keys": 1, "get": 2,
+             "dump": 0, "pages": 0}
+    if command not in needs:
+        sys.stderr.write("bbolt_lite: unknown command %r\n\n%s\n" % (command, _USAGE))
+        return 2
+    if not rest or len(rest) - 1 < needs[command] or (
+            command in ("check", "info", "stats", "buckets", "pages") and len(rest) > 1):
+        sys.stderr.write("bbolt_lite: wrong arguments for %s\n\n%s\n" % (command, _USAGE))
+        return 2
+    path, names = rest[0], rest[1:]
+    if not os.path.exists(path):
+        sys.stderr.write("bbolt_lite: %s: no such file\n" % path)
+        return 2
+    out = sys.stdout
+    try:
+        with open(path, readonly=True, timeout=5) as db, db.view() as tx:
+            if command == "check":
+                problems = tx.check()
+                for problem in problems:
+                    out.write(problem + "\n")
+                if problems:
+                    out.write("%d problems found\n" % len(problems))
+                    return 1
+                out.write("OK\n")
+            elif command == "info":
+                for key, value in db.info().items():
+                    out.write("%s: %s\n" % (key.replace("_", " ").capitalize(), value))
+            elif command == "stats":
+                for name in tx.buckets():
+                    stats = tx.bucket(name).stats()
+                    out.write("%s: %s\n" % (_text(name) or name.hex(), " ".join(
+                        "%s=%d" % item for item in stats.items())))
+            elif command == "buckets":
+                for name in tx.buckets():
+                    out.write((_text(name) or name.hex()) + "\n")
+            elif command == "keys":
+                for key, _value in _open_path(tx, names).items():
+                    out.write((_text(key) or key.hex()) + "\n")
+            elif command == "get":
+                value = _open_path(tx, names[:-1]).get(names[-1].encode())
+                if value is None:
+                    sys.stderr.write("bbolt_lite: key not found: %s\n" % names[-1])
+                    return 1
+                out.flush()
+                sys.stdout.buffer.write(value)
+                sys.stdout.buffer.flush()
+            elif command == "dump":
+                _dump(_open_path(tx, names), list(names), out)
+            elif command == "pages":
+                _pages(db, tx, out)
+    except LookupError as error:
+        sys.stderr.write("bbolt_lite: %s\n" % error.args[0])
+        return 1
+    except Error as error:
+        sys.stderr.write("bbolt_lite: %s: %s\n" % (path, error))
+        return 2
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
