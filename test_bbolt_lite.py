@@ -1,0 +1,693 @@
+"""bbolt_lite: the format, transactions, the B+tree, and interop with Go's bbolt."""
+
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import bbolt_lite
+from conftest import HERE, run_boltcheck
+
+
+def key(i):
+    return b"key-%08d" % i
+
+
+def go_value(i, size):
+    """The values the Go helper writes (interop/boltcheck value())."""
+    return bytes((i * 31 + j * 7) % 251 for j in range(size))
+
+
+def dump_records(db):
+    """Every bucket and key, in the format of `boltcheck dump`."""
+    records = []
+
+    def walk(bucket, path):
+        for k, v in bucket.items():
+            if v is None:
+                child = bucket.bucket(k)
+                records.append({"path": path, "key": k.hex(), "value": None,
+                                 "seq": child.sequence()})
+                walk(child, path + [k.hex()])
+            else:
+                records.append({"path": path, "key": k.hex(), "value": v.hex()})
+
+    with db.view() as tx:
+        for name in tx.buckets():
+            records.append({"path": [], "key": name.hex(), "value": None,
+                            "seq": tx.bucket(name).sequence()})
+            walk(tx.bucket(name), [name.hex()])
+    return records
+
+
+def go_dump(boltcheck, path):
+    result = run_boltcheck(boltcheck, "dump", path)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def go_check(boltcheck, path):
+    result = run_boltcheck(boltcheck, "check", path)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stdout + result.stderr
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "test.db")
+
+
+# --- the format -------------------------------------------------------------
+
+def test_new_file_is_two_metas_freelist_and_empty_root_leaf(db_path):
+    bbolt_lite.open(db_path).close()
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    raw = open(db_path, "rb").read()
+    assert len(raw) == 4 * page_size
+    for pgid in (0, 1):
+        header = bbolt_lite.PAGE_HEADER.unpack_from(raw, pgid * page_size)
+        assert header == (pgid, bbolt_lite.META_PAGE, 0, 0)
+        fields = bbolt_lite.META.unpack_from(raw, pgid * page_size + 16)
+        magic, version, psize, _flags, root, _seq, freelist, hwm, txid, checksum = fields
+        assert (magic, version, psize, root, freelist, hwm, txid) == (
+            0xED0CDAED, 2, page_size, 3, 2, 4, pgid)
+        assert checksum == bbolt_lite._fnv1a64(raw[pgid * page_size + 16:pgid * page_size + 72])
+    assert bbolt_lite.PAGE_HEADER.unpack_from(raw, 2 * page_size)[:3] == (2, 0x10, 0)
+    assert bbolt_lite.PAGE_HEADER.unpack_from(raw, 3 * page_size)[:3] == (3, 0x02, 0)
+
+
+def test_commit_writes_meta_page_of_txid_mod_2(db_path):
+    with bbolt_lite.open(db_path) as db:
+        for expected_txid in (2, 3, 4):
+            with db.update() as tx:
+                tx.create_bucket_if_not_exists(b"b").put(b"k", b"%d" % expected_txid)
+            assert db.info()["txid"] == expected_txid
+            raw = open(db_path, "rb").read(2 * db.page_size)
+            meta = bbolt_lite.META.unpack_from(raw, (expected_txid % 2) * db.page_size + 16)
+            assert meta[8] == expected_txid
+
+
+def test_element_pos_counts_from_the_element_itself(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(300):  # too big to stay inline
+                b.put(key(i), b"v" * 20)
+        with db.view() as tx:
+            root_leaf = tx.bucket(b"b")._root
+        raw = open(db_path, "rb").read()
+        start = root_leaf * db.page_size
+        pgid, flags, count, _overflow = bbolt_lite.PAGE_HEADER.unpack_from(raw, start)
+        pages = [start]
+        if flags == bbolt_lite.BRANCH_PAGE:
+            child = bbolt_lite.BRANCH_ELEMENT.unpack_from(raw, start + 16)[2]
+            pages = [child * db.page_size]
+        elem = pages[0] + 16
+        _flags, pos, ksize, vsize = bbolt_lite.LEAF_ELEMENT.unpack_from(raw, elem)
+        assert raw[elem + pos:elem + pos + ksize] == key(0)
+        assert raw[elem + pos + ksize:elem + pos + ksize + vsize] == b"v" * 20
+
+
+# --- the API ----------------------------------------------------------------
+
+def test_put_get_delete_in_byte_order(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"widgets")
+            for k in (b"b", b"a", b"\xff", b"ab", b"\x00"):
+                b.put(k, k * 2)
+            b.delete(b"ab")
+            b.delete(b"missing")
+        with db.view() as tx:
+            b = tx.bucket(b"widgets")
+            assert list(b.items()) == [(b"\x00", b"\x00\x00"), (b"a", b"aa"),
+                                       (b"b", b"bb"), (b"\xff", b"\xff\xff")]
+            assert b.get(b"ab") is None
+            assert tx.bucket(b"nope") is None
+
+
+def test_rollback_on_exception_leaves_nothing(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with pytest.raises(RuntimeError):
+            with db.update() as tx:
+                tx.create_bucket(b"b").put(b"k", b"v")
+                raise RuntimeError("boom")
+        with db.view() as tx:
+            assert list(tx.buckets()) == []
+        assert db.check() == []
+
+
+def test_nested_buckets_sequences_and_cursor(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            top = tx.create_bucket(b"top")
+            child = top.create_bucket(b"child")
+            assert [child.next_sequence() for _ in range(3)] == [1, 2, 3]
+            child.put(b"x", b"1")
+            top.put(b"a", b"2")
+            top.put(b"z", b"3")
+        with db.view() as tx:
+            top = tx.bucket(b"top")
+            assert list(top.items()) == [(b"a", b"2"), (b"child", None), (b"z", b"3")]
+            assert list(top.buckets()) == [b"child"]
+            assert top.bucket(b"child").sequence() == 3
+            assert top.get(b"child") is None
+            cursor = top.cursor()
+            assert cursor.seek(b"b") == (b"child", None)
+            assert cursor.next() == (b"z", b"3")
+            assert cursor.next() == (None, None)
+            assert cursor.last() == (b"z", b"3")
+            assert cursor.prev() == (b"child", None)
+            assert cursor.first() == (b"a", b"2")
+            assert cursor.seek(b"zz") == (None, None)
+
+
+def test_errors_are_named(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            b.create_bucket(b"sub")
+            b.put(b"val", b"1")
+            with pytest.raises(bbolt_lite.BucketExistsError):
+                tx.create_bucket(b"b")
+            with pytest.raises(bbolt_lite.IncompatibleValueError):
+                b.put(b"sub", b"x")
+            with pytest.raises(bbolt_lite.IncompatibleValueError):
+                b.delete(b"sub")
+            with pytest.raises(bbolt_lite.IncompatibleValueError):
+                b.create_bucket(b"val")
+            with pytest.raises(bbolt_lite.KeyRequiredError):
+                b.put(b"", b"x")
+            with pytest.raises(bbolt_lite.KeyTooLargeError):
+                b.put(b"k" * 32769, b"x")
+            with pytest.raises(bbolt_lite.BucketNotFoundError):
+                tx.delete_bucket(b"none")
+            with pytest.raises(bbolt_lite.BucketNameRequiredError):
+                tx.create_bucket(b"")
+        with db.view() as tx:
+            with pytest.raises(bbolt_lite.TxNotWritableError):
+                tx.bucket(b"b").put(b"k", b"v")
+        tx = db.begin(True)
+        tx.commit()
+        with pytest.raises(bbolt_lite.TxClosedError):
+            tx.create_bucket(b"c")
+    with pytest.raises(bbolt_lite.DatabaseNotOpenError):
+        db.begin()
+    assert issubclass(bbolt_lite.ChecksumError, bbolt_lite.Error)
+
+
+def test_readonly_open_refuses_writes_and_missing_files(db_path, tmp_path):
+    bbolt_lite.open(db_path).close()
+    with bbolt_lite.open(db_path, readonly=True) as db:
+        with pytest.raises(bbolt_lite.DatabaseReadOnlyError):
+            db.update()
+    with pytest.raises(bbolt_lite.Error, match="cannot open"):
+        bbolt_lite.open(str(tmp_path / "missing.db"), readonly=True)
+
+
+def test_large_values_use_overflow_pages(db_path):
+    big = os.urandom(1024 * 1024)
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            b.put(b"big", big)
+            b.put(b"mid", b"m" * 10000)
+        with db.view() as tx:
+            assert tx.bucket(b"b").get(b"big") == big
+            assert tx.bucket(b"b").stats()["overflow_pages"] >= 256
+        assert db.check() == []
+
+
+def test_deleting_a_bucket_frees_all_its_pages(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(5000):
+                b.put(key(i), b"x" * 100)
+            b.create_bucket(b"sub").put(b"big", b"y" * 50000)
+        high_water = db.info()["high_water_mark"]
+        with db.update() as tx:
+            tx.delete_bucket(b"b")
+        assert db.check() == []
+        # The next round reuses the freed pages instead of growing the file.
+        for _round in range(3):
+            with db.update() as tx:
+                b = tx.create_bucket(b"b")
+                for i in range(5000):
+                    b.put(key(i), b"x" * 100)
+            with db.update() as tx:
+                tx.delete_bucket(b"b")
+        assert db.info()["high_water_mark"] <= high_water + 10
+        assert db.check() == []
+
+
+def test_put_delete_churn_does_not_grow_the_file(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            tx.create_bucket(b"b")
+        sizes = []
+        for round_ in range(30):
+            with db.update() as tx:
+                b = tx.bucket(b"b")
+                for i in range(200):
+                    b.put(key(round_ * 200 + i), b"v" * 64)
+            with db.update() as tx:
+                b = tx.bucket(b"b")
+                for i in range(200):
+                    b.delete(key(round_ * 200 + i))
+            sizes.append(db.info()["high_water_mark"])
+        assert sizes[-1] == sizes[10], sizes
+        assert db.check() == []
+
+
+def test_reader_keeps_its_snapshot_while_writer_reuses_pages(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(2000):
+                b.put(key(i), b"old")
+        reader = db.view()
+        for round_ in range(5):
+            with db.update() as tx:
+                b = tx.bucket(b"b")
+                for i in range(2000):
+                    b.put(key(i), b"new%d" % round_)
+        assert all(v == b"old" for _k, v in reader.bucket(b"b").items())
+        reader.rollback()
+        with db.view() as tx:
+            assert tx.bucket(b"b").get(key(5)) == b"new4"
+        assert db.check() == []
+
+
+def test_one_writer_at_a_time_across_threads(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            tx.create_bucket(b"counter").put(b"n", b"0")
+
+        def bump():
+            for _ in range(20):
+                with db.update() as tx:
+                    b = tx.bucket(b"counter")
+                    b.put(b"n", b"%d" % (int(b.get(b"n")) + 1))
+
+        threads = [threading.Thread(target=bump) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        with db.view() as tx:
+            assert tx.bucket(b"counter").get(b"n") == b"80"
+
+
+def test_second_writer_process_gets_a_clear_lock_error(db_path):
+    with bbolt_lite.open(db_path):
+        code = "import bbolt_lite,sys\ntry:\n  bbolt_lite.open(sys.argv[1], timeout=0.2)\n" \
+               "except bbolt_lite.DatabaseLockedError as e:\n  print(e); sys.exit(7)\n"
+        result = subprocess.run([sys.executable, "-c", code, db_path], cwd=HERE,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 7, result.stderr
+        assert "locked by another process" in result.stdout
+
+
+def test_readers_share_the_lock(db_path):
+    bbolt_lite.open(db_path).close()
+    with bbolt_lite.open(db_path, readonly=True):
+        with bbolt_lite.open(db_path, readonly=True, timeout=0.2) as second:
+            assert second.check() == []
+        with pytest.raises(bbolt_lite.DatabaseLockedError):
+            bbolt_lite.open(db_path, timeout=0.2)
+
+
+def test_check_finds_unreachable_and_double_referenced_pages(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(1000):
+                b.put(key(i), b"x" * 50)
+        freelist_pgid = db._meta.freelist
+        page_size = db.page_size
+    # Empty the freelist on disk: every free page becomes unreachable and unfreed.
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            tx.bucket(b"b").put(key(1), b"y")  # frees some pages
+        freelist_pgid = db._meta.freelist
+    with open(db_path, "r+b") as f:
+        f.seek(freelist_pgid * page_size + 10)
+        f.write(struct.pack("<H", 0))
+    with bbolt_lite.open(db_path, readonly=True) as db:
+        problems = db.check()
+    assert any("unreachable unfreed" in p for p in problems), problems
+
+
+def test_command_line_check_dump_get(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"failed")
+            b.put(b"id1", b'{"id": "id1"}')
+            b.create_bucket(b"sub").put(b"k", b"\xff\x00")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, os.path.join(HERE, "bbolt_lite.py")] + list(args),
+                              capture_output=True, text=True, timeout=30)
+
+    assert cli("check", db_path).stdout == "OK\n"
+    lines = [json.loads(line) for line in cli("dump", db_path).stdout.splitlines()]
+    assert lines == [{"bucket": ["failed"], "key": "id1", "value": '{"id": "id1"}'},
+                     {"bucket": ["failed", "sub"], "key": "k", "value_hex": "ff00"}]
+    assert cli("get", db_path, "failed", "id1").stdout == '{"id": "id1"}'
+    assert cli("buckets", db_path).stdout == "failed\n"
+    assert cli("keys", db_path, "failed").stdout == "id1\nsub\n"
+    assert cli("get", db_path, "failed", "nope").returncode == 1
+    assert "Page size: " in cli("info", db_path).stdout
+    assert "leaf" in cli("pages", db_path).stdout
+    assert "keys=2 buckets=1" in cli("stats", db_path).stdout  # counted recursively, as bbolt does
+    assert cli("frobnicate", db_path).returncode == 2
+    missing = cli("check", db_path + ".missing")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+# --- the property test: a dict model across many transactions ----------------
+
+_keys = st.binary(min_size=1, max_size=12)
+_operations = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.sampled_from([b"a", b"b", b"c"]), _keys,
+              st.binary(max_size=600)),
+    st.tuples(st.just("delete"), st.sampled_from([b"a", b"b", b"c"]), _keys, st.none()),
+    st.tuples(st.just("create"), st.sampled_from([b"a", b"b", b"c"]), st.none(), st.none()),
+    st.tuples(st.just("drop"), st.sampled_from([b"a", b"b", b"c"]), st.none(), st.none()),
+    st.tuples(st.just("bulk"), st.sampled_from([b"a", b"b", b"c"]), st.integers(0, 400),
+              st.integers(0, 300)),
+), max_size=25)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(transactions=st.lists(_operations, min_size=1, max_size=6), page_size=st.sampled_from([1024, 4096]))
+def test_matches_a_dict_model_across_transactions_and_reopens(tmp_path, transactions, page_size):
+    path = str(tmp_path / ("model-%s.db" % os.urandom(8).hex()))  # hypothesis seeds `random`
+    model = {}
+    for operations in transactions:
+        with bbolt_lite.open(path, page_size=page_size) as db:
+            with db.update() as tx:
+                for op, name, k, v in operations:
+                    bucket = tx.bucket(name)
+                    if op == "create":
+                        if bucket is None:
+                            tx.create_bucket(name)
+                            model[name] = {}
+                    elif op == "drop":
+                        if bucket is not None:
+                            tx.delete_bucket(name)
+                            del model[name]
+                    elif bucket is None:
+                        continue
+                    elif op == "put":
+                        bucket.put(k, v)
+                        model[name][k] = v
+                    elif op == "delete":
+                        bucket.delete(k)
+                        model[name].pop(k, None)
+                    elif op == "bulk":  # many keys: splits, then merges
+                        for i in range(k):
+                            bucket.put(b"bulk%05d" % ((i * 7919 + v) % 1000), b"%d" % i)
+                            model[name][b"bulk%05d" % ((i * 7919 + v) % 1000)] = b"%d" % i
+                        for i in range(0, 1000, 3 if v % 2 else 1):
+                            if v % 4 == 3:
+                                bucket.delete(b"bulk%05d" % i)
+                                model[name].pop(b"bulk%05d" % i, None)
+        with bbolt_lite.open(path) as db:
+            assert db.check() == []
+            with db.view() as tx:
+                assert sorted(tx.buckets()) == sorted(model)
+                for name, content in model.items():
+                    assert list(tx.bucket(name).items()) == sorted(content.items())
+
+
+# --- crash safety -----------------------------------------------------------
+
+_CRASH_CHILD = textwrap.dedent("""
+    import sys, bbolt_lite
+    db = bbolt_lite.open(sys.argv[1])
+    with db.view() as tx:
+        b = tx.bucket(b"log")
+        n = 0 if b is None else len(b.keys())
+    while True:
+        with db.update() as tx:
+            b = tx.create_bucket_if_not_exists(b"log")
+            b.put(b"%08d" % n, b"x" * (n % 3000))
+            if n % 7 == 0 and n:
+                b.delete(b"%08d" % (n - 7))
+                b.put(b"%08d" % (n - 7), b"again")
+        print(n, flush=True)
+        n += 1
+""")
+
+
+def test_sigkill_at_random_moments_leaves_the_last_committed_state(db_path):
+    rng = random.Random(1234)
+    committed = 0  # transactions known committed (their print arrived)
+    for _kill in range(50):
+        child = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, db_path], cwd=HERE,
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            first = child.stdout.readline()  # it runs: now kill it at a random moment
+            assert first, "child did not start"
+            time.sleep(rng.uniform(0, 0.05))
+            child.send_signal(signal.SIGKILL)
+            printed = [first] + child.stdout.read().splitlines()
+        finally:
+            child.kill()
+            child.wait(10)
+        last_printed = int(printed[-1])
+        with bbolt_lite.open(db_path) as db:
+            assert db.check() == []
+            with db.view() as tx:
+                keys = tx.bucket(b"log").keys()
+        # Everything printed is there; at most the one unprinted commit more.
+        assert len(keys) in (last_printed + 1, last_printed + 2)
+        assert keys == [b"%08d" % i for i in range(len(keys))]
+        assert len(keys) >= committed
+        committed = len(keys)
+
+
+def test_sigkill_leaves_a_file_go_accepts(db_path, boltcheck):
+    child = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, db_path], cwd=HERE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(30):
+            child.stdout.readline()
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(10)
+    go_check(boltcheck, db_path)
+
+
+# --- damaged files ----------------------------------------------------------
+
+def _read_everything(path):
+    with bbolt_lite.open(path, readonly=True, timeout=1) as db:
+        with db.view() as tx:
+            for name in tx.buckets():
+                stack = [tx.bucket(name)]
+                while stack:
+                    bucket = stack.pop()
+                    for k, v in bucket.items():
+                        if v is None:
+                            stack.append(bucket.bucket(k))
+        db.check()
+
+
+_DAMAGE_CHILD = textwrap.dedent("""
+    import sys, bbolt_lite
+    from test_bbolt_lite import _read_everything
+    for path in sys.argv[1:]:
+        try:
+            _read_everything(path)
+        except bbolt_lite.Error:
+            pass
+""")
+
+
+def test_damaged_files_raise_the_module_error_never_another_or_hang(tmp_path):
+    path = str(tmp_path / "good.db")
+    with bbolt_lite.open(path, page_size=1024) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(800):
+                b.put(key(i), b"v" * (i % 40))
+            b.put(b"big", b"B" * 5000)
+            b.create_bucket(b"sub").put(b"k", b"v")
+            tx.create_bucket(b"inline").put(b"a", b"b")
+        with db.update() as tx:
+            for i in range(0, 800, 3):
+                tx.bucket(b"b").delete(key(i))
+    good = open(path, "rb").read()
+    rng = random.Random(99)
+    damaged = []
+    for n in range(300):
+        raw = bytearray(good)
+        kind = n % 3
+        if kind == 0:
+            for _ in range(rng.randint(1, 3)):
+                pos = rng.randrange(len(raw))
+                raw[pos] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            page = rng.randrange(len(raw) // 1024)
+            raw[page * 1024:(page + 1) * 1024] = bytes(1024)
+        else:
+            raw = raw[:rng.randrange(len(raw))]
+        name = str(tmp_path / ("bad%03d.db" % n))
+        with open(name, "wb") as f:
+            f.write(raw)
+        damaged.append(name)
+    # A child process, so that a hang is caught by the timeout.
+    result = subprocess.run([sys.executable, "-c", _DAMAGE_CHILD] + damaged, cwd=HERE,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_bad_meta_page_falls_back_to_the_other(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            tx.create_bucket(b"b").put(b"k", b"v1")
+        with db.update() as tx:
+            tx.bucket(b"b").put(b"k", b"v2")  # txid 3: meta page 1
+        page_size = db.page_size
+    with open(db_path, "r+b") as f:
+        f.seek(page_size + 40)
+        f.write(b"\xde\xad")
+    with bbolt_lite.open(db_path, readonly=True) as db:
+        assert db.info()["txid"] == 2
+        with db.view() as tx:
+            assert tx.bucket(b"b").get(b"k") == b"v1"
+        assert db.check() == []
+
+
+def test_both_metas_bad_raise_checksum_error(db_path):
+    bbolt_lite.open(db_path).close()
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    with open(db_path, "r+b") as f:
+        for pgid in (0, 1):
+            f.seek(pgid * page_size + 40)
+            f.write(b"\xde\xad")
+    with pytest.raises(bbolt_lite.ChecksumError, match="meta page 0"):
+        bbolt_lite.open(db_path, readonly=True)
+
+
+def test_not_a_bbolt_file_raises_invalid(tmp_path):
+    path = tmp_path / "text.db"
+    path.write_bytes(b"hello world" * 1000)
+    with pytest.raises(bbolt_lite.InvalidError, match="magic"):
+        bbolt_lite.open(str(path), readonly=True)
+
+
+def test_cyclic_tree_is_reported_not_followed_forever(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(2000):
+                b.put(key(i), b"x" * 30)
+        with db.view() as tx:
+            root = tx.bucket(b"b")._root
+        page_size = db.page_size
+    # Point the root branch's first child back at the root itself.
+    with open(db_path, "r+b") as f:
+        f.seek(root * page_size + 16 + 8)
+        f.write(struct.pack("<Q", root))
+    with bbolt_lite.open(db_path, readonly=True) as db:
+        assert any("multiple references" in p or "cycle" in p for p in db.check())
+        with pytest.raises(bbolt_lite.CorruptionError):
+            with db.view() as tx:
+                list(tx.bucket(b"b").items())
+
+
+# --- interop with Go's bbolt ------------------------------------------------
+
+def _python_shapes(path, shape):
+    """Write with bbolt_lite; return the records Go must read back."""
+    with bbolt_lite.open(path) as db:
+        if shape == "small":
+            with db.update() as tx:
+                b = tx.create_bucket(b"small")
+                for i in range(10):
+                    b.put(key(i), b"value %d" % i)
+        elif shape == "many":
+            with db.update() as tx:
+                b = tx.create_bucket(b"many")
+                for i in range(100000):
+                    b.put(key(i * 7919 % 100000), b"v%d" % i)
+        elif shape == "big":
+            with db.update() as tx:
+                b = tx.create_bucket(b"big")
+                for i in range(20):
+                    b.put(key(i), bytes([i]) * 10240)
+                b.put(b"huge", os.urandom(1024 * 1024))
+        elif shape == "churn":
+            with db.update() as tx:
+                b = tx.create_bucket(b"churn")
+                for i in range(20000):
+                    b.put(key(i), b"x" * 30)
+            for round_ in range(5):
+                with db.update() as tx:
+                    b = tx.bucket(b"churn")
+                    for i in range(round_, 20000, 10):
+                        b.delete(key(i))
+        elif shape == "nested":
+            with db.update() as tx:
+                top = tx.create_bucket(b"top")
+                for i in range(5):
+                    mid = top.create_bucket(key(i))
+                    mid.set_sequence(100 + i)
+                    for j in range(300 * i):
+                        mid.put(key(j), b"n" * 40)
+                    mid.create_bucket(b"deep").put(b"x", b"y")
+                for i in range(30):
+                    tx.create_bucket(b"inline-%d" % i).put(b"a", b"b")
+            with db.update() as tx:  # shrink one nested bucket back to inline
+                mid = tx.bucket(b"top").bucket(key(4))
+                for j in range(1200):
+                    mid.delete(key(j))
+        return dump_records(db)
+
+
+@pytest.mark.parametrize("shape", ["small", "many", "big", "churn", "nested"])
+def test_go_bbolt_checks_and_reads_files_written_here(tmp_path, boltcheck, shape):
+    path = str(tmp_path / (shape + ".db"))
+    expected = _python_shapes(path, shape)
+    go_check(boltcheck, path)
+    assert go_dump(boltcheck, path) == expected
+
+
+@pytest.mark.parametrize("shape", ["small", "many", "big", "churn", "nested", "inline",
+                                   "nofreelistsync", "pagesize1k", "pagesize16k"])
+def test_files_written_by_go_read_exactly_and_stay_writable(tmp_path, boltcheck, shape):
+    path = str(tmp_path / (shape + ".db"))
+    result = run_boltcheck(boltcheck, "write", path, shape)
+    assert result.returncode == 0, result.stderr
+    with bbolt_lite.open(path, readonly=True) as db:
+        assert db.check() == []
+        assert dump_records(db) == go_dump(boltcheck, path)
+    if shape == "small":
+        with bbolt_lite.open(path, readonly=True) as db, db.view() as tx:
+            assert tx.bucket(b"small").get(key(3)) == go_value(3, 50)
+    # Change it here; Go must still accept it and read the change.
+    with bbolt_lite.open(path) as db:
+        with db.update() as tx:
+            for name in list(tx.buckets()):
+                b = tx.bucket(name)
+                doomed = [k for k, v in b.items() if v is not None][::2]
+                for k in doomed:
+                    b.delete(k)
+                b.put(b"added-by-python", b"yes")
+        expected = dump_records(db)
+    go_check(boltcheck, path)
+    assert go_dump(boltcheck, path) == expected
