@@ -1,0 +1,1138 @@
+#!/usr/bin/env python3
+"""broker.py: hands out work over Server-Sent Events, retries what fails.
+
+The broker generates messages ``{"id": <rs/xid>, "period": 1..1000}`` and
+pushes them, a batch at a time, to the workers that are free, in the order
+they became free. A worker streams ``GET /task?batchsize=N`` and reports the
+ids it finished with ``POST /report``. A message that is not reported is sent
+again, up to ``--max-attempts`` deliveries in all; after the last one fails it
+is written to the ``failed`` bucket of a bbolt file (``--db``) as a dead
+letter. A message is leased to one worker at a time, and a reported message
+is never sent again. The wire protocol is PROTOCOL.md.
+
+Run::
+
+    python broker.py                        # http://127.0.0.1:8080, broker.db here
+    python broker.py --port 0 --total 2000  # any free port; exit once 2000 settle
+
+Flags (``python broker.py --help``): --host, --port, --db, --max-attempts,
+--lease-timeout, --heartbeat, --max-batchsize, --total, --seed, --trace,
+--log-level.
+
+Endpoints: ``GET /task`` (the work stream), ``POST /report``, ``GET /stats``
+(counters as JSON), ``GET /healthz``.
+
+Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
+``bbolt`` tool). Standard library only, Python 3.9 or newer; needs
+``bbolt_lite.py`` beside it.
+"""
+
+import argparse
+import collections
+import datetime
+import hashlib
+import http
+import http.server
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+import zlib
+
+import bbolt_lite
+
+log = logging.getLogger("broker")
+
+DEFAULT_PORT = 8080
+DEFAULT_DB = "broker.db"
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LEASE_TIMEOUT = 10.0
+DEFAULT_HEARTBEAT = 15.0
+DEFAULT_MAX_BATCHSIZE = 1000
+MAX_REPORT_BYTES = 64 * 1024
+SSE_RETRY_MS = 2000
+# A request must arrive whole within this many seconds (a slow or stalled
+# client holds a thread no longer), and a stream write may block no longer.
+SOCKET_TIMEOUT = 30.0
+DEAD_LETTER_BUCKET = b"failed"
+MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
+
+
+# ---------------------------------------------------------------------------
+# Message ids: rs/xid
+# ---------------------------------------------------------------------------
+#
+# 12 bytes: 4-byte big-endian Unix time, 3-byte machine id, 2-byte pid, 3-byte
+# counter (starting at a random value), written as 20 characters of lowercase
+# base32hex. The PyPI package `xid` is used when it is installed and passes a
+# self-check; it is not thread-safe, so it runs under a lock. Otherwise (and
+# in practice: xid 1.0.4 fails on Python 3) the implementation here runs.
+
+XID_ALPHABET = "0123456789abcdefghijklmnopqrstuv"
+XID_PATTERN = re.compile(r"[0-9a-v]{19}[0gw]")  # the last character holds 1 bit + 4 zero bits
+
+
+def xid_encode(raw):
+    """The 20-character text of a 12-byte xid."""
+    n = int.from_bytes(raw, "big") << 4  # 96 bits, padded to 100 = 20 x 5
+    return "".join(XID_ALPHABET[(n >> (5 * (19 - i))) & 31] for i in range(20))
+
+
+def xid_decode(text):
+    """The 12 bytes of an xid's text; ValueError if it is not one."""
+    if not isinstance(text, str) or not XID_PATTERN.fullmatch(text):
+        raise ValueError("not an xid: %r" % (text,))
+    n = 0
+    for char in text:
+        n = n << 5 | XID_ALPHABET.index(char)
+    return (n >> 4).to_bytes(12, "big")
+
+
+def _machine_id():
+    """3 bytes of md5 of the platform machine id, as rs/xid derives them."""
+    for path in ("/etc/machine-id", "/sys/class/dmi/id/product_uuid"):
+        try:
+            with open(path, "rb") as f:
+                platform_id = f.read()
+        except OSError:
+            continue
+        if platform_id:
+            return hashlib.md5(platform_id).digest()[:3]
+    try:
+        return hashlib.md5(socket.gethostname().encode()).digest()[:3]
+    except OSError:
+        return os.urandom(3)
+
+
+def _process_id():
+    """The pid as rs/xid takes it: xor-ed with crc32 of the cpuset in a container."""
+    pid = os.getpid()
+    try:
+        with open("/proc/self/cpuset", "rb") as f:
+            cpuset = f.read()
+        if len(cpuset) > 1:
+            pid ^= zlib.crc32(cpuset)
+    except OSError:
+        pass
+    return pid & 0xFFFF
+
+
+class XidGenerator:
+    """Thread-safe rs/xid ids."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._prefix_tail = _machine_id() + struct.pack(">H", _process_id())
+        self._counter = int.from_bytes(os.urandom(3), "big")
+
+    def new(self):
+        with self._lock:
+            self._counter = (self._counter + 1) & 0xFFFFFF
+            counter = self._counter
+        raw = struct.pack(">I", int(time.time()) & 0xFFFFFFFF) + self._prefix_tail + \
+            counter.to_bytes(3, "big")
+        return xid_encode(raw)
+
+
+def _pypi_xid_generator():
+    """A generator from the PyPI `xid` package, or None if it is absent or broken."""
+    try:
+        import xid as pypi_xid
+    except ImportError:
+        return None
+    lock = threading.Lock()
+
+    def new():
+        with lock:
+            return str(pypi_xid.Xid().string())
+
+    try:
+        first, second = new(), new()
+        for text in (first, second):
+            seconds = int.from_bytes(xid_decode(text)[:4], "big")
+            if abs(seconds - time.time()) > 300:
+                return None
+        if first == second:
+            return None
+    except Exception:  # a broken package must not stop the broker
+        return None
+    return new
+
+
+def new_id_function():
+    """The id source the broker uses: PyPI's xid if sound, else ours."""
+    pypi = _pypi_xid_generator()
+    if pypi is not None:
+        return pypi
+    return XidGenerator().new
+
+
+# ---------------------------------------------------------------------------
+# Server-Sent Events framing (WHATWG HTML, "server-sent events")
+# ---------------------------------------------------------------------------
+
+def _compact_json(obj):
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def sse_event(event, data):
+    """One event: `event:` and one `data:` line of compact JSON, then a blank line."""
+    return ("event: %s\ndata: %s\n\n" % (event, _compact_json(data))).encode("utf-8")
+
+
+SSE_PING = b": ping\n\n"
+
+
+# ---------------------------------------------------------------------------
+# Dispatcher: who holds which message
+# ---------------------------------------------------------------------------
+
+class Message:
+    __slots__ = ("id", "period", "attempts", "reason")
+
+    def __init__(self, message_id, period):
+        self.id = message_id
+        self.period = period
+        self.attempts = 0      # deliveries so far
+        self.reason = None     # why the last attempt failed
+
+
+class Batch:
+    __slots__ = ("number", "session", "messages", "deadline", "started")
+
+    def __init__(self, number, session, messages, started, deadline):
+        self.number = number
+        self.session = session
+        self.messages = messages  # id -> Message, in delivery order
+        self.started = started
+        self.deadline = deadline
+
+
+class Session:
+    """One worker's stream: its token, its batch in flight, its outbox."""
+
+    __slots__ = ("token", "number", "batchsize", "batch", "outbox", "closed",
+                 "close_reason", "close_stream", "batch_ready", "connected_at",
+                 "batches_done")
+
+    def __init__(self, token, number, batchsize, lock, now):
+        self.token = token
+        self.number = number            # for logs: the token is a secret
+        self.batchsize = batchsize
+        self.batch = None               # the Batch leased to this worker
+        self.outbox = None              # that Batch, until its writer takes it
+        self.closed = False
+        self.close_reason = None
+        self.close_stream = None        # set by the HTTP layer: cuts the connection
+        # Wakes this stream's writer: a batch is in its outbox, the stream
+        # was closed, or the broker is stopping.
+        self.batch_ready = threading.Condition(lock)
+        self.connected_at = now
+        self.batches_done = 0
+
+    @property
+    def name(self):
+        return "w%d" % self.number
+
+
+class ReportError(Exception):
+    """A report refused, with the HTTP status that says why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Dispatcher:
+    """All dispatch state, behind one lock.
+
+    `_lock` guards every field below it: sessions, free workers, the retry
+    queue, leases, the dead letters not yet saved, and the counters. Every
+    method takes it; nothing does I/O while holding it, except the optional
+    trace (a buffered file write). Conditions on it:
+
+    * `work_to_assign`: wakes the dispatch loop; a worker became free, a
+      message is waiting for a retry, a lease was taken, or stop.
+    * `dead_letters_waiting`: wakes the dead-letter writer; there are dead
+      letters to save, or stop.
+    * `Session.batch_ready` (one per stream): wakes that stream's writer.
+    * `progress`: wakes whoever waits for the run to settle (`--total`).
+    """
+
+    def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, lease_timeout=DEFAULT_LEASE_TIMEOUT,
+                 total=None, seed=None, new_id=None, clock=time.monotonic, on_event=None):
+        self.max_attempts = max_attempts
+        self.lease_timeout = lease_timeout
+        self.total = total
+        self._rng = random.Random(seed)
+        self._new_id = new_id or new_id_function()
+        self._clock = clock
+        self._on_event = on_event  # on_event(kind, message, session), under the lock
+        self._lock = threading.Lock()
+        self.work_to_assign = threading.Condition(self._lock)
+        self.dead_letters_waiting = threading.Condition(self._lock)
+        self.progress = threading.Condition(self._lock)
+        self._sessions = {}                       # token -> Session
+        self._free_workers = collections.deque()  # Sessions, in the order they became free
+        self._retry = collections.deque()         # Messages waiting for another attempt
+        self._leases = {}                         # message id -> Batch holding it
+        self._batches = collections.deque()       # Batches in flight, oldest deadline first
+        self._dead_letters = []                   # (Message, failed_at) not yet saved
+        self._saving_dead_letters = 0             # taken by the writer, not yet saved
+        self._batch_number = 0
+        self._session_number = 0
+        self.stopping = False
+        self.started_at = clock()
+        self.generated = self.dispatched = self.done = self.dead = self.dead_saved = 0
+        self._done_times = collections.deque()    # (second, done count) for done_per_s
+
+    # -- workers come and go ---------------------------------------------
+
+    def connect(self, batchsize):
+        """A new stream: a free worker. None while stopping."""
+        with self._lock:
+            if self.stopping:
+                return None
+            self._session_number += 1
+            token = secrets.token_urlsafe(24)  # 192 random bits
+            session = Session(token, self._session_number, batchsize, self._lock, self._clock())
+            self._sessions[token] = session
+            self._free_workers.append(session)
+            self.work_to_assign.notify()
+            return session
+
+    def disconnect(self, session, reason="stream closed"):
+        """The stream is gone: its lease ends now. Idempotent."""
+        with self._lock:
+            self._end_session_locked(session, reason)
+
+    def _end_session_locked(self, session, reason):
+        if session.closed:
+            return
+        session.closed = True
+        session.close_reason = reason
+        self._sessions.pop(session.token, None)
+        try:
+            self._free_workers.remove(session)
+        except ValueError:
+            pass
+        batch = session.batch
+        session.batch = session.outbox = None
+        if batch is not None:
+            for message in batch.messages.values():
+                self._fail_locked(message, reason, session)
+            log.info("%s: stream ended (%s) with batch %d in flight: %d messages back",
+                     session.name, reason, batch.number, len(batch.messages))
+        session.batch_ready.notify_all()
+
+    # -- the dispatch loop -------------------------------------------------
+
+    def run(self):
+        """The dispatch loop: expire leases, give batches to free workers."""
+        with self._lock:
+            while not self.stopping:
+                self._expire_leases_locked()
+                self._assign_locked()
+                self.work_to_assign.wait(self._until_next_deadline_locked())
+
+    def dispatch_once(self):
+        """One turn of the loop, without waiting (for tests)."""
+        with self._lock:
+            self._expire_leases_locked()
+            self._assign_locked()
+
+    def _until_next_deadline_locked(self):
+        while self._batches and self._batches[0].session.batch is not self._batches[0]:
+            self._batches.popleft()  # settled already
+        if not self._batches:
+            return None
+        return max(0.0, self._batches[0].deadline - self._clock())
+
+    def _expire_leases_locked(self):
+        now = self._clock()
+        while self._batches:
+            batch = self._batches[0]
+            if batch.session.batch is not batch:
+                self._batches.popleft()
+                continue
+            if batch.deadline > now:
+                break
+            self._batches.popleft()
+            session = batch.session
+            log.warning("%s: lease of batch %d expired after %.1f s: closing its stream",
+                        session.name, batch.number, now - batch.started)
+            # Close the stream first, then offer the messages again.
+            if session.close_stream is not None:
+                session.close_stream()
+            self._end_session_locked(session, "lease expired")
+
+    def _can_give_locked(self):
+        return bool(self._retry) or self.total is None or self.generated < self.total
+
+    def _assign_locked(self):
+        while self._free_workers and self._can_give_locked():
+            session = self._free_workers.popleft()
+            messages = {}
+            while len(messages) < session.batchsize and self._retry:
+                message = self._retry.popleft()
+                messages[message.id] = message
+            while len(messages) < session.batchsize and (
+                    self.total is None or self.generated < self.total):
+                message = Message(self._new_id(), self._rng.randint(MIN_PERIOD_MS, MAX_PERIOD_MS))
+                self.generated += 1
+                messages[message.id] = message
+            self._batch_number += 1
+            now = self._clock()
+            batch = Batch(self._batch_number, session, messages, now, now + self.lease_timeout)
+            for message in messages.values():
+                message.attempts += 1
+                self._leases[message.id] = batch
+                if self._on_event:
+                    self._on_event("lease", message, session)
+            self.dispatched += len(messages)
+            session.batch = session.outbox = batch
+            self._batches.append(batch)
+            session.batch_ready.notify()
+
+    # -- stream writers ---------------------------------------------------
+
+    def wait_for_batch(self, session, timeout):
+        """The batch to write on this stream, or None (closed, stopping, timeout)."""
+        with self._lock:
+            deadline = self._clock() + timeout
+            while session.outbox is None and not session.closed and not self.stopping:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                session.batch_ready.wait(remaining)
+            batch, session.outbox = session.outbox, None
+            return None if session.closed else batch
+
+    # -- reports ------------------------------------------------------------
+
+    def report(self, token, batch_number, ids):
+        """Settle a worker's batch: `ids` done, the rest failed this attempt."""
+        with self._lock:
+            session = self._sessions.get(token)
+            if session is None:
+                raise ReportError(404, "unknown worker token (never issued, or its stream closed)")
+            batch = session.batch
+            if batch is None or batch.number != batch_number:
+                raise ReportError(409, "batch %d is not in flight for this worker" % batch_number)
+            done_ids = set()
+            ignored = []
+            ignored_seen = set()
+            for message_id in ids:
+                if message_id in batch.messages:
+                    done_ids.add(message_id)
+                elif message_id not in ignored_seen:
+                    ignored_seen.add(message_id)
+                    ignored.append(message_id)
+            retried = dead = 0
+            for message in batch.messages.values():
+                del self._leases[message.id]
+                if message.id in done_ids:
+                    self.done += 1
+                    if self._on_event:
+                        self._on_event("done", message, session)
+                else:
+                    if self._fail_locked(message, "not reported", session, leased=False):
+                        dead += 1
+                    else:
+                        retried += 1
+            self._count_done_locked(len(done_ids))
+            session.batch = session.outbox = None
+            session.batches_done += 1
+            self._free_workers.append(session)
+            self.work_to_assign.notify()
+            self.progress.notify_all()
+            return {"batch": batch.number, "done": len(done_ids), "retried": retried,
+                    "dead": dead, "ignored": ignored}
+
+    def _fail_locked(self, message, reason, session, leased=True):
+        """A failed attempt: queue a retry, or dead-letter it. True if dead."""
+        if leased:
+            del self._leases[message.id]
+        message.reason = reason
+        if message.attempts >= self.max_attempts:
+            self.dead += 1
+            self._dead_letters.append((message, _rfc3339_now()))
+            self.dead_letters_waiting.notify()
+            if self._on_event:
+                self._on_event("dead", message, session)
+            log.info("dead letter %s after %d attempts (%s)", message.id, message.attempts, reason)
+            self.progress.notify_all()
+            return True
+        self._retry.append(message)
+        if self._on_event:
+            self._on_event("failed", message, session)
+        self.work_to_assign.notify()
+        return False
+
+    def _count_done_locked(self, count):
+        second = int(self._clock())
+        if self._done_times and self._done_times[-1][0] == second:
+            self._done_times[-1][1] += count
+        else:
+            self._done_times.append([second, count])
+        while self._done_times and self._done_times[0][0] < second - 10:
+            self._done_times.popleft()
+
+    # -- dead letters -------------------------------------------------------
+
+    def take_dead_letters(self, timeout=None):
+        """Wait for dead letters to save; take them all. [] when stopping."""
+        with self._lock:
+            if not self._dead_letters and not self.stopping:
+                self.dead_letters_waiting.wait(timeout)
+            taken, self._dead_letters = self._dead_letters, []
+            self._saving_dead_letters += len(taken)
+            return taken
+
+    def dead_letters_saved(self, taken, ok):
+        """The writer saved `taken` (ok), or failed and gives them back."""
+        with self._lock:
+            self._saving_dead_letters -= len(taken)
+            if ok:
+                self.dead_saved += len(taken)
+            else:
+                self._dead_letters[:0] = taken
+            self.progress.notify_all()
+
+    # -- the run as a whole --------------------------------------------------
+
+    def settled_locked(self):
+        return (self.total is not None and self.generated == self.total
+                and self.done + self.dead_saved == self.total)
+
+    def wait_until_settled(self, timeout):
+        with self._lock:
+            if not self.settled_locked() and not self.stopping:
+                self.progress.wait(timeout)
+            return self.settled_locked()
+
+    def unsaved_dead_letters(self):
+        with self._lock:
+            return len(self._dead_letters) + self._saving_dead_letters
+
+    def stop(self):
+        with self._lock:
+            self.stopping = True
+            self.work_to_assign.notify_all()
+            self.dead_letters_waiting.notify_all()
+            self.progress.notify_all()
+            for session in self._sessions.values():
+                session.batch_ready.notify_all()
+
+    def stats(self):
+        with self._lock:
+            now = self._clock()
+            second = int(now)
+            recent = sum(count for when, count in self._done_times if when >= second - 10)
+            window = min(10.0, max(now - self.started_at, 1e-9))
+            busy = sum(1 for s in self._sessions.values() if s.batch is not None)
+            return {
+                "uptime_s": round(now - self.started_at, 3),
+                "generated": self.generated,
+                "dispatched": self.dispatched,
+                "done": self.done,
+                "dead": self.dead,
+                "retrying": len(self._retry),
+                "in_flight": len(self._leases),
+                "workers": len(self._sessions),
+                "busy_workers": busy,
+                "done_per_s": round(recent / window, 3),
+            }
+
+    # -- for the invariant tests ---------------------------------------------
+
+    def snapshot(self):
+        """Copies of the state, for tests that check invariants."""
+        with self._lock:
+            return {
+                "leases": {mid: (b.session.token, b.number) for mid, b in self._leases.items()},
+                "retry": [m.id for m in self._retry],
+                "attempts": dict([(m.id, m.attempts) for m in self._retry] + [
+                    (mid, b.messages[mid].attempts) for mid, b in self._leases.items()]),
+                "free": [s.token for s in self._free_workers],
+                "sessions": {t: (s.batch.number if s.batch else None)
+                             for t, s in self._sessions.items()},
+            }
+
+
+def _rfc3339_now():
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
+
+
+# ---------------------------------------------------------------------------
+# Dead letters: the bbolt file
+# ---------------------------------------------------------------------------
+
+class DeadLetterWriter:
+    """Saves dead letters, all that are ready in one bbolt transaction."""
+
+    def __init__(self, dispatcher, db):
+        self.dispatcher = dispatcher
+        self.db = db
+        self.error = None  # the last write's error, while it lasts
+        self.thread = threading.Thread(target=self.run, name="dead-letters", daemon=True)
+
+    def run(self):
+        while True:
+            taken = self.dispatcher.take_dead_letters()
+            if not taken:
+                if self.dispatcher.stopping:
+                    return
+                continue
+            if not self.save(taken):
+                time.sleep(1.0)  # the disk is failing: try again, keep them in memory
+
+    def save(self, taken):
+        try:
+            with self.db.update() as tx:
+                bucket = tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
+                bucket.fill_percent = 0.9  # ids grow with time: pack pages
+                for message, failed_at in taken:
+                    record = {"id": message.id, "period": message.period,
+                              "attempts": message.attempts, "reason": message.reason,
+                              "failed_at": failed_at}
+                    bucket.put(message.id.encode("ascii"), _compact_json(record).encode())
+        except (bbolt_lite.Error, OSError) as error:
+            self.error = str(error)
+            log.error("cannot save %d dead letters (%s), keeping them in memory: %s",
+                      len(taken), ", ".join(m.id for m, _ in taken[:5]), error)
+            self.dispatcher.dead_letters_saved(taken, ok=False)
+            return False
+        self.error = None
+        self.dispatcher.dead_letters_saved(taken, ok=True)
+        return True
+
+    def flush(self):
+        """Save what is left (at exit, after the writer thread stopped)."""
+        while True:
+            taken = self.dispatcher.take_dead_letters(timeout=0)
+            if not taken:
+                return True
+            if not self.save(taken):
+                return False
+
+
+# ---------------------------------------------------------------------------
+# Closed streams: noticed at once
+# ---------------------------------------------------------------------------
+
+class StreamWatcher:
+    """Watches every stream socket; EOF or an error ends that session at once.
+
+    A worker that dies closes its socket: the kernel makes it readable with
+    EOF. Waiting for the next heartbeat write to fail would hold its messages
+    for up to a heartbeat; this thread sees the EOF as it happens.
+    """
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self._selector = selectors.DefaultSelector()
+        self._selector_lock = threading.Lock()  # guards register/unregister
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._wakeup_r.setblocking(False)
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self.thread = threading.Thread(target=self.run, name="stream-watcher", daemon=True)
+
+    def watch(self, sock, session):
+        with self._selector_lock:
+            self._selector.register(sock, selectors.EVENT_READ, session)
+
+    def unwatch(self, sock):
+        with self._selector_lock:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+    def run(self):
+        while not self._stopping:
+            for key, _events in self._selector.select(timeout=1.0):
+                if key.data is None:
+                    try:
+                        self._wakeup_r.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                self._check(key.fileobj, key.data)
+
+    def _check(self, sock, session):
+        try:
+            data = sock.recv(4096, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            log.debug("%s: ignoring %d bytes sent on its stream", session.name, len(data))
+            return
+        self.unwatch(sock)
+        self.dispatcher.disconnect(session, "stream closed")
+
+    def stop(self):
+        self._stopping = True
+        try:
+            self._wakeup_w.send(b"x")
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# HTTP: thin handlers over the dispatcher
+# ---------------------------------------------------------------------------
+
+class BrokerHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address, broker):
+        self.broker = broker
+        super().__init__(address, BrokerRequestHandler)
+
+
+class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "broker.py/1"
+    timeout = SOCKET_TIMEOUT
+
+    # -- plumbing -----------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        # Each response goes out as soon as it is written (no Nagle delay).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def send_json(self, status, obj, extra_headers=()):
+        body = (_compact_json(obj) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in extra_headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error_json(self, status, message, extra_headers=()):
+        self.send_json(status, {"error": message}, extra_headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's errors (bad request line, headers too long): JSON too."""
+        self.close_connection = True
+        try:
+            phrase = http.HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self.send_json(code, {"error": message or phrase}, [("Connection", "close")])
+
+    def _route(self, method):
+        url = urllib.parse.urlsplit(self.path)
+        routes = {"/task": {"GET": self.handle_task}, "/report": {"POST": self.handle_report},
+                  "/stats": {"GET": self.handle_stats}, "/healthz": {"GET": self.handle_healthz}}
+        handlers = routes.get(url.path)
+        if handlers is None:
+            if method == "POST":
+                self.close_connection = True  # its body is not read
+            self.send_error_json(404, "no such endpoint: %s" % url.path)
+            return
+        handler = handlers.get(method)
+        if handler is None:
+            self.close_connection = True
+            self.send_error_json(405, "method %s not allowed on %s" % (method, url.path),
+                                 [("Allow", ", ".join(sorted(handlers)))])
+            return
+        try:
+            query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        except ValueError:
+            query = None
+        if query is None:
+            self.send_error_json(400, "malformed query string")
+            return
+        try:
+            handler(query)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            log.exception("internal error on %s %s", method, self.path)
+            self.close_connection = True
+            try:
+                self.send_error_json(500, "internal error")
+            except OSError:
+                pass
+
+    def do_GET(self):
+        self._route("GET")
+
+    def do_POST(self):
+        self._route("POST")
+
+    def do_PUT(self):
+        self._route("PUT")
+
+    def do_DELETE(self):
+        self._route("DELETE")
+
+    def do_PATCH(self):
+        self._route("PATCH")
+
+    def do_HEAD(self):
+        self._route("HEAD")
+
+    # -- GET /task: the work stream ------------------------------------------
+
+    def handle_task(self, query):
+        broker = self.server.broker
+        values = query.get("batchsize", []) + query.get("batchSize", [])
+        if len(values) != 1:
+            self.send_error_json(400, "batchsize must be given once" if values
+                                 else "batchsize is required")
+            return
+        limit = broker.max_batchsize
+        if not re.fullmatch(r"[0-9]{1,10}", values[0]) or not 1 <= int(values[0]) <= limit:
+            self.send_error_json(400, "batchsize must be an integer in 1..%d" % limit)
+            return
+        batchsize = int(values[0])
+        dispatcher = broker.dispatcher
+        session = dispatcher.connect(batchsize)
+        if session is None:
+            self.send_error_json(503, "the broker is shutting down")
+            return
+        self.close_connection = True
+        sock = self.connection
+        session.close_stream = lambda: _shutdown_socket(sock)
+        log.info("%s: connected from %s, batchsize %d", session.name,
+                 self.client_address[0], batchsize)
+        broker.stream_opened()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Accel-Buffering", "no")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            hello = {"worker": session.token, "batchsize": batchsize,
+                     "lease_ms": int(dispatcher.lease_timeout * 1000),
+                     "heartbeat_ms": int(broker.heartbeat * 1000)}
+            self.wfile.write(b"retry: %d\n\n" % SSE_RETRY_MS + sse_event("hello", hello))
+            broker.watcher.watch(sock, session)
+            self._stream(session)
+        except OSError:
+            pass
+        finally:
+            broker.watcher.unwatch(sock)
+            dispatcher.disconnect(session, "stream closed")
+            broker.stream_closed()
+            log.info("%s: stream closed (%s)", session.name, session.close_reason)
+
+    def _stream(self, session):
+        broker = self.server.broker
+        dispatcher = broker.dispatcher
+        last_write = time.monotonic()
+        while True:
+            wait = max(0.0, last_write + broker.heartbeat - time.monotonic())
+            batch = dispatcher.wait_for_batch(session, wait)
+            if batch is not None:
+                size = len(batch.messages)
+                self.wfile.write(b"".join(
+                    sse_event("msg", {"id": m.id, "period": m.period, "attempt": m.attempts,
+                                      "batch": batch.number, "size": size})
+                    for m in batch.messages.values()))
+                last_write = time.monotonic()
+                continue
+            if session.closed:
+                return
+            if dispatcher.stopping:
+                self.wfile.write(sse_event("bye", {"reason": "shutdown"}))
+                return
+            if time.monotonic() - last_write >= broker.heartbeat:
+                self.wfile.write(SSE_PING)
+                last_write = time.monotonic()
+
+    # -- POST /report ---------------------------------------------------------
+
+    def handle_report(self, query):
+        length_header = self.headers.get("Content-Length")
+        if length_header is None or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self.send_error_json(411, "Content-Length required")
+            return
+        if not re.fullmatch(r"[0-9]{1,12}", length_header.strip()):
+            self.close_connection = True
+            self.send_error_json(400, "malformed Content-Length")
+            return
+        length = int(length_header)
+        if length > MAX_REPORT_BYTES:
+            self.close_connection = True
+            self.send_error_json(413, "report body larger than %d bytes" % MAX_REPORT_BYTES)
+            return
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            return  # the client went away mid-body
+        tokens, batches = query.get("worker", []), query.get("batch", [])
+        if len(tokens) != 1 or not tokens[0]:
+            self.send_error_json(400, "worker must be given once")
+            return
+        if len(batches) != 1 or not re.fullmatch(r"[0-9]{1,18}", batches[0]):
+            self.send_error_json(400, "batch must be given once, as a non-negative integer")
+            return
+        try:
+            ids = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            ids = None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            self.send_error_json(400, "the body must be a JSON array of id strings")
+            return
+        try:
+            result = self.server.broker.dispatcher.report(tokens[0], int(batches[0]), ids)
+        except ReportError as error:
+            self.send_error_json(error.status, str(error))
+            return
+        self.send_json(200, result)
+
+    # -- GET /stats, GET /healthz ---------------------------------------------
+
+    def handle_stats(self, query):
+        self.send_json(200, self.server.broker.dispatcher.stats())
+
+    def handle_healthz(self, query):
+        problem = self.server.broker.health_problem()
+        body = ("ok\n" if problem is None else problem + "\n").encode()
+        self.send_response(200 if problem is None else 503)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _shutdown_socket(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# The broker: wiring, start and stop
+# ---------------------------------------------------------------------------
+
+class TraceFile:
+    """JSON lines of every lease start and end, in the order they happened."""
+
+    def __init__(self, path):
+        self._file = open(path, "w", buffering=1 << 16)
+
+    def __call__(self, kind, message, session):
+        self._file.write('{"t":%.6f,"event":"%s","id":"%s","worker":%d,"attempt":%d}\n' % (
+            time.monotonic(), kind, message.id, session.number, message.attempts))
+
+    def close(self):
+        self._file.close()
+
+
+class Broker:
+    def __init__(self, args):
+        self.args = args
+        self.heartbeat = args.heartbeat
+        self.max_batchsize = args.max_batchsize
+        self.trace = TraceFile(args.trace) if args.trace else None
+        self.db = bbolt_lite.open(args.db, timeout=1.0)
+        try:
+            with self.db.update() as tx:
+                tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
+        except BaseException:
+            self.db.close()
+            raise
+        self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
+                                     lease_timeout=args.lease_timeout, total=args.total,
+                                     seed=args.seed, on_event=self.trace)
+        self.dead_letters = DeadLetterWriter(self.dispatcher, self.db)
+        self.watcher = StreamWatcher(self.dispatcher)
+        try:
+            self.server = BrokerHTTPServer((args.host, args.port), self)
+        except BaseException:
+            self.db.close()
+            raise
+        self._streams = 0
+        self._streams_lock = threading.Lock()
+        # Wakes stop(): the last stream has said bye.
+        self._no_streams = threading.Condition(self._streams_lock)
+        self.stop_requested = threading.Event()
+        self._threads = [
+            threading.Thread(target=self.dispatcher.run, name="dispatch", daemon=True),
+            self.dead_letters.thread, self.watcher.thread,
+            threading.Thread(target=self.server.serve_forever, name="http", daemon=True),
+        ]
+
+    @property
+    def url(self):
+        host, port = self.server.server_address[:2]
+        return "http://%s:%d" % (host, port)
+
+    def start(self):
+        for thread in self._threads:
+            thread.start()
+        log.info("listening on %s (db %s, max attempts %d, lease %.1f s%s)", self.url,
+                 self.args.db, self.args.max_attempts, self.args.lease_timeout,
+                 ", total %d" % self.args.total if self.args.total is not None else "")
+
+    def stream_opened(self):
+        with self._streams_lock:
+            self._streams += 1
+
+    def stream_closed(self):
+        with self._streams_lock:
+            self._streams -= 1
+            if self._streams == 0:
+                self._no_streams.notify_all()
+
+    def health_problem(self):
+        if self.dead_letters.error is not None:
+            return "dead letters cannot be saved: " + self.dead_letters.error
+        if not self._threads[0].is_alive() and not self.dispatcher.stopping:
+            return "the dispatch loop has stopped"
+        return None
+
+    def run_until_stopped(self):
+        """Serve until a signal, or until a --total run has settled."""
+        while not self.stop_requested.is_set():
+            if self.dispatcher.wait_until_settled(timeout=0.5):
+                log.info("all %d messages settled: %d done, %d dead",
+                         self.args.total, self.dispatcher.done, self.dispatcher.dead)
+                break
+
+    def stop(self):
+        """Say bye on every stream, stop serving, save dead letters, close the db."""
+        dispatcher = self.dispatcher
+        dispatcher.stop()
+        with self._streams_lock:
+            deadline = time.monotonic() + 5.0
+            while self._streams and time.monotonic() < deadline:
+                self._no_streams.wait(deadline - time.monotonic())
+        self.server.shutdown()
+        self.server.server_close()
+        self.watcher.stop()
+        self._threads[1].join(5.0)
+        saved = self.dead_letters.flush()
+        unsaved = dispatcher.unsaved_dead_letters()
+        if not saved or unsaved:
+            log.error("%d dead letters could not be saved", unsaved)
+        self.db.close()
+        if self.trace:
+            self.trace.close()
+        stats = dispatcher.stats()
+        log.info("stopped: %d generated, %d done, %d dead, %d in flight lost",
+                 stats["generated"], stats["done"], stats["dead"], stats["in_flight"])
+        return 0 if saved and not unsaved else 1
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="broker.py",
+        description="Generate messages and dispatch them to workers over Server-Sent Events "
+                    "(GET /task?batchsize=N, POST /report). Unreported messages are retried; "
+                    "after the last attempt they are saved as dead letters in a bbolt file.",
+        epilog="Read dead letters with: python bbolt_lite.py dump broker.db")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=_non_negative_int, default=DEFAULT_PORT,
+                        help="port to listen on; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--db", default=DEFAULT_DB,
+                        help="bbolt file for dead letters, created if missing (default: %(default)s)")
+    parser.add_argument("--max-attempts", type=_positive_int, default=DEFAULT_MAX_ATTEMPTS,
+                        help="deliveries of a message before it is a dead letter "
+                             "(default: %(default)s)")
+    parser.add_argument("--lease-timeout", type=_positive_float, default=DEFAULT_LEASE_TIMEOUT,
+                        metavar="SECONDS",
+                        help="a batch not reported within this time fails, and its worker's "
+                             "stream is closed (default: %(default)s)")
+    parser.add_argument("--heartbeat", type=_positive_float, default=DEFAULT_HEARTBEAT,
+                        metavar="SECONDS",
+                        help="write ': ping' on idle streams this often (default: %(default)s)")
+    parser.add_argument("--max-batchsize", type=_positive_int, default=DEFAULT_MAX_BATCHSIZE,
+                        help="largest batchsize a worker may ask for (default: %(default)s)")
+    parser.add_argument("--total", type=_non_negative_int, default=None, metavar="N",
+                        help="generate N messages, then none; exit 0 once all are done or dead "
+                             "(default: generate forever)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for the message periods, for reproducible runs")
+    parser.add_argument("--trace", default=None, metavar="FILE",
+                        help="write every lease start and end to FILE as JSON lines (for audits)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="(default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s broker: %(message)s")
+    try:
+        broker = Broker(args)
+    except bbolt_lite.DatabaseLockedError:
+        log.error("%s is locked by another process: is another broker using it? "
+                  "Give this one another --db.", args.db)
+        return 2
+    except bbolt_lite.Error as error:
+        log.error("cannot use %s: %s", args.db, error)
+        return 2
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, error.strerror or error)
+        return 2
+
+    def on_signal(signum, _frame):
+        log.info("%s: stopping", signal.Signals(signum).name)
+        broker.stop_requested.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    broker.start()
+    broker.run_until_stopped()
+    return broker.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,542 @@
+#!/usr/bin/env python3
+"""worker.py: takes batches from broker.py over Server-Sent Events, runs them.
+
+The worker picks a batchsize (2..10 unless given), streams
+``GET /task?batchsize=N`` from the broker, and runs each message it receives
+in a thread of its own:
+
+* ``period > 900``: the whole worker process ends, exit status 3;
+* ``period > 800``: the task raises (logged; the worker lives on);
+* otherwise the task sleeps ``period`` ms (times ``--time-scale``) and succeeds.
+
+A message that arrives while ``batchsize`` tasks already run is refused
+(logged, not reported). When every task of a batch has ended, the worker
+reports the ids that succeeded with ``POST /report``. If the stream is lost,
+the worker abandons its batch (its tasks stop and are not reported) and
+reconnects with capped exponential backoff and jitter. The wire protocol is
+PROTOCOL.md.
+
+Run::
+
+    python worker.py                         # one worker, http://127.0.0.1:8080
+    python worker.py --processes 4           # four, each restarted when it exits
+    python worker.py --time-scale 0.01       # 100 times faster work
+
+Flags (``python worker.py --help``): --url, --batchsize, --time-scale,
+--seed, --processes, --log-level. Standard library only, Python 3.9 or newer;
+this file works on its own.
+"""
+
+import argparse
+import codecs
+import json
+import logging
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+log = logging.getLogger("worker")
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+MIN_BATCHSIZE, MAX_BATCHSIZE = 2, 10
+EXIT_PERIOD_MS = 900    # a period above this ends the process
+RAISE_PERIOD_MS = 800   # a period above this makes the task raise
+EXIT_STATUS_PERIOD = 3
+EXIT_STATUS_USAGE = 2
+CONNECT_TIMEOUT = 10.0
+REPORT_TIMEOUT = 10.0
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+# Before the broker's hello says otherwise, how long a silent stream may last.
+DEFAULT_HEARTBEAT_MS = 15000
+HEARTBEATS_BEFORE_DEAD = 3
+
+
+class FatalError(Exception):
+    """A problem that retrying cannot fix (the broker refuses our request)."""
+
+
+class TaskFailed(Exception):
+    """What a task raises for a period above RAISE_PERIOD_MS."""
+
+
+# ---------------------------------------------------------------------------
+# Server-Sent Events parsing (WHATWG HTML, "server-sent events")
+# ---------------------------------------------------------------------------
+
+_END_OF_LINE = re.compile(r"\r\n|\r|\n")
+
+
+class SSEParser:
+    """Incremental event-stream parser: feed bytes, get (event, data, id) tuples.
+
+    Lines end with CRLF, LF or CR; a blank line dispatches the event; lines
+    starting with ':' are comments; `retry` sets `self.retry_ms`.
+    """
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+        self._first = True
+        self._event_type = ""
+        self._data = []
+        self.last_event_id = ""
+        self.retry_ms = None
+        self.comments = 0
+
+    def feed(self, chunk):
+        text = self._decoder.decode(chunk)
+        if self._first and text:
+            self._first = False
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        buffer = self._buffer + text
+        events = []
+        pos = 0
+        while True:
+            end = _END_OF_LINE.search(buffer, pos)
+            if end is None or (end.group() == "\r" and end.end() == len(buffer)):
+                break  # no whole line yet (a CR at the end may be half a CRLF)
+            event = self._line(buffer[pos:end.start()])
+            pos = end.end()
+            if event is not None:
+                events.append(event)
+        self._buffer = buffer[pos:]
+        return events
+
+    def _line(self, line):
+        if line == "":
+            if not self._data:
+                self._event_type = ""
+                return None
+            event = (self._event_type or "message", "\n".join(self._data), self.last_event_id)
+            self._event_type = ""
+            self._data = []
+            return event
+        if line.startswith(":"):
+            self.comments += 1
+            return None
+        field, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            self._event_type = value
+        elif field == "data":
+            self._data.append(value)
+        elif field == "id":
+            if "\0" not in value:
+                self.last_event_id = value
+        elif field == "retry":
+            if value.isdigit() and value.isascii():
+                self.retry_ms = int(value)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# One worker process
+# ---------------------------------------------------------------------------
+
+class BatchInHand:
+    """A batch being worked on: how many of its tasks ended, which succeeded."""
+
+    def __init__(self, number, size):
+        self.number = number
+        self.size = size
+        self.lock = threading.Lock()
+        self.ended = 0
+        self.succeeded = []
+        self.raised = 0
+        self.refused = 0
+        self.started = time.monotonic()
+
+
+class Stream:
+    """One connection to the broker: its token, and `lost` once it is gone."""
+
+    def __init__(self, base_url):
+        self.base_url = base_url
+        self.token = None
+        self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
+        self.batches = {}          # batch number -> BatchInHand
+        self.lost = threading.Event()
+
+
+class Worker:
+    def __init__(self, url, batchsize, time_scale=1.0, rng=None):
+        self.url = url.rstrip("/")
+        self.batchsize = batchsize
+        self.time_scale = time_scale
+        self.rng = rng or random.Random()
+        # _lock guards _running: the tasks running now, across batches.
+        self._lock = threading.Lock()
+        self._running = 0
+        self.exit_status = 0
+
+    # -- connecting -----------------------------------------------------------
+
+    def run_forever(self, stop):
+        """Serve streams until `stop` is set; reconnect with backoff."""
+        backoff = BACKOFF_MIN
+        while not stop.is_set():
+            try:
+                if self.serve_stream():
+                    backoff = BACKOFF_MIN  # it worked for a while: start over
+            except FatalError:
+                raise
+            except urllib.error.HTTPError as error:
+                log.warning("broker answered %d: %s", error.code, _error_text(error))
+            except (urllib.error.URLError, OSError, ValueError) as error:
+                log.warning("stream lost: %s", getattr(error, "reason", None) or error)
+            delay = backoff / 2 + self.rng.uniform(0, backoff / 2)
+            log.info("reconnecting in %.2f s", delay)
+            stop.wait(delay)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def serve_stream(self):
+        """One stream, to its end. True if the broker said hello."""
+        stream = Stream(self.url)
+        request = urllib.request.Request(
+            "%s/task?batchsize=%d" % (self.url, self.batchsize),
+            headers={"Accept": "text/event-stream", "Cache-Control": "no-store"})
+        try:
+            response = urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT)
+        except urllib.error.HTTPError as error:
+            if 400 <= error.code < 500:
+                raise FatalError("broker refused the stream: %d %s"
+                                 % (error.code, _error_text(error))) from error
+            raise
+        hello = False
+        try:
+            content_type = response.headers.get("Content-Type", "")
+            if not content_type.startswith("text/event-stream"):
+                raise ValueError("not an event stream: Content-Type %r" % content_type)
+            _set_read_timeout(response, HEARTBEATS_BEFORE_DEAD * stream.heartbeat_ms / 1000)
+            parser = SSEParser()
+            while True:
+                chunk = response.read1(65536)
+                if not chunk:
+                    log.warning("stream closed by the broker")
+                    return hello
+                for event, data, _event_id in parser.feed(chunk):
+                    if event == "hello":
+                        hello = self._on_hello(stream, response, data)
+                    elif event == "msg":
+                        self._on_message(stream, data)
+                    elif event == "bye":
+                        log.info("broker said bye: %s", data)
+                        return hello
+                    else:
+                        log.debug("ignoring event %r", event)
+        finally:
+            stream.lost.set()  # abandon what is in hand: tasks stop, nothing reported
+            abandoned = [b for b in stream.batches.values() if b.ended < b.size]
+            for batch in abandoned:
+                log.warning("abandoning batch %d (%d of %d tasks ended)",
+                            batch.number, batch.ended, batch.size)
+            response.close()
+
+    def _on_hello(self, stream, response, data):
+        hello = json.loads(data)
+        stream.token = hello["worker"]
+        stream.heartbeat_ms = int(hello.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))
+        _set_read_timeout(response, HEARTBEATS_BEFORE_DEAD * stream.heartbeat_ms / 1000)
+        log.info("connected to %s, batchsize %d", self.url, self.batchsize)
+        return True
+
+    # -- messages and tasks -----------------------------------------------------
+
+    def _on_message(self, stream, data):
+        try:
+            message = json.loads(data)
+            message_id, period = message["id"], message["period"]
+            number, size = message["batch"], message["size"]
+            if not (isinstance(message_id, str) and isinstance(period, int)
+                    and isinstance(number, int) and isinstance(size, int) and size >= 1):
+                raise ValueError("wrong field types")
+        except (ValueError, KeyError, TypeError) as error:
+            log.error("malformed msg event %r: %s", data[:200], error)
+            return
+        if stream.token is None:
+            log.error("msg before hello: ignoring message %s", message_id)
+            return
+        batch = stream.batches.get(number)
+        if batch is None:
+            batch = stream.batches[number] = BatchInHand(number, size)
+        with self._lock:
+            refuse = self._running >= self.batchsize
+            if not refuse:
+                self._running += 1
+        if refuse:
+            log.error("over capacity (%d tasks running, batchsize %d): refusing message %s "
+                      "of batch %d", self.batchsize, self.batchsize, message_id, number)
+            with batch.lock:
+                batch.refused += 1
+            self._task_ended(stream, batch, message_id, False)
+            return
+        log.debug("batch %d: starting message %s (period %d ms)", number, message_id, period)
+        thread = threading.Thread(target=self._run_task, args=(stream, batch, message_id, period),
+                                  name="task-%s" % message_id, daemon=True)
+        thread.start()
+
+    def _run_task(self, stream, batch, message_id, period):
+        succeeded = False
+        try:
+            succeeded = self._work(stream, message_id, period)
+        except Exception:
+            with batch.lock:
+                batch.raised += 1
+            raise  # the thread dies; threading.excepthook logs it
+        finally:
+            with self._lock:
+                self._running -= 1
+            self._task_ended(stream, batch, message_id, succeeded)
+
+    def _work(self, stream, message_id, period):
+        """The task itself. True if it succeeded, False if abandoned."""
+        if period > EXIT_PERIOD_MS:
+            log.error("message %s: period %d ms > %d: ending the worker process (exit %d)",
+                      message_id, period, EXIT_PERIOD_MS, EXIT_STATUS_PERIOD)
+            logging.shutdown()
+            os._exit(EXIT_STATUS_PERIOD)
+        if period > RAISE_PERIOD_MS:
+            raise TaskFailed("message %s: period %d ms > %d" % (message_id, period, RAISE_PERIOD_MS))
+        # Sleep, unless the stream is lost first: then stop, unreported.
+        return not stream.lost.wait(period / 1000.0 * self.time_scale)
+
+    def _task_ended(self, stream, batch, message_id, succeeded):
+        with batch.lock:
+            batch.ended += 1
+            if succeeded:
+                batch.succeeded.append(message_id)
+            complete = batch.ended == batch.size
+        if complete and not stream.lost.is_set():
+            stream.batches.pop(batch.number, None)
+            self._report(stream, batch)
+
+    # -- reporting --------------------------------------------------------------
+
+    def _report(self, stream, batch):
+        """POST the succeeded ids; retried while the stream lives."""
+        url = "%s/report?%s" % (stream.base_url, urllib.parse.urlencode(
+            {"worker": stream.token, "batch": batch.number}))
+        body = json.dumps(batch.succeeded).encode("utf-8")
+        delay = 0.05
+        while not stream.lost.is_set():
+            request = urllib.request.Request(url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=REPORT_TIMEOUT) as response:
+                    result = json.loads(response.read())
+                log.info("batch %d: %d messages, %d done, %d raised, %d refused, %.3f s "
+                         "(broker: %s done, %s retried, %s dead)", batch.number, batch.size,
+                         len(batch.succeeded), batch.raised, batch.refused,
+                         time.monotonic() - batch.started, result.get("done"),
+                         result.get("retried"), result.get("dead"))
+                return
+            except urllib.error.HTTPError as error:
+                if error.code in (404, 409):
+                    log.info("batch %d: settled already (%d), dropping the report",
+                             batch.number, error.code)
+                    return
+                if 400 <= error.code < 500:
+                    log.error("batch %d: report refused: %d %s", batch.number, error.code,
+                              _error_text(error))
+                    return
+                log.warning("batch %d: report failed: %d, retrying", batch.number, error.code)
+            except (urllib.error.URLError, OSError, ValueError) as error:
+                log.warning("batch %d: report failed (%s), retrying", batch.number,
+                            getattr(error, "reason", None) or error)
+            stream.lost.wait(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _set_read_timeout(response, seconds):
+    """Make a silent stream fail after `seconds` (urllib hides the socket)."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if isinstance(sock, socket.socket):
+        sock.settimeout(seconds)
+
+
+def _error_text(error):
+    try:
+        return json.loads(error.read()).get("error", "")
+    except Exception:  # any body at all: this is only for the log
+        return error.reason
+
+
+def _log_task_exception(args):
+    """threading.excepthook: a raising task is one log line, with its message id."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread else "thread"
+    log.error("%s raised %s: %s", name, args.exc_type.__name__, args.exc_value)
+
+
+# ---------------------------------------------------------------------------
+# Supervisor: --processes N
+# ---------------------------------------------------------------------------
+
+def _describe_exit(code):
+    if code == EXIT_STATUS_PERIOD:
+        return "exit %d (a message with period > %d ms)" % (code, EXIT_PERIOD_MS)
+    if code < 0:
+        try:
+            return "killed by %s" % signal.Signals(-code).name
+        except ValueError:
+            return "killed by signal %d" % -code
+    return "exit %d" % code
+
+
+def supervise(args):
+    """Run args.processes workers; restart each one that exits."""
+    stop = threading.Event()
+    exits = queue.Queue()
+    children = {}
+    starts = {}
+
+    def on_signal(signum, _frame):
+        stop.set()
+        exits.put(None)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def start(slot, generation):
+        command = [sys.executable, os.path.abspath(__file__), "--url", args.url,
+                   "--time-scale", repr(args.time_scale), "--log-level", args.log_level]
+        if args.batchsize is not None:
+            command += ["--batchsize", str(args.batchsize)]
+        if args.seed is not None:
+            command += ["--seed", str(args.seed + slot + 1000 * generation)]
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        children[slot] = child
+        starts[slot] = time.monotonic()
+        threading.Thread(target=lambda: exits.put((slot, child, child.wait())),
+                         daemon=True).start()
+        log.info("worker %d started (pid %d)", slot, child.pid)
+
+    generations = [0] * args.processes
+    for slot in range(args.processes):
+        start(slot, 0)
+    status = 0
+    while not stop.is_set():
+        try:
+            item = exits.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if item is None or stop.is_set():
+            break
+        slot, child, code = item
+        if children.get(slot) is not child:
+            continue
+        lived = time.monotonic() - starts[slot]
+        log.info("worker %d (pid %d) ended after %.1f s: %s", slot, child.pid, lived,
+                 _describe_exit(code))
+        if code == EXIT_STATUS_USAGE:
+            log.error("worker %d cannot work (see its log): stopping all", slot)
+            status = EXIT_STATUS_USAGE
+            break
+        if code not in (EXIT_STATUS_PERIOD, 0) and lived < 1.0:
+            stop.wait(1.0)  # failing at start: do not spin
+        if not stop.is_set():
+            generations[slot] += 1
+            start(slot, generations[slot])
+    log.info("stopping %d workers", len(children))
+    for child in children.values():
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + 5.0
+    for child in children.values():
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return status
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="worker.py",
+        description="Take batches of messages from broker.py over Server-Sent Events, run each "
+                    "in a thread (sleep `period` ms; > 800 raises, > 900 ends the process with "
+                    "status 3), and report the ids that succeeded.")
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help="the broker's base URL (default: %(default)s)")
+    parser.add_argument("--batchsize", type=int, default=None,
+                        help="tasks at once and messages per batch (default: random %d..%d)"
+                             % (MIN_BATCHSIZE, MAX_BATCHSIZE))
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="multiply every sleep by this; 0.01 makes 500 ms take 5 ms "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for the batchsize and backoff jitter, for reproducible runs")
+    parser.add_argument("--processes", type=int, default=None, metavar="N",
+                        help="run N worker processes, restarting each one that exits; "
+                             "Ctrl-C stops them all")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.batchsize is not None and args.batchsize < 1:
+        parser.error("--batchsize must be 1 or more")
+    if args.time_scale < 0:
+        parser.error("--time-scale must be 0 or more")
+    if args.processes is not None and args.processes < 1:
+        parser.error("--processes must be 1 or more")
+    if not args.url.startswith(("http://", "https://")):
+        parser.error("--url must start with http:// or https://")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s worker[%(process)d]: %(message)s")
+    if args.processes is not None:
+        return supervise(args)
+    rng = random.Random(args.seed)
+    batchsize = args.batchsize if args.batchsize is not None else \
+        rng.randint(MIN_BATCHSIZE, MAX_BATCHSIZE)
+    threading.excepthook = _log_task_exception
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    worker = Worker(args.url, batchsize, args.time_scale, rng)
+    runner = threading.Thread(target=_run_worker, args=(worker, stop), name="stream",
+                              daemon=True)
+    runner.start()
+    while runner.is_alive() and not stop.is_set():
+        runner.join(0.5)
+    return worker.exit_status
+
+
+def _run_worker(worker, stop):
+    try:
+        worker.run_forever(stop)
+    except FatalError as error:
+        log.error("%s", error)
+        worker.exit_status = EXIT_STATUS_USAGE
+        stop.set()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
