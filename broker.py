@@ -739,6 +739,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The base class's errors (bad request line, headers too long): JSON too."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # no HTTP/0.9 here: always a status line
         try:
             phrase = http.HTTPStatus(code).phrase
         except ValueError:

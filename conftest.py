@@ -54,3 +54,330 @@ def run_boltcheck(binary, *args, timeout=120):
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+# ---------------------------------------------------------------------------
+# Real processes: the broker and the worker, on ephemeral loopback ports
+# ---------------------------------------------------------------------------
+
+import codecs  # noqa: E402
+import collections  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import queue  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+PROCESS_TIMEOUT = 60
+
+
+class Process:
+    """A child process whose stderr is collected line by line, for awaiting."""
+
+    def __init__(self, args, cwd=HERE, env=None):
+        self.args = args
+        self.popen = subprocess.Popen([sys.executable] + args, cwd=cwd, env=env,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True)
+        self.lines = []
+        self._new_line = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.popen.stdout:
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
+        with self._new_line:
+            self.lines.append(None)  # end of output
+            self._new_line.notify_all()
+
+    def wait_for_line(self, pattern, timeout=20, start=0):
+        """The first output line from `start` on matching `pattern` (a regex)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        index = start
+        with self._new_line:
+            while True:
+                while index < len(self.lines):
+                    line = self.lines[index]
+                    if line is None:
+                        raise AssertionError("process ended before %r:\n%s" % (
+                            pattern, self.output()))
+                    if regex.search(line):
+                        return line
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("no line matching %r within %ss:\n%s" % (
+                        pattern, timeout, self.output()))
+                self._new_line.wait(remaining)
+
+    def output(self):
+        with self._new_line:
+            return "\n".join(line for line in self.lines if line is not None)
+
+    def signal(self, signum):
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signum) if signum == signal.SIGKILL else \
+                self.popen.send_signal(signum)
+
+    def wait(self, timeout=PROCESS_TIMEOUT):
+        code = self.popen.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def stop(self):
+        """SIGTERM, then SIGKILL to the whole group if it lingers."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.popen.wait(10)
+
+
+class BrokerProcess(Process):
+    def __init__(self, db, *flags, port=0):
+        super().__init__(["broker.py", "--port", str(port), "--db", str(db),
+                          "--log-level", "DEBUG"] + [str(f) for f in flags])
+        line = self.wait_for_line(r"listening on http://")
+        self.url = re.search(r"listening on (http://[0-9.]+:\d+)", line).group(1)
+        self.host, port_text = self.url[len("http://"):].split(":")
+        self.port = int(port_text)
+
+    def request(self, method, path, body=None, headers=None, timeout=10):
+        """(status, headers, parsed JSON or text)."""
+        return http_request(self.host, self.port, method, path, body, headers, timeout)
+
+    def report(self, token, batch, ids):
+        return self.request("POST", "/report?worker=%s&batch=%d" % (token, batch),
+                            json.dumps(ids).encode())
+
+    def stats(self):
+        status, _headers, body = self.request("GET", "/stats")
+        assert status == 200
+        return body
+
+    def stream(self, batchsize, name="batchsize"):
+        return SSEClient(self.host, self.port, "/task?%s=%s" % (name, batchsize))
+
+
+def http_request(host, port, method, path, body=None, headers=None, timeout=10):
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        raw = response.read()
+        content_type = response.getheader("Content-Type", "")
+        parsed = json.loads(raw) if content_type.startswith("application/json") else \
+            raw.decode("utf-8", "replace")
+        return response.status, dict(response.getheaders()), parsed
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def processes():
+    """Start processes through this; every one is stopped at the end."""
+    started = []
+
+    class Starter:
+        def broker(self, db, *flags, port=0):
+            process = BrokerProcess(db, *flags, port=port)
+            started.append(process)
+            return process
+
+        def worker(self, *args):
+            process = Process(["worker.py"] + [str(a) for a in args])
+            started.append(process)
+            return process
+
+        def python(self, *args):
+            process = Process([str(a) for a in args])
+            started.append(process)
+            return process
+
+    yield Starter()
+    for process in started:
+        process.stop()
+
+
+# ---------------------------------------------------------------------------
+# A strict Server-Sent Events client, written from the WHATWG algorithm
+# (HTML Living Standard, 9.2.6 "Interpreting an event stream"), independent of
+# worker.py's parser. Strict: the bytes must be valid UTF-8.
+# ---------------------------------------------------------------------------
+
+class StrictSSEParser:
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._line = ""
+        self._started = False
+        self.data = ""
+        self.event_type = ""
+        self.last_event_id = ""
+        self.reconnection_time = None
+        self.pending_cr = False
+
+    def feed(self, raw):
+        """Feed bytes; return dispatched items: ("event", type, data) or ("comment", text)."""
+        try:
+            text = self._decoder.decode(raw)  # keeps a split sequence for the next feed
+        except UnicodeDecodeError as error:
+            raise AssertionError("stream is not valid UTF-8: %r" % error)
+        if not self._started and text:
+            self._started = True
+            if text[0] == "\ufeff":
+                text = text[1:]
+        return self._process(text)
+
+    def _process(self, text):
+        out = []
+        for char in text:
+            if self.pending_cr:
+                self.pending_cr = False
+                if char == "\n":
+                    continue
+            if char == "\r" or char == "\n":
+                self.pending_cr = char == "\r"
+                out.extend(self._process_line(self._line))
+                self._line = ""
+            else:
+                self._line += char
+        return out
+
+    def _process_line(self, line):
+        if line == "":
+            return self._dispatch()
+        if line[0] == ":":
+            return [("comment", line[1:])]
+        if ":" in line:
+            field, value = line.split(":", 1)
+            if value.startswith(" "):
+                value = value[1:]
+        else:
+            field, value = line, ""
+        if field == "event":
+            self.event_type = value
+        elif field == "data":
+            self.data += value + "\n"
+        elif field == "id":
+            if "\0" not in value:
+                self.last_event_id = value
+        elif field == "retry":
+            if value and all("0" <= c <= "9" for c in value):
+                self.reconnection_time = int(value)
+        return []
+
+    def _dispatch(self):
+        if self.data == "":
+            self.event_type = ""
+            return []
+        data = self.data[:-1] if self.data.endswith("\n") else self.data
+        event = ("event", self.event_type or "message", data)
+        self.data = ""
+        self.event_type = ""
+        return [event]
+
+
+class SSEClient:
+    """GET a stream over a raw socket; read events with the strict parser."""
+
+    def __init__(self, host, port, path, timeout=10):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n\r\n"
+                           % (path, host, port)).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        head, _sep, rest = head.partition(b"\r\n\r\n")
+        lines = head.decode("iso-8859-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {}
+        for line in lines[1:]:
+            name, _colon, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.raw = rest
+        self.parser = StrictSSEParser()
+        self.items = collections.deque()
+        self.closed = False
+        if self.status == 200:
+            self.items.extend(self.parser.feed(rest))
+        else:
+            length = int(self.headers.get("content-length", "0"))
+            while len(self.raw) < length:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    break
+                self.raw += chunk
+            self.body = json.loads(self.raw[:length]) if length else None
+
+    def next_item(self, timeout=10):
+        """The next event or comment; None when the broker closed the stream."""
+        deadline = time.monotonic() + timeout
+        while not self.items:
+            if self.closed:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("nothing on the stream within %ss" % timeout)
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                continue
+            self.raw += chunk
+            self.items.extend(self.parser.feed(chunk))
+        return self.items.popleft()
+
+    def next_event(self, timeout=10):
+        """The next event (comments skipped) as (type, parsed JSON); None at EOF."""
+        while True:
+            item = self.next_item(timeout)
+            if item is None:
+                return None
+            if item[0] == "event":
+                return item[1], json.loads(item[2])
+
+    def hello(self, timeout=10):
+        kind, data = self.next_event(timeout)
+        assert kind == "hello", (kind, data)
+        self.token = data["worker"]
+        return data
+
+    def batch(self, timeout=10):
+        """All msg events of the next batch."""
+        kind, first = self.next_event(timeout)
+        assert kind == "msg", (kind, first)
+        messages = [first]
+        while len(messages) < first["size"]:
+            kind, data = self.next_event(timeout)
+            assert kind == "msg" and data["batch"] == first["batch"], (kind, data)
+            messages.append(data)
+        return messages
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+

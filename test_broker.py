@@ -1,0 +1,435 @@
+"""broker.py against PROTOCOL.md: a real broker process, spoken to over loopback."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import bbolt_lite
+import broker
+from conftest import HERE, SSEClient, http_request, run_boltcheck
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "broker.db"
+
+
+def dead_letters(db):
+    with bbolt_lite.open(str(db), readonly=True, timeout=5) as store, store.view() as tx:
+        bucket = tx.bucket(b"failed")
+        return {k.decode(): json.loads(v) for k, v in bucket.items()} if bucket else {}
+
+
+def is_xid(text):
+    try:
+        broker.xid_decode(text)
+        return True
+    except ValueError:
+        return False
+
+
+# --- the stream -------------------------------------------------------------
+
+def test_stream_starts_with_retry_then_hello_and_protocol_headers(processes, db):
+    b = processes.broker(db, "--heartbeat", "7", "--lease-timeout", "4")
+    client = b.stream(6)
+    assert client.status == 200
+    assert client.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert client.headers["cache-control"] == "no-store"
+    assert client.headers["x-accel-buffering"] == "no"
+    hello = client.hello()
+    assert client.raw.startswith(b"retry: 2000\n\nevent: hello\ndata: {")
+    assert client.parser.reconnection_time == 2000
+    assert set(hello) == {"worker", "batchsize", "lease_ms", "heartbeat_ms"}
+    assert (hello["batchsize"], hello["lease_ms"], hello["heartbeat_ms"]) == (6, 4000, 7000)
+    assert len(hello["worker"]) >= 22  # at least 128 random bits in base64url
+    client.close()
+
+
+def test_each_message_is_one_msg_event_of_compact_json_with_attempt_batch_and_size(processes, db):
+    b = processes.broker(db)
+    client = b.stream(5)
+    client.hello()
+    start = len(client.raw)
+    messages = client.batch()
+    assert len(messages) == 5
+    assert len({m["batch"] for m in messages}) == 1
+    for m in messages:
+        assert set(m) == {"id", "period", "attempt", "batch", "size"}
+        assert is_xid(m["id"])
+        assert 1 <= m["period"] <= 1000
+        assert (m["attempt"], m["size"]) == (1, 5)
+    events = client.raw[start:].split(b"\n\n")[:5]
+    for event, m in zip(events, messages):
+        assert event == b"event: msg\ndata: " + json.dumps(m, separators=(",", ":")).encode()
+    client.close()
+
+
+def test_the_batchsize_alias_is_accepted(processes, db):
+    b = processes.broker(db)
+    client = b.stream(3, name="batchSize")
+    assert client.hello()["batchsize"] == 3
+    assert len(client.batch()) == 3
+    client.close()
+
+
+@pytest.mark.parametrize("query", ["", "batchsize=", "batchsize=0", "batchsize=-1",
+                                   "batchsize=abc", "batchsize=1000000000", "batchsize=2.5",
+                                   "batchsize=1001", "batchsize=2&batchsize=2",
+                                   "batchsize=2&batchSize=2", "batchsize=%205"])
+def test_bad_batchsize_is_400_with_a_json_error_never_a_stream(processes, db, query):
+    b = processes.broker(db)
+    status, headers, body = b.request("GET", "/task?" + query)
+    assert status == 400
+    assert headers["Content-Type"] == "application/json"
+    assert isinstance(body["error"], str) and body["error"]
+
+
+def test_max_batchsize_flag_bounds_the_batchsize(processes, db):
+    b = processes.broker(db, "--max-batchsize", "4")
+    assert b.request("GET", "/task?batchsize=5")[0] == 400
+    client = b.stream(4)
+    assert client.status == 200
+    client.close()
+
+
+def test_idle_and_busy_streams_get_ping_comments_every_heartbeat(processes, db):
+    b = processes.broker(db, "--total", "1", "--heartbeat", "0.2")
+    busy = b.stream(2)
+    busy.hello()
+    busy.batch()
+    idle = b.stream(2)
+    idle.hello()
+    for client in (busy, idle, busy, idle):
+        assert client.next_item() == ("comment", " ping")
+    busy.close()
+    idle.close()
+
+
+def test_a_worker_with_a_batch_in_flight_gets_nothing_more(processes, db):
+    b = processes.broker(db, "--heartbeat", "0.2")
+    client = b.stream(3)
+    client.hello()
+    client.batch()
+    # Three heartbeats pass: only pings, no new message.
+    for _ in range(3):
+        assert client.next_item() == ("comment", " ping")
+    client.close()
+
+
+def test_free_workers_get_messages_in_the_order_they_became_free(processes, db):
+    b = processes.broker(db, "--total", "2", "--heartbeat", "60")
+    first, second = b.stream(1), b.stream(1)
+    first.hello()
+    [m1] = first.batch()
+    second.hello()
+    [m2] = second.batch()
+    third = b.stream(1)   # free first
+    third.hello()
+    fourth = b.stream(1)  # free second
+    fourth.hello()
+    assert b.report(first.token, m1["batch"], [])[0] == 200  # m1 fails its attempt
+    [again] = third.batch()
+    assert (again["id"], again["attempt"]) == (m1["id"], 2)
+    second.close()                                              # m2 fails its attempt
+    [again] = fourth.batch()
+    assert (again["id"], again["attempt"]) == (m2["id"], 2)
+    for c in (first, third, fourth):
+        c.close()
+
+
+def test_a_reported_message_is_never_sent_again_and_total_runs_exit_0(processes, db):
+    b = processes.broker(db, "--total", "3", "--heartbeat", "0.2")
+    client = b.stream(3)
+    client.hello()
+    batch = client.batch()
+    status, _, body = b.report(client.token, batch[0]["batch"], [m["id"] for m in batch])
+    assert status == 200
+    assert body == {"batch": batch[0]["batch"], "done": 3, "retried": 0, "dead": 0, "ignored": []}
+    # Nothing more is sent: the broker says bye and exits 0.
+    while True:
+        kind, data = client.next_event()
+        assert kind != "msg"
+        if kind == "bye":
+            break
+    assert b.wait() == 0
+    assert "all 3 messages settled: 3 done, 0 dead" in b.output()
+    assert dead_letters(db) == {}
+
+
+def test_unreported_message_comes_back_with_attempt_plus_one_then_is_dead_lettered(processes, db):
+    b = processes.broker(db, "--total", "1")
+    client = b.stream(1)
+    client.hello()
+    seen = []
+    for attempt in (1, 2, 3):
+        [m] = client.batch()
+        assert m["attempt"] == attempt
+        seen.append(m["id"])
+        status, _, body = b.report(client.token, m["batch"], [])
+        assert status == 200
+        if attempt < 3:
+            assert (body["done"], body["retried"], body["dead"]) == (0, 1, 0)
+        else:
+            assert (body["done"], body["retried"], body["dead"]) == (0, 0, 1)
+    assert len(set(seen)) == 1
+    assert client.next_event() == ("bye", {"reason": "shutdown"})  # never sent again
+    assert b.wait() == 0
+    letter = dead_letters(db)[seen[0]]
+    assert letter["attempts"] == 3 and letter["reason"] == "not reported"
+    assert letter["id"] == seen[0] and 1 <= letter["period"] <= 1000
+    assert letter["failed_at"].endswith("Z") and letter["failed_at"][10] == "T"
+
+
+def test_a_closed_stream_ends_the_lease_at_once_not_at_the_next_heartbeat(processes, db):
+    b = processes.broker(db, "--total", "1", "--heartbeat", "600", "--max-attempts", "2")
+    holder = b.stream(1)
+    holder.hello()
+    [m] = holder.batch()
+    other = b.stream(1)
+    other.hello()
+    holder.close()
+    [again] = other.batch(timeout=10)  # the heartbeat is 600 s away
+    assert (again["id"], again["attempt"]) == (m["id"], 2)
+    other.close()
+    assert b.wait() == 0
+    assert dead_letters(db)[m["id"]]["reason"] == "stream closed"
+
+
+def test_lease_timeout_closes_the_stream_first_then_offers_the_messages_again(processes, db):
+    b = processes.broker(db, "--total", "1", "--lease-timeout", "0.5", "--heartbeat", "600")
+    slow = b.stream(1)
+    slow.hello()
+    [m] = slow.batch()
+    other = b.stream(1)
+    other.hello()
+    assert slow.next_item(timeout=10) is None  # the broker closed the slow stream
+    [again] = other.batch()
+    assert (again["id"], again["attempt"]) == (m["id"], 2)
+    assert b.report(slow.token, m["batch"], [m["id"]])[0] == 404  # its token died
+    other.close()
+
+
+def test_a_lease_that_expires_on_the_last_attempt_is_dead_with_reason_lease_expired(processes, db):
+    b = processes.broker(db, "--total", "1", "--lease-timeout", "0.3", "--max-attempts", "1")
+    client = b.stream(1)
+    client.hello()
+    [m] = client.batch()
+    assert b.wait() == 0
+    assert dead_letters(db)[m["id"]]["reason"] == "lease expired"
+
+
+def test_late_and_repeated_reports_answer_409_and_change_nothing(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    client = b.stream(2)
+    client.hello()
+    first = client.batch()
+    number = first[0]["batch"]
+    assert b.report(client.token, number, [first[0]["id"]])[0] == 200
+    second = client.batch()
+    before = b.stats()
+    status, _, body = b.report(client.token, number, [m["id"] for m in first])
+    assert status == 409 and "error" in body
+    assert b.report(client.token, second[0]["batch"] + 5, [])[0] == 409
+    after = b.stats()
+    assert (after["done"], after["dead"], after["in_flight"]) == (
+        before["done"], before["dead"], before["in_flight"])
+    client.close()
+
+
+def test_ids_not_in_the_batch_come_back_ignored_and_are_not_marked(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    one, two = b.stream(2), b.stream(2)
+    one.hello()
+    two.hello()
+    mine, theirs = one.batch(), two.batch()
+    foreign = [theirs[0]["id"], "not-an-id", theirs[0]["id"]]
+    status, _, body = b.report(one.token, mine[0]["batch"], [mine[0]["id"]] + foreign)
+    assert status == 200
+    assert body["done"] == 1 and body["retried"] == 1
+    assert body["ignored"] == [theirs[0]["id"], "not-an-id"]
+    # Theirs is still theirs: its report settles it.
+    status, _, body = b.report(two.token, theirs[0]["batch"], [m["id"] for m in theirs])
+    assert (status, body["done"]) == (200, 2)
+    one.close()
+    two.close()
+
+
+def test_report_errors_have_their_status_in_the_protocol_order(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    client = b.stream(2)
+    client.hello()
+    [m, _] = client.batch()
+    good = "/report?worker=%s&batch=%d" % (client.token, m["batch"])
+
+    def post(path, body=b"[]", headers=None):
+        status, _headers, parsed = b.request("POST", path, body, headers)
+        assert isinstance(parsed, dict) and parsed.get("error"), parsed
+        return status
+
+    # 413 is decided from Content-Length, before anything else.
+    conn = socket.create_connection((b.host, b.port), timeout=10)
+    conn.sendall(b"POST /report?batch=x HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n")
+    assert conn.recv(4096).startswith(b"HTTP/1.1 413")
+    conn.close()
+    conn = socket.create_connection((b.host, b.port), timeout=10)
+    conn.sendall(("POST %s HTTP/1.1\r\nHost: x\r\n\r\n" % good).encode())
+    assert conn.recv(4096).startswith(b"HTTP/1.1 411")
+    conn.close()
+    assert post("/report?batch=%d" % m["batch"]) == 400                     # no worker
+    assert post("/report?worker=%s" % client.token) == 400                  # no batch
+    assert post("/report?worker=%s&batch=abc" % client.token) == 400        # malformed
+    assert post(good + "&batch=1") == 400                                   # given twice
+    assert post(good, b"{}") == 400                                         # not an array
+    assert post(good, b"[1, 2]") == 400                                     # not strings
+    assert post(good, b"[\"a\"") == 400                                     # not JSON
+    assert post(good, b"[\"\xff\xfe\"]") == 400                             # not UTF-8
+    assert post("/report?worker=guessed&batch=%d" % m["batch"]) == 404
+    assert post("/report?worker=%s&batch=%d" % (client.token, m["batch"] + 1)) == 409
+    # None of it changed the batch: it is still in flight and reportable.
+    assert b.report(client.token, m["batch"], [m["id"]])[2]["done"] == 1
+    client.close()
+
+
+def test_unknown_paths_are_404_and_wrong_methods_405_with_json_errors(processes, db):
+    b = processes.broker(db)
+    status, _, body = b.request("GET", "/nope")
+    assert status == 404 and body["error"]
+    status, headers, body = b.request("POST", "/task?batchsize=2", b"")
+    assert status == 405 and headers["Allow"] == "GET" and body["error"]
+    status, headers, body = b.request("GET", "/report?worker=x&batch=1")
+    assert status == 405 and headers["Allow"] == "POST"
+    status, _, body = b.request("DELETE", "/stats")
+    assert status == 405
+
+
+def test_malformed_requests_get_an_error_and_the_broker_serves_on(processes, db):
+    b = processes.broker(db)
+    for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                b"GET /stats HTTP/1.1\r\n" + b"X: " + b"a" * 70000 + b"\r\n\r\n"):
+        conn = socket.create_connection((b.host, b.port), timeout=10)
+        conn.sendall(raw)
+        assert conn.recv(4096).startswith(b"HTTP/1.")
+        conn.close()
+    assert b.stats()["workers"] == 0
+
+
+def test_stats_counts_what_happened(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    client = b.stream(4)
+    client.hello()
+    batch = client.batch()
+    b.report(client.token, batch[0]["batch"], [m["id"] for m in batch[:3]])
+    client.batch()
+    stats = b.stats()
+    assert set(stats) == {"uptime_s", "generated", "dispatched", "done", "dead", "retrying",
+                          "in_flight", "workers", "busy_workers", "done_per_s"}
+    assert stats["done"] == 3 and stats["dispatched"] == 8 and stats["in_flight"] == 4
+    assert stats["workers"] == 1 and stats["busy_workers"] == 1
+    assert stats["generated"] == 7  # the failed one was resent, not regenerated
+    client.close()
+
+
+def test_healthz_says_ok(processes, db):
+    b = processes.broker(db)
+    assert b.request("GET", "/healthz")[::2] == (200, "ok\n")
+
+
+def test_sigterm_says_bye_on_every_stream_and_exits_0_with_the_db_closed(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    clients = [b.stream(2) for _ in range(3)]
+    for c in clients:
+        c.hello()
+        c.batch()
+    b.signal(signal.SIGTERM)
+    for c in clients:
+        assert c.next_event() == ("bye", {"reason": "shutdown"})
+        assert c.next_item() is None
+    assert b.wait() == 0
+    with bbolt_lite.open(str(db), timeout=1) as store:  # the lock was released
+        assert store.check() == []
+
+
+def test_a_second_broker_on_the_same_db_refuses_clearly(processes, db):
+    processes.broker(db)
+    second = subprocess.run([sys.executable, "broker.py", "--port", "0", "--db", str(db)],
+                            cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2
+    assert "locked by another process" in second.stderr
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "broker.py", "--help"], cwd=HERE,
+                            capture_output=True, text=True, timeout=30)
+    for flag in ("--host", "--port", "--db", "--max-attempts", "--lease-timeout", "--heartbeat",
+                 "--max-batchsize", "--total", "--seed", "--log-level"):
+        assert flag in result.stdout
+
+
+# --- ids -------------------------------------------------------------------------
+
+def test_xid_text_matches_the_rs_xid_reference_vector():
+    # From rs/xid's README: 9m4e2mr0ui3e8a215n4g.
+    raw = bytes.fromhex("4d88e15b60f486e428412dc9")
+    assert broker.xid_encode(raw) == "9m4e2mr0ui3e8a215n4g"
+    assert broker.xid_decode("9m4e2mr0ui3e8a215n4g") == raw
+    for bad in ("9m4e2mr0ui3e8a215n4h", "9m4e2mr0ui3e8a215n4", "9M4E2MR0UI3E8A215N4G", 17):
+        with pytest.raises(ValueError):
+            broker.xid_decode(bad)
+
+
+def test_vendored_xids_are_unique_and_ordered_across_threads():
+    import threading
+    generator = broker.XidGenerator()
+    ids = []
+    lock = threading.Lock()
+
+    def make():
+        mine = [generator.new() for _ in range(2000)]
+        with lock:
+            ids.extend(mine)
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(set(ids)) == 8000
+    counters = sorted(int.from_bytes(broker.xid_decode(i)[9:], "big") for i in ids)
+    assert counters[-1] - counters[0] == 7999 or counters[0] < 8000  # consecutive, or wrapped
+
+
+def test_ids_parse_with_go_xid_from_string(processes, db, boltcheck):
+    b = processes.broker(db)
+    client = b.stream(10)
+    client.hello()
+    ids = [m["id"] for m in client.batch()] + [broker.XidGenerator().new() for _ in range(5)]
+    client.close()
+    result = run_boltcheck(boltcheck, "xid", *ids)
+    assert result.returncode == 0, result.stdout + result.stderr
+    parsed = [json.loads(line) for line in result.stdout.splitlines()]
+    import time
+    for record, text in zip(parsed, ids):
+        assert record["string"] == text
+        assert abs(record["time"] - time.time()) < 600
+        assert record["machine"] == broker._machine_id().hex()
+    counters = [r["counter"] for r in parsed[:10]]
+    assert counters == sorted(counters) or max(counters) - min(counters) > 1 << 23  # or wrapped
+
+
+def test_dead_letter_file_passes_go_bbolt_check(processes, db, boltcheck):
+    b = processes.broker(db, "--total", "20", "--max-attempts", "1")
+    client = b.stream(20)
+    client.hello()
+    batch = client.batch()
+    b.report(client.token, batch[0]["batch"], [m["id"] for m in batch[:5]])
+    assert b.wait() == 0
+    assert len(dead_letters(db)) == 15
+    result = run_boltcheck(boltcheck, "check", str(db))
+    assert result.stdout.strip() == "OK", result.stdout + result.stderr
+    assert os.path.getsize(db) > 0

@@ -1,0 +1,156 @@
+"""The dispatcher alone, under random connects, disconnects, reports and timeouts.
+
+A hypothesis state machine drives broker.Dispatcher with a fake clock and
+checks after every step that each message is in exactly one state (leased,
+waiting for a retry, done, dead), leased to at most one worker, never
+delivered more than max_attempts times, and that done and dead stay disjoint.
+"""
+
+import itertools
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize,
+                                 invariant, rule)
+
+import broker
+
+MAX_ATTEMPTS = 3
+LEASE = 10.0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class DispatcherMachine(RuleBasedStateMachine):
+    sessions = Bundle("sessions")
+
+    @initialize(total=st.one_of(st.none(), st.integers(0, 30)))
+    def start(self, total):
+        self.clock = FakeClock()
+        counter = itertools.count()
+        self.events = []
+        self.done = set()
+        self.dead = set()
+        self.leased_to = {}     # id -> session token, from the events
+        self.deliveries = {}    # id -> number of leases seen
+        self.total = total
+        self.dispatcher = broker.Dispatcher(
+            max_attempts=MAX_ATTEMPTS, lease_timeout=LEASE, total=total, seed=7,
+            new_id=lambda: "m%06d" % next(counter), clock=self.clock, on_event=self.on_event)
+
+    def on_event(self, kind, message, session):
+        mid = message.id
+        assert mid not in self.done and mid not in self.dead, (kind, mid)
+        if kind == "lease":
+            assert mid not in self.leased_to, "%s leased twice at once" % mid
+            self.leased_to[mid] = session.token
+            self.deliveries[mid] = self.deliveries.get(mid, 0) + 1
+            assert self.deliveries[mid] == message.attempts <= MAX_ATTEMPTS
+            return
+        assert self.leased_to.pop(mid) == session.token, (kind, mid)
+        if kind == "done":
+            self.done.add(mid)
+        elif kind == "dead":
+            assert message.attempts == MAX_ATTEMPTS
+            self.dead.add(mid)
+
+    @rule(target=sessions, batchsize=st.integers(1, 4))
+    def connect(self, batchsize):
+        session = self.dispatcher.connect(batchsize)
+        self.dispatcher.dispatch_once()
+        return session
+
+    @rule(session=consumes(sessions))
+    def disconnect(self, session):
+        self.dispatcher.disconnect(session)
+        self.dispatcher.dispatch_once()
+
+    @rule(session=sessions, data=st.data())
+    def report(self, session, data):
+        batch = session.batch
+        ids = list(batch.messages) if batch else []
+        chosen = data.draw(st.lists(st.sampled_from(ids), max_size=6) if ids else st.just([]))
+        others = sorted((self.done | self.dead | set(self.leased_to)) - set(ids)) or ["x"]
+        foreign = data.draw(st.lists(st.sampled_from(others), max_size=3))
+        wrong_batch = data.draw(st.booleans()) if batch else True
+        number = (batch.number if batch else 0) + (1 if wrong_batch else 0)
+        snapshot = dict(self.dispatcher.snapshot()["leases"])
+        try:
+            result = self.dispatcher.report(session.token, number, chosen + foreign)
+        except broker.ReportError as error:
+            assert error.status in (404, 409)
+            assert session.closed or wrong_batch or batch is None
+            assert self.dispatcher.snapshot()["leases"] == snapshot  # changed nothing
+            return
+        assert not wrong_batch
+        assert result["done"] == len(set(chosen))
+        assert result["done"] + result["retried"] + result["dead"] == len(batch.messages)
+        assert result["ignored"] == list(dict.fromkeys(foreign))
+        self.dispatcher.dispatch_once()
+
+    @rule(seconds=st.floats(0, 2 * LEASE))
+    def time_passes(self, seconds):
+        self.clock.now += seconds
+        self.dispatcher.dispatch_once()
+
+    @invariant()
+    def each_message_is_in_exactly_one_state(self):
+        if not hasattr(self, "dispatcher"):
+            return
+        state = self.dispatcher.snapshot()
+        leased = set(state["leases"])
+        retrying = set(state["retry"])
+        assert len(retrying) == len(state["retry"])
+        assert not (leased & retrying) and not (leased & self.done) and not (leased & self.dead)
+        assert not (retrying & self.done) and not (retrying & self.dead)
+        assert not (self.done & self.dead)
+        everything = leased | retrying | self.done | self.dead
+        assert len(everything) == self.dispatcher.generated
+        assert set(self.deliveries) == everything
+        if self.total is not None:
+            assert self.dispatcher.generated <= self.total
+        assert leased == set(self.leased_to)
+        for mid, (token, _number) in state["leases"].items():
+            assert self.leased_to[mid] == token
+        assert all(1 <= n <= MAX_ATTEMPTS for n in state["attempts"].values())
+
+    @invariant()
+    def free_workers_hold_no_batch_and_busy_ones_are_not_free(self):
+        if not hasattr(self, "dispatcher"):
+            return
+        state = self.dispatcher.snapshot()
+        for token in state["free"]:
+            assert state["sessions"][token] is None
+        assert len(set(state["free"])) == len(state["free"])
+
+    @invariant()
+    def nothing_waits_while_a_free_worker_could_take_it(self):
+        if not hasattr(self, "dispatcher"):
+            return
+        state = self.dispatcher.snapshot()
+        if state["free"]:
+            assert not state["retry"]
+            assert self.total is not None and self.dispatcher.generated == self.total
+
+
+DispatcherMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                               deadline=None)
+test_dispatcher_keeps_its_invariants = DispatcherMachine.TestCase
+
+
+def test_report_of_a_closed_session_is_404():
+    dispatcher = broker.Dispatcher(new_id=iter(["a", "b", "c"]).__next__, total=3)
+    session = dispatcher.connect(3)
+    dispatcher.dispatch_once()
+    number = session.batch.number
+    dispatcher.disconnect(session)
+    with pytest.raises(broker.ReportError) as error:
+        dispatcher.report(session.token, number, ["a", "b", "c"])
+    assert error.value.status == 404
+    assert dispatcher.snapshot()["retry"] == ["a", "b", "c"]

@@ -1,0 +1,340 @@
+"""worker.py against PROTOCOL.md: a real worker process and a scripted fake broker."""
+
+import http.server
+import json
+import os
+import random
+import re
+import signal
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import worker
+from conftest import PROCESS_TIMEOUT
+
+
+class FakeBroker:
+    """An HTTP server in the test that plays the broker from a script.
+
+    `script(index, stream)` runs for the index-th GET /task (from 0) in its
+    handler thread; the stream closes when it returns. Reports are recorded
+    and answered with the statuses in `report_statuses` (then 200).
+    """
+
+    def __init__(self, script):
+        self.script = script
+        self.streams = []        # the query of each GET /task
+        self.reports = []        # (query, headers, body) of each POST /report
+        self.report_statuses = []
+        self.changed = threading.Condition()
+        self.release = threading.Event()  # ends scripts that hold their stream
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                with fake.changed:
+                    index = len(fake.streams)
+                    fake.streams.append(urllib.parse.parse_qs(url.query))
+                    fake.changed.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    fake.script(index, FakeStream(self.wfile, fake))
+                except OSError:
+                    pass
+
+            def do_POST(self):
+                url = urllib.parse.urlsplit(self.path)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with fake.changed:
+                    status = fake.report_statuses.pop(0) if fake.report_statuses else 200
+                    fake.reports.append((urllib.parse.parse_qs(url.query), dict(self.headers),
+                                         json.loads(body)))
+                    fake.changed.notify_all()
+                answer = json.dumps({"done": 0, "retried": 0, "dead": 0, "ignored": []}
+                                    if status == 200 else {"error": "scripted"}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, timeout=20):
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, "timed out: streams %r reports %r" % (
+                    self.streams, self.reports)
+                self.changed.wait(remaining)
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeStream:
+    def __init__(self, wfile, fake):
+        self.wfile = wfile
+        self.fake = fake
+
+    def send(self, text):
+        self.wfile.write(text.encode())
+        self.wfile.flush()
+
+    def hello(self, token="tok", batchsize=2, heartbeat_ms=15000):
+        self.send("retry: 2000\n\nevent: hello\ndata: %s\n\n" % json.dumps(
+            {"worker": token, "batchsize": batchsize, "lease_ms": 10000,
+             "heartbeat_ms": heartbeat_ms}))
+
+    def batch(self, number, periods, size=None):
+        """msg events for `periods`; returns their ids."""
+        ids = ["id-%d-%d" % (number, i) for i in range(len(periods))]
+        self.send("".join("event: msg\ndata: %s\n\n" % json.dumps(
+            {"id": i, "period": p, "attempt": 1, "batch": number,
+             "size": size or len(periods)}) for i, p in zip(ids, periods)))
+        return ids
+
+    def hold(self):
+        self.fake.release.wait(PROCESS_TIMEOUT)
+
+
+@pytest.fixture
+def fake_broker():
+    made = []
+
+    def make(script):
+        fake = FakeBroker(script)
+        made.append(fake)
+        return fake
+
+    yield make
+    for fake in made:
+        fake.close()
+
+
+# --- running messages -----------------------------------------------------------
+
+def test_a_message_beyond_batchsize_running_tasks_is_refused_and_not_reported(fake_broker,
+                                                                               processes):
+    sent = {}
+
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        sent["ids"] = stream.batch(1, [400, 400, 400])  # one more than batchsize
+        stream.hold()
+
+    fake = fake_broker(script)
+    w = processes.worker("--url", fake.url, "--batchsize", "2")
+    fake.wait_for(lambda: fake.reports)
+    query, headers, body = fake.reports[0]
+    assert body == sent["ids"][:2]
+    assert query == {"worker": ["tok"], "batch": ["1"]}
+    assert headers["Content-Type"] == "application/json"
+    assert re.search(r"ERROR.*over capacity.*refusing message %s" % sent["ids"][2], w.output())
+
+
+def test_a_raising_task_is_logged_with_its_id_and_the_worker_lives_on(fake_broker, processes):
+    sent = {}
+
+    def script(index, stream):
+        stream.hello(batchsize=3)
+        sent["first"] = stream.batch(1, [850, 10, 20])
+        stream.fake.wait_for(lambda: stream.fake.reports)
+        sent["second"] = stream.batch(2, [5])
+        stream.hold()
+
+    fake = fake_broker(script)
+    w = processes.worker("--url", fake.url, "--batchsize", "3")
+    fake.wait_for(lambda: len(fake.reports) == 2)
+    assert sorted(fake.reports[0][2]) == sent["first"][1:]
+    assert fake.reports[1][2] == sent["second"]
+    line = w.wait_for_line(r"ERROR.*raised TaskFailed")
+    assert sent["first"][0] in line
+    assert len(fake.streams) == 1  # the same process, the same stream
+
+
+def test_a_period_over_900_ends_the_worker_process_with_status_3(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.batch(1, [950, 10])
+        stream.hold()
+
+    fake = fake_broker(script)
+    w = processes.worker("--url", fake.url, "--batchsize", "2")
+    assert w.wait() == 3
+    assert "period 950 ms > 900" in w.output()
+    assert fake.reports == []
+
+
+def test_time_scale_shortens_the_sleep(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.batch(1, [800, 800])
+        stream.hold()
+
+    fake = fake_broker(script)
+    processes.worker("--url", fake.url, "--batchsize", "2", "--time-scale", "0")
+    fake.wait_for(lambda: fake.reports, timeout=20)
+    assert fake.reports[0][2] == ["id-1-0", "id-1-1"]
+
+
+# --- the stream ---------------------------------------------------------------------
+
+def test_a_lost_stream_abandons_its_batch_unreported_and_reconnects(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(token="t%d" % index, batchsize=2)
+        if index == 0:
+            stream.batch(1, [300])  # then the stream is lost
+            return
+        stream.batch(2, [600])
+        stream.hold()
+
+    fake = fake_broker(script)
+    w = processes.worker("--url", fake.url, "--batchsize", "2")
+    fake.wait_for(lambda: fake.reports)
+    # Batch 1 would have ended first (300 ms < 600 ms) had it not been abandoned.
+    assert [(q["batch"], q["worker"]) for q, _h, _b in fake.reports] == [(["2"], ["t1"])]
+    assert "abandoning batch 1" in w.output()
+
+
+def test_a_silent_stream_is_dead_after_three_heartbeats(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(batchsize=2, heartbeat_ms=200)
+        stream.hold()  # and say nothing more
+
+    fake = fake_broker(script)
+    processes.worker("--url", fake.url, "--batchsize", "2")
+    fake.wait_for(lambda: len(fake.streams) >= 2)
+
+
+def test_a_report_is_retried_on_server_errors_and_dropped_on_409(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.batch(1, [1])
+        stream.fake.wait_for(lambda: len(stream.fake.reports) == 3)
+        stream.batch(2, [1])
+        stream.hold()
+
+    fake = fake_broker(script)
+    fake.report_statuses = [503, 500, 200, 409]
+    w = processes.worker("--url", fake.url, "--batchsize", "2")
+    fake.wait_for(lambda: len(fake.reports) == 4)
+    assert [r[2] for r in fake.reports] == [["id-1-0"]] * 3 + [["id-2-0"]]
+    w.wait_for_line(r"batch 2: settled already \(409\)")
+
+
+def test_the_default_batchsize_is_random_in_2_to_10(fake_broker, processes):
+    def script(index, stream):
+        stream.hello()
+        stream.hold()
+
+    fake = fake_broker(script)
+    workers = [processes.worker("--url", fake.url, "--seed", str(seed)) for seed in range(8)]
+    fake.wait_for(lambda: len(fake.streams) == 8)
+    sizes = [int(q["batchsize"][0]) for q in fake.streams]
+    assert all(2 <= s <= 10 for s in sizes) and len(set(sizes)) > 1
+    for w in workers:
+        w.stop()
+
+
+def safe_seed(count):
+    """A broker --seed whose first `count` periods are all <= 800 (no task fails)."""
+    seed = 0
+    while True:
+        rng = random.Random(seed)
+        if all(rng.randint(1, 1000) <= 800 for _ in range(count)):
+            return seed
+        seed += 1
+
+
+def test_the_worker_reconnects_after_a_broker_restart(processes, tmp_path):
+    seed = str(safe_seed(4))
+    first = processes.broker(tmp_path / "a.db", "--total", "4", "--seed", seed)
+    w = processes.worker("--url", first.url, "--time-scale", "0.01", "--batchsize", "2")
+    assert first.wait() == 0  # all 4 done by the worker; the broker said bye and left
+    assert "4 done, 0 dead" in first.output()
+    w.wait_for_line(r"broker said bye")
+    second = processes.broker(tmp_path / "b.db", "--total", "4", "--seed", seed,
+                              port=first.port)
+    assert second.wait() == 0  # the same worker came back and did them all
+    assert "4 done, 0 dead" in second.output()
+    assert w.popen.poll() is None
+
+
+def test_a_refused_stream_ends_the_worker_with_a_clear_error(processes, tmp_path):
+    b = processes.broker(tmp_path / "b.db", "--max-batchsize", "10")
+    w = processes.worker("--url", b.url, "--batchsize", "11")
+    assert w.wait() == 2
+    assert "broker refused the stream: 400" in w.output()
+
+
+# --- --processes --------------------------------------------------------------------
+
+def test_processes_restarts_each_worker_that_exits_and_sigterm_stops_them_all(fake_broker,
+                                                                                processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        if index == 0:
+            stream.batch(1, [999])  # that worker exits with status 3
+        stream.hold()
+
+    fake = fake_broker(script)
+    supervisor = processes.worker("--url", fake.url, "--processes", "2", "--batchsize", "2")
+    fake.wait_for(lambda: len(fake.streams) >= 3)  # two, then the restarted one
+    supervisor.wait_for_line(r"ended after .*: exit 3 \(a message with period > 900 ms\)")
+    pids = [int(p) for p in re.findall(r"started \(pid (\d+)\)", supervisor.output())]
+    assert len(pids) >= 3
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_help_explains_every_flag():
+    import subprocess
+    import sys
+    from conftest import HERE
+    result = subprocess.run([sys.executable, "worker.py", "--help"], cwd=HERE,
+                            capture_output=True, text=True, timeout=30)
+    for flag in ("--url", "--batchsize", "--time-scale", "--seed", "--processes", "--log-level"):
+        assert flag in result.stdout
+
+
+# --- the worker's SSE parser -----------------------------------------------------------
+
+def test_sse_parser_handles_every_line_ending_split_anywhere():
+    stream = (b"\xef\xbb\xbfretry: 1500\r\n\r\n: comment\n\nevent: msg\r\ndata: {\"a\":\r\n"
+              b"data: 1}\r\rid: 7\ndata:x\n\nevent: bye\ndata: \xc3\xa9\n\n")
+    expected = [("msg", "{\"a\":\n1}", ""), ("message", "x", "7"), ("bye", "é", "7")]
+    for step in (1, 2, 3, 5, len(stream)):
+        parser = worker.SSEParser()
+        events = []
+        for i in range(0, len(stream), step):
+            events += parser.feed(stream[i:i + step])
+        assert events == expected
+        assert parser.retry_ms == 1500 and parser.comments == 1
+
+
+def test_sse_parser_ignores_empty_events_and_unknown_fields():
+    parser = worker.SSEParser()
+    assert parser.feed(b"event: x\n\nfoo: bar\ndata\n\n") == [("message", "", "")]
