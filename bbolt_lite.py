@@ -42,9 +42,13 @@ Errors are subclasses of ``bbolt_lite.Error``; a damaged file raises
 """
 
 import bisect
+import collections
 import errno
 import fcntl
+import functools
+import itertools
 import json
+import operator
 import os
 import struct
 import sys
@@ -343,29 +347,46 @@ class _Node:
     def to_bytes(self, pgid, overflow, pad_to=0):
         """Serialize as a page; pad with zeros up to `pad_to` bytes."""
         count = len(self.keys)
-        fields = []
-        data = []
-        offset = ELEMENT_SIZE * count  # from the first element to the data
+        key_sizes = list(map(len, self.keys))
         if self.is_leaf:
-            for i, key in enumerate(self.keys):
-                value = self.values[i]
-                fields += (self.flags[i], offset - ELEMENT_SIZE * i, len(key), len(value))
-                data.append(key)
-                data.append(value)
-                offset += len(key) + len(value)
-            elements = struct.pack("<%dI" % (4 * count), *fields)
-            flag = LEAF_PAGE
+            value_sizes = list(map(len, self.values))
+            data_sizes = list(map(operator.add, key_sizes, value_sizes))
+            flag, layout = LEAF_PAGE, _leaf_elements(count)
         else:
-            for i, key in enumerate(self.keys):
-                fields += (offset - ELEMENT_SIZE * i, len(key), self.children[i])
-                data.append(key)
-                offset += len(key)
-            elements = struct.pack("<" + "IIQ" * count, *fields)
-            flag = BRANCH_PAGE
-        page = b"".join([PAGE_HEADER.pack(pgid, flag, count, overflow), elements] + data)
+            data_sizes = key_sizes
+            flag, layout = BRANCH_PAGE, _branch_elements(count)
+        # pos of element i: from the element to its data, past the elements after it
+        before = itertools.accumulate(itertools.chain((0,), data_sizes))
+        pos = [ELEMENT_SIZE * (count - i) + b for i, b in zip(range(count), before)]
+        if self.is_leaf:
+            elements = layout.pack(*itertools.chain.from_iterable(
+                zip(self.flags, pos, key_sizes, value_sizes)))
+            data = b"".join(itertools.chain.from_iterable(zip(self.keys, self.values)))
+        else:
+            elements = layout.pack(*itertools.chain.from_iterable(
+                zip(pos, key_sizes, self.children)))
+            data = b"".join(self.keys)
+        page = PAGE_HEADER.pack(pgid, flag, count, overflow) + elements + data
         if len(page) < pad_to:
             page += bytes(pad_to - len(page))
         return page
+
+    def frozen(self, pgid, overflow):
+        """This node as written to page `pgid`: read-only, for the page cache."""
+        if self.is_leaf:
+            return _Node(pgid, overflow, True, list(self.keys), list(self.values),
+                         list(self.flags))
+        return _Node(pgid, overflow, False, list(self.keys), children=list(self.children))
+
+
+@functools.lru_cache(maxsize=1024)
+def _leaf_elements(count):
+    return struct.Struct("<" + "IIII" * count)
+
+
+@functools.lru_cache(maxsize=1024)
+def _branch_elements(count):
+    return struct.Struct("<" + "IIQ" * count)
 
 
 def _parse_node(buf, where, expect_pgid=None):
@@ -381,40 +402,37 @@ def _parse_node(buf, where, expect_pgid=None):
         _assert(pgid == expect_pgid, "%s: header says page %d (damaged or not a tree page)",
                 where, pgid)
     is_leaf = flags == LEAF_PAGE
-    _assert(is_leaf or flags == BRANCH_PAGE, "%s: invalid type %s, expected branch or leaf",
-            where, _page_type_name(flags))
+    if not is_leaf and flags != BRANCH_PAGE:
+        raise CorruptionError("%s: invalid type %s, expected branch or leaf"
+                              % (where, _page_type_name(flags)))
     end = len(buf)
     _assert(PAGE_HEADER_SIZE + ELEMENT_SIZE * count <= end,
             "%s: %d elements do not fit in %d bytes", where, count, end)
-    keys = []
+    element_starts = range(PAGE_HEADER_SIZE, PAGE_HEADER_SIZE + ELEMENT_SIZE * count, ELEMENT_SIZE)
     if is_leaf:
-        fields = struct.unpack_from("<%dI" % (4 * count), buf, PAGE_HEADER_SIZE)
-        values = []
-        leaf_flags = []
-        for i in range(count):
-            flag, pos, ksize, vsize = fields[4 * i:4 * i + 4]
-            start = PAGE_HEADER_SIZE + ELEMENT_SIZE * i + pos
-            mid = start + ksize
-            stop = mid + vsize
-            _assert(stop <= end, "%s: element %d runs past the page end (%d > %d)",
-                    where, i, stop, end)
-            _assert(flag in (0, BUCKET_LEAF_FLAG), "%s: element %d has unknown flags %#x",
-                    where, i, flag)
-            keys.append(bytes(buf[start:mid]))
-            values.append(bytes(buf[mid:stop]))
-            leaf_flags.append(flag)
+        fields = _leaf_elements(count).unpack_from(buf, PAGE_HEADER_SIZE)
+        leaf_flags = list(fields[0::4])
+        starts = list(map(operator.add, element_starts, fields[1::4]))
+        mids = list(map(operator.add, starts, fields[2::4]))
+        stops = list(map(operator.add, mids, fields[3::4]))
+        if count and max(stops) > end:
+            i = next(i for i, stop in enumerate(stops) if stop > end)
+            _assert(False, "%s: element %d runs past the page end (%d > %d)",
+                    where, i, stops[i], end)
+        if count and max(leaf_flags) > BUCKET_LEAF_FLAG:
+            i = next(i for i, flag in enumerate(leaf_flags) if flag & ~BUCKET_LEAF_FLAG)
+            _assert(False, "%s: element %d has unknown flags %#x", where, i, leaf_flags[i])
+        keys = [buf[a:b] for a, b in zip(starts, mids)]
+        values = [buf[a:b] for a, b in zip(mids, stops)]
         return _Node(pgid if expect_pgid is not None else 0, overflow, True,
                      keys, values, leaf_flags)
-    fields = struct.unpack_from("<" + "IIQ" * count, buf, PAGE_HEADER_SIZE)
-    children = []
-    for i in range(count):
-        pos, ksize, child = fields[3 * i:3 * i + 3]
-        start = PAGE_HEADER_SIZE + ELEMENT_SIZE * i + pos
-        _assert(start + ksize <= end, "%s: element %d runs past the page end", where, i)
-        keys.append(bytes(buf[start:start + ksize]))
-        children.append(child)
     _assert(count > 0, "%s: branch page with no elements", where)
-    return _Node(pgid, overflow, False, keys, children=children)
+    fields = _branch_elements(count).unpack_from(buf, PAGE_HEADER_SIZE)
+    starts = list(map(operator.add, element_starts, fields[0::3]))
+    stops = list(map(operator.add, starts, fields[1::3]))
+    _assert(max(stops) <= end, "%s: an element runs past the page end", where)
+    keys = [buf[a:b] for a, b in zip(starts, stops)]
+    return _Node(pgid, overflow, False, keys, children=list(fields[2::3]))
 
 
 # ---------------------------------------------------------------------------
@@ -573,11 +591,21 @@ class Bucket:
 
     def items(self):
         """(key, value) pairs in byte order; value is None for a nested bucket."""
-        cursor = Cursor(self)
-        key, value = cursor.first()
-        while key is not None:
-            yield key, value
-            key, value = cursor.next()
+        for leaf in self._leaves(self._root_ref(), 0):
+            if any(leaf.flags):
+                for key, value, flags in zip(leaf.keys, leaf.values, leaf.flags):
+                    yield key, (None if flags & BUCKET_LEAF_FLAG else value)
+            else:
+                yield from zip(leaf.keys, leaf.values)
+
+    def _leaves(self, node, depth):
+        if node.is_leaf:
+            yield node
+            return
+        _assert(depth < MAX_TREE_DEPTH, "page %d: tree deeper than %d (a cycle?)",
+                node.pgid, MAX_TREE_DEPTH)
+        for i in range(len(node.keys)):
+            yield from self._leaves(self._child(node, i), depth + 1)
 
     def __iter__(self):
         for key, _value in self.items():
@@ -933,7 +961,8 @@ class Bucket:
             size = piece.size()
             pages = (size + self.tx._db.page_size - 1) // self.tx._db.page_size
             pgid = self.tx._allocate(pages)
-            self.tx._write(pgid, piece.to_bytes(pgid, pages - 1, pages * self.tx._db.page_size))
+            self.tx._write(pgid, piece.to_bytes(pgid, pages - 1, pages * self.tx._db.page_size),
+                           piece.frozen(pgid, pages - 1) if pages == 1 else None)
             entries.append((piece.keys[0] if piece.keys else b"", pgid))
         return entries
 
@@ -1112,7 +1141,8 @@ class Tx:
         self._db = db
         self.writable = writable
         self._closed = False
-        self._dirty = {}  # pgid -> page bytes written at commit
+        self._dirty = {}          # pgid -> page bytes written at commit
+        self._written_nodes = {}  # pgid -> the node of a dirty page, cached once committed
         with db._meta_lock:
             self._meta = db._meta.copy()
             if writable:
@@ -1189,8 +1219,11 @@ class Tx:
     def _free(self, pgid, overflow):
         self._db._freelist.free(self._meta.txid, pgid, overflow)
 
-    def _write(self, pgid, page):
+    def _write(self, pgid, page, node=None):
+        """Queue `page` for the commit; `node` is its parsed form, for the cache."""
         self._dirty[pgid] = page
+        if node is not None:
+            self._written_nodes[pgid] = node
 
     # -- ending ------------------------------------------------------------
 
@@ -1229,6 +1262,7 @@ class Tx:
             raise
         with db._meta_lock:
             db._meta = self._meta
+        db._cache_nodes(self._written_nodes)
         self._close()
 
     def rollback(self):
@@ -1241,6 +1275,7 @@ class Tx:
             return
         self._closed = True
         self._dirty = {}
+        self._written_nodes = {}
         db = self._db
         if self.writable:
             db._write_lock.release()
@@ -1370,7 +1405,9 @@ class Tx:
 # Database (bbolt db.go)
 # ---------------------------------------------------------------------------
 
-_PAGE_CACHE_LIMIT = 4096
+# Parsed pages kept in memory, oldest dropped first: reading a page is a
+# pread and a parse, which cost far more in Python than Go's mmap.
+_PAGE_CACHE_LIMIT = 8192
 
 
 class DB:
@@ -1386,7 +1423,9 @@ class DB:
         # it for a moment only, never while doing I/O.
         self._meta_lock = threading.Lock()
         self._readers = {}
-        self._page_cache = {}
+        # _cache_lock guards changes to _page_cache (readers in many threads).
+        self._cache_lock = threading.Lock()
+        self._page_cache = collections.OrderedDict()  # pgid -> _Node, single pages only
         self._fd = -1
         flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
         try:
@@ -1534,19 +1573,24 @@ class DB:
         _assert(2 <= pgid < high_water, "page %d: out of bounds 2..%d", pgid, high_water)
         node = _parse_node(self._read_span(pgid, high_water), "page %d" % pgid, pgid)
         if not node.overflow:
-            cache = self._page_cache
-            if len(cache) >= _PAGE_CACHE_LIMIT:
-                cache.clear()
-            cache[pgid] = node
+            self._cache_nodes({pgid: node})
         return node
+
+    def _cache_nodes(self, nodes):
+        cache = self._page_cache
+        with self._cache_lock:
+            cache.update(nodes)
+            while len(cache) > _PAGE_CACHE_LIMIT:
+                cache.popitem(last=False)
 
     def _write_pages(self, pages):
         cache = self._page_cache
         page_size = self.page_size
         for pgid in sorted(pages):
             page = pages[pgid]
-            for covered in range(pgid, pgid + len(page) // page_size):
-                cache.pop(covered, None)
+            with self._cache_lock:
+                for covered in range(pgid, pgid + len(page) // page_size):
+                    cache.pop(covered, None)
             os.pwrite(self._fd, page, pgid * page_size)
 
     def _write_meta(self, meta):
@@ -1602,7 +1646,7 @@ class DB:
             return
         with self._write_lock:
             fd, self._fd = self._fd, -1
-            self._page_cache = {}
+            self._page_cache = collections.OrderedDict()
             os.close(fd)
 
 

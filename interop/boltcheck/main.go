@@ -241,7 +241,7 @@ func parseXids(ids []string) {
 func bench(path string, nSingle, nBulk int) {
 	os.Remove(path)
 	db := openDB(path, nil)
-	defer db.Close()
+	defer func() { db.Close() }() // db is reopened read-only below
 	update(db, func(tx *bolt.Tx) error {
 		_, err := tx.CreateBucket([]byte("bench"))
 		return err
@@ -263,6 +263,17 @@ func bench(path string, nSingle, nBulk int) {
 	})
 	bulk := time.Since(start).Seconds()
 	start = time.Now()
+	update(db, func(tx *bolt.Tx) error {
+		b, _ := tx.CreateBucket([]byte("sequential"))
+		for i := 0; i < nBulk; i++ {
+			b.Put(key(i), value(i, 100))
+		}
+		return nil
+	})
+	sequential := time.Since(start).Seconds()
+	db.Close()
+	db = openDB(path, &bolt.Options{ReadOnly: true})
+	start = time.Now()
 	count := 0
 	db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket([]byte("bulk")).ForEach(func(k, v []byte) error {
@@ -272,7 +283,8 @@ func bench(path string, nSingle, nBulk int) {
 	})
 	readAll := time.Since(start).Seconds()
 	json.NewEncoder(os.Stdout).Encode(map[string]interface{}{
-		"single_put_tx_s": single, "bulk_put_s": bulk, "read_all_s": readAll, "bytes_read": count,
+		"single_put_tx_s": single, "bulk_put_s": bulk, "sequential_put_s": sequential,
+		"read_all_s": readAll, "bytes_read": count,
 	})
 }
 
