@@ -95,6 +95,19 @@ def test_commit_writes_meta_page_of_txid_mod_2(db_path):
             assert meta[8] == expected_txid
 
 
+def test_freelist_of_0xffff_ids_or_more_keeps_its_count_in_the_first_id():
+    ids = list(range(2, 70002))
+    freelist = bbolt_lite._Freelist(ids)
+    pages = freelist.page_size_needed() // 4096 + 1
+    raw = freelist.to_bytes(9, pages - 1, pages * 4096)
+    assert bbolt_lite.PAGE_HEADER.unpack_from(raw, 0) == (9, 0x10, 0xFFFF, pages - 1)
+    assert bbolt_lite.PGID.unpack_from(raw, 16)[0] == 70000
+    assert bbolt_lite._parse_freelist(raw, 9, 80000) == ids
+    small = bbolt_lite._Freelist(range(2, 0xFFFF + 1))  # 0xFFFE ids: the plain form
+    raw = small.to_bytes(3, 128, 129 * 4096)
+    assert bbolt_lite.PAGE_HEADER.unpack_from(raw, 0)[2] == 0xFFFE
+
+
 def test_element_pos_counts_from_the_element_itself(db_path):
     with bbolt_lite.open(db_path) as db:
         with db.update() as tx:
@@ -614,7 +627,7 @@ def test_cyclic_tree_is_reported_not_followed_forever(db_path):
 
 def _python_shapes(path, shape):
     """Write with bbolt_lite; return the records Go must read back."""
-    with bbolt_lite.open(path) as db:
+    with bbolt_lite.open(path, page_size=1024 if shape == "bigfreelist" else None) as db:
         if shape == "small":
             with db.update() as tx:
                 b = tx.create_bucket(b"small")
@@ -641,6 +654,16 @@ def _python_shapes(path, shape):
                     b = tx.bucket(b"churn")
                     for i in range(round_, 20000, 10):
                         b.delete(key(i))
+        elif shape == "bigfreelist":  # over 0xFFFF free pages
+            with db.update() as tx:
+                b = tx.create_bucket(b"doomed")
+                for i in range(7000):
+                    b.put(key(i), b"d" * 10240)
+            with db.update() as tx:
+                tx.delete_bucket(b"doomed")
+            with db.update() as tx:
+                tx.create_bucket(b"kept").put(b"k", b"v")
+            assert db._freelist.count() > 0xFFFF
         elif shape == "nested":
             with db.update() as tx:
                 top = tx.create_bucket(b"top")
@@ -659,7 +682,7 @@ def _python_shapes(path, shape):
         return dump_records(db)
 
 
-@pytest.mark.parametrize("shape", ["small", "many", "big", "churn", "nested"])
+@pytest.mark.parametrize("shape", ["small", "many", "big", "churn", "nested", "bigfreelist"])
 def test_go_bbolt_checks_and_reads_files_written_here(tmp_path, boltcheck, shape):
     path = str(tmp_path / (shape + ".db"))
     expected = _python_shapes(path, shape)
@@ -668,7 +691,8 @@ def test_go_bbolt_checks_and_reads_files_written_here(tmp_path, boltcheck, shape
 
 
 @pytest.mark.parametrize("shape", ["small", "many", "big", "churn", "nested", "inline",
-                                   "nofreelistsync", "pagesize1k", "pagesize16k"])
+                                   "nofreelistsync", "pagesize1k", "pagesize16k",
+                                   "bigfreelist"])
 def test_files_written_by_go_read_exactly_and_stay_writable(tmp_path, boltcheck, shape):
     path = str(tmp_path / (shape + ".db"))
     result = run_boltcheck(boltcheck, "write", path, shape)

@@ -433,3 +433,31 @@ def test_dead_letter_file_passes_go_bbolt_check(processes, db, boltcheck):
     result = run_boltcheck(boltcheck, "check", str(db))
     assert result.stdout.strip() == "OK", result.stdout + result.stderr
     assert os.path.getsize(db) > 0
+
+
+def test_a_broken_pypi_xid_package_falls_back_to_the_vendored_ids(monkeypatch):
+    import types
+
+    class Broken:
+        def string(self):
+            raise TypeError("like xid 1.0.4 on Python 3")
+
+    monkeypatch.setitem(sys.modules, "xid", types.SimpleNamespace(Xid=Broken))
+    assert broker._pypi_xid_generator() is None
+    new_id = broker.new_id_function()
+    assert is_xid(new_id())
+
+
+def test_a_sound_pypi_xid_package_is_used(monkeypatch):
+    import types
+    vendored = broker.XidGenerator()
+
+    class Sound:
+        def string(self):
+            return vendored.new()
+
+    monkeypatch.setitem(sys.modules, "xid", types.SimpleNamespace(Xid=Sound))
+    new_id = broker.new_id_function()
+    assert new_id is not vendored.new and is_xid(new_id())
+    monkeypatch.setitem(sys.modules, "xid", None)  # not installed
+    assert broker._pypi_xid_generator() is None

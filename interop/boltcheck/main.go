@@ -131,7 +131,7 @@ func write(path, shape string) {
 	switch shape {
 	case "nofreelistsync":
 		opts.NoFreelistSync = true
-	case "pagesize1k":
+	case "pagesize1k", "bigfreelist":
 		opts.PageSize = 1024
 	case "pagesize16k":
 		opts.PageSize = 16384
@@ -212,6 +212,20 @@ func write(path, shape string) {
 			}
 			_, err := tx.CreateBucket([]byte("empty"))
 			return err
+		})
+	case "bigfreelist":
+		// Over 0xFFFF free pages: the freelist page stores its count in its first id.
+		update(db, func(tx *bolt.Tx) error {
+			b, _ := tx.CreateBucket([]byte("doomed"))
+			for i := 0; i < 7000; i++ {
+				b.Put(key(i), value(i, 10*1024))
+			}
+			return nil
+		})
+		update(db, func(tx *bolt.Tx) error { return tx.DeleteBucket([]byte("doomed")) })
+		update(db, func(tx *bolt.Tx) error {
+			b, _ := tx.CreateBucket([]byte("kept"))
+			return b.Put([]byte("k"), []byte("v"))
 		})
 	default:
 		fail("unknown shape %q", shape)
