@@ -31,6 +31,7 @@ import argparse
 import collections
 import datetime
 import hashlib
+import hmac
 import http
 import http.server
 import json
@@ -59,11 +60,12 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_TIMEOUT = 10.0
 DEFAULT_HEARTBEAT = 15.0
 DEFAULT_MAX_BATCHSIZE = 1000
+DEFAULT_MAX_WORKERS = 1000
 MAX_REPORT_BYTES = 64 * 1024
 SSE_RETRY_MS = 2000
 # A request must arrive whole within this many seconds (a slow or stalled
 # client holds a thread no longer), and a stream write may block no longer.
-SOCKET_TIMEOUT = 30.0
+DEFAULT_READ_TIMEOUT = 30.0
 DEAD_LETTER_BUCKET = b"failed"
 MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
 
@@ -208,7 +210,7 @@ class Message:
 
 
 class Batch:
-    __slots__ = ("number", "session", "messages", "deadline", "started")
+    __slots__ = ("number", "session", "messages", "deadline", "started", "saved_seq")
 
     def __init__(self, number, session, messages, started, deadline):
         self.number = number
@@ -216,6 +218,7 @@ class Batch:
         self.messages = messages  # id -> Message, in delivery order
         self.started = started
         self.deadline = deadline
+        self.saved_seq = 0  # with --durable: written once this change is on disk
 
 
 class Session:
@@ -263,15 +266,20 @@ class Dispatcher:
 
     * `work_to_assign`: wakes the dispatch loop; a worker became free, a
       message is waiting for a retry, a lease was taken, or stop.
-    * `dead_letters_waiting`: wakes the dead-letter writer; there are dead
-      letters to save, or stop.
+    * `changes_to_save`: wakes the state writer; there are dead letters (and,
+      with --durable, message states and counters) to save, or stop.
+    * `changes_saved`: wakes whoever waits for a change to be on disk (with
+      --durable, a batch is written and a report answered only then).
     * `Session.batch_ready` (one per stream): wakes that stream's writer.
     * `progress`: wakes whoever waits for the run to settle (`--total`).
     """
 
     def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, lease_timeout=DEFAULT_LEASE_TIMEOUT,
-                 total=None, seed=None, new_id=None, clock=time.monotonic, on_event=None):
+                 total=None, seed=None, new_id=None, clock=time.monotonic, on_event=None,
+                 durable=False, max_workers=None):
         self.max_attempts = max_attempts
+        self.durable = durable
+        self.max_workers = max_workers
         self.lease_timeout = lease_timeout
         self.total = total
         self._rng = random.Random(seed)
@@ -280,7 +288,8 @@ class Dispatcher:
         self._on_event = on_event  # on_event(kind, message, session), under the lock
         self._lock = threading.Lock()
         self.work_to_assign = threading.Condition(self._lock)
-        self.dead_letters_waiting = threading.Condition(self._lock)
+        self.changes_to_save = threading.Condition(self._lock)
+        self.changes_saved = threading.Condition(self._lock)
         self.progress = threading.Condition(self._lock)
         self._sessions = {}                       # token -> Session
         self._free_workers = collections.deque()  # Sessions, in the order they became free
@@ -288,7 +297,9 @@ class Dispatcher:
         self._leases = {}                         # message id -> Batch holding it
         self._batches = collections.deque()       # Batches in flight, oldest deadline first
         self._dead_letters = []                   # (Message, failed_at) not yet saved
-        self._saving_dead_letters = 0             # taken by the writer, not yet saved
+        self._unsaved = {}                        # --durable: id -> record, or None to delete
+        self._change_seq = 0                      # changes made so far
+        self._saved_seq = 0                       # changes on disk so far
         self._batch_number = 0
         self._session_number = 0
         self.stopping = False
@@ -299,9 +310,11 @@ class Dispatcher:
     # -- workers come and go ---------------------------------------------
 
     def connect(self, batchsize):
-        """A new stream: a free worker. None while stopping."""
+        """A new stream: a free worker. None while stopping or full."""
         with self._lock:
             if self.stopping:
+                return None
+            if self.max_workers is not None and len(self._sessions) >= self.max_workers:
                 return None
             self._session_number += 1
             token = secrets.token_urlsafe(24)  # 192 random bits
@@ -397,8 +410,10 @@ class Dispatcher:
             for message in messages.values():
                 message.attempts += 1
                 self._leases[message.id] = batch
+                self._save_locked(message, "leased")
                 if self._on_event:
                     self._on_event("lease", message, session)
+            batch.saved_seq = self._change_seq
             self.dispatched += len(messages)
             session.batch = session.outbox = batch
             self._batches.append(batch)
@@ -443,6 +458,7 @@ class Dispatcher:
                 del self._leases[message.id]
                 if message.id in done_ids:
                     self.done += 1
+                    self._save_locked(message, "done")
                     if self._on_event:
                         self._on_event("done", message, session)
                 else:
@@ -456,8 +472,9 @@ class Dispatcher:
             self._free_workers.append(session)
             self.work_to_assign.notify()
             self.progress.notify_all()
-            return {"batch": batch.number, "done": len(done_ids), "retried": retried,
-                    "dead": dead, "ignored": ignored}
+            result = {"batch": batch.number, "done": len(done_ids), "retried": retried,
+                      "dead": dead, "ignored": ignored}
+            return result, self._change_seq
 
     def _fail_locked(self, message, reason, session, leased=True):
         """A failed attempt: queue a retry, or dead-letter it. True if dead."""
@@ -467,13 +484,14 @@ class Dispatcher:
         if message.attempts >= self.max_attempts:
             self.dead += 1
             self._dead_letters.append((message, _rfc3339_now()))
-            self.dead_letters_waiting.notify()
+            self._save_locked(message, "dead")
             if self._on_event:
                 self._on_event("dead", message, session)
             log.info("dead letter %s after %d attempts (%s)", message.id, message.attempts, reason)
             self.progress.notify_all()
             return True
         self._retry.append(message)
+        self._save_locked(message, "waiting")
         if self._on_event:
             self._on_event("failed", message, session)
         self.work_to_assign.notify()
@@ -488,32 +506,86 @@ class Dispatcher:
         while self._done_times and self._done_times[0][0] < second - 10:
             self._done_times.popleft()
 
-    # -- dead letters -------------------------------------------------------
+    # -- saving state -----------------------------------------------------------
 
-    def take_dead_letters(self, timeout=None):
-        """Wait for dead letters to save; take them all. [] when stopping."""
-        with self._lock:
-            if not self._dead_letters and not self.stopping:
-                self.dead_letters_waiting.wait(timeout)
-            taken, self._dead_letters = self._dead_letters, []
-            self._saving_dead_letters += len(taken)
-            return taken
-
-    def dead_letters_saved(self, taken, ok):
-        """The writer saved `taken` (ok), or failed and gives them back."""
-        with self._lock:
-            self._saving_dead_letters -= len(taken)
-            if ok:
-                self.dead_saved += len(taken)
+    def _save_locked(self, message, state):
+        """Record a change for the state writer: dead letters always; with
+        --durable, every message's state too (`leased`, `waiting`, or gone
+        once `done` or `dead`)."""
+        if self.durable:
+            if state in ("done", "dead"):
+                self._unsaved[message.id] = None
             else:
-                self._dead_letters[:0] = taken
+                self._unsaved[message.id] = {
+                    "id": message.id, "period": message.period, "attempts": message.attempts,
+                    "in_flight": state == "leased", "reason": message.reason}
+        elif state != "dead":
+            return
+        self._change_seq += 1
+        self.changes_to_save.notify()
+
+    def take_changes(self, timeout=None):
+        """Wait for changes to save, and take them all (None when stopping)."""
+        with self._lock:
+            if self._change_seq == self._saved_seq and not self.stopping:
+                self.changes_to_save.wait(timeout)
+            if self._change_seq == self._saved_seq:
+                return None
+            changes = Changes(self._change_seq, self._unsaved, self._dead_letters,
+                              (self.generated, self.done, self.dead) if self.durable else None)
+            self._unsaved, self._dead_letters = {}, []
+            return changes
+
+    def changes_written(self, changes, ok):
+        """The writer saved `changes` (ok), or failed and gives them back."""
+        with self._lock:
+            if ok:
+                self._saved_seq = max(self._saved_seq, changes.seq)
+                self.dead_saved += len(changes.dead_letters)
+                self.changes_saved.notify_all()
+            else:
+                for message_id, record in changes.pending.items():
+                    self._unsaved.setdefault(message_id, record)  # newer ones win
+                self._dead_letters[:0] = changes.dead_letters
             self.progress.notify_all()
+
+    def wait_saved(self, seq, timeout):
+        """Wait until change `seq` is on disk; False on timeout or stop."""
+        with self._lock:
+            deadline = self._clock() + timeout
+            while self._saved_seq < seq and not self.stopping:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return False
+                self.changes_saved.wait(remaining)
+            return self._saved_seq >= seq
+
+    def restore(self, records, counters):
+        """--durable: take back the state a previous run saved.
+
+        A message that was leased when that run ended failed that attempt:
+        its stream closed with the broker.
+        """
+        with self._lock:
+            if counters is not None:
+                self.generated, self.done, self.dead = counters
+                self.dead_saved = self.dead
+            for record in records:
+                message = Message(record["id"], record["period"])
+                message.attempts = record["attempts"]
+                message.reason = record.get("reason")
+                if record.get("in_flight"):
+                    self._fail_locked(message, "stream closed", None, leased=False)
+                else:
+                    self._retry.append(message)
+            self.work_to_assign.notify()
 
     # -- the run as a whole --------------------------------------------------
 
     def settled_locked(self):
         return (self.total is not None and self.generated == self.total
-                and self.done + self.dead_saved == self.total)
+                and self.done + self.dead_saved == self.total
+                and (not self.durable or self._saved_seq == self._change_seq))
 
     def wait_until_settled(self, timeout):
         with self._lock:
@@ -521,15 +593,16 @@ class Dispatcher:
                 self.progress.wait(timeout)
             return self.settled_locked()
 
-    def unsaved_dead_letters(self):
+    def unsaved_changes(self):
         with self._lock:
-            return len(self._dead_letters) + self._saving_dead_letters
+            return self._change_seq - self._saved_seq
 
     def stop(self):
         with self._lock:
             self.stopping = True
             self.work_to_assign.notify_all()
-            self.dead_letters_waiting.notify_all()
+            self.changes_to_save.notify_all()
+            self.changes_saved.notify_all()
             self.progress.notify_all()
             for session in self._sessions.values():
                 session.batch_ready.notify_all()
@@ -570,61 +643,124 @@ class Dispatcher:
             }
 
 
+class Changes:
+    """What the state writer takes in one go: all saved in one transaction."""
+
+    __slots__ = ("seq", "pending", "dead_letters", "counters")
+
+    def __init__(self, seq, pending, dead_letters, counters):
+        self.seq = seq                    # the last change included
+        self.pending = pending            # --durable: id -> record, or None to delete
+        self.dead_letters = dead_letters  # [(Message, failed_at)]
+        self.counters = counters          # --durable: (generated, done, dead)
+
+
 def _rfc3339_now():
     now = datetime.datetime.now(datetime.timezone.utc)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
 
 
 # ---------------------------------------------------------------------------
-# Dead letters: the bbolt file
+# The bbolt file: dead letters, and with --durable every unsettled message
 # ---------------------------------------------------------------------------
+#
+# bucket `failed`:  id -> {"id", "period", "attempts", "reason", "failed_at"}
+# bucket `pending`: (--durable) id -> {"id", "period", "attempts", "in_flight", "reason"}
+#                   for every generated message not yet done or dead
+# bucket `state`:   (--durable) b"generated", b"done", b"dead" -> decimal counts
 
-class DeadLetterWriter:
-    """Saves dead letters, all that are ready in one bbolt transaction."""
+PENDING_BUCKET = b"pending"
+STATE_BUCKET = b"state"
+_COUNTER_KEYS = (b"generated", b"done", b"dead")
+
+
+def load_durable_state(db):
+    """The pending records and counters a --durable run left in `db`."""
+    with db.view() as tx:
+        pending = tx.bucket(PENDING_BUCKET)
+        records = [json.loads(value) for _key, value in pending.items()] if pending else []
+        state = tx.bucket(STATE_BUCKET)
+        counters = None
+        if state is not None:
+            counters = tuple(int(state.get(key) or b"0") for key in _COUNTER_KEYS)
+    return records, counters
+
+
+class StateWriter:
+    """Saves what the dispatcher changed, all that is ready in one transaction.
+
+    One commit (two fdatasyncs) covers every dead letter and, with --durable,
+    every message state that changed since the last one: group commit. On a
+    disk error the changes go back to the dispatcher, stay in memory, and
+    are tried again; /healthz reports the error meanwhile.
+    """
+
+    RETRY_SECONDS = 1.0
 
     def __init__(self, dispatcher, db):
         self.dispatcher = dispatcher
         self.db = db
         self.error = None  # the last write's error, while it lasts
-        self.thread = threading.Thread(target=self.run, name="dead-letters", daemon=True)
+        self.commits = 0
+        self.thread = threading.Thread(target=self.run, name="state-writer", daemon=True)
 
     def run(self):
         while True:
-            taken = self.dispatcher.take_dead_letters()
-            if not taken:
+            changes = self.dispatcher.take_changes()
+            if changes is None:
                 if self.dispatcher.stopping:
                     return
                 continue
-            if not self.save(taken):
-                time.sleep(1.0)  # the disk is failing: try again, keep them in memory
+            if not self.save(changes):
+                time.sleep(self.RETRY_SECONDS)
 
-    def save(self, taken):
+    def save(self, changes):
         try:
             with self.db.update() as tx:
-                bucket = tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
-                bucket.fill_percent = 0.9  # ids grow with time: pack pages
-                for message, failed_at in taken:
-                    record = {"id": message.id, "period": message.period,
-                              "attempts": message.attempts, "reason": message.reason,
-                              "failed_at": failed_at}
-                    bucket.put(message.id.encode("ascii"), _compact_json(record).encode())
+                if changes.dead_letters:
+                    failed = tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
+                    failed.fill_percent = 0.9  # ids grow with time: pack pages
+                    for message, failed_at in changes.dead_letters:
+                        record = {"id": message.id, "period": message.period,
+                                  "attempts": message.attempts, "reason": message.reason,
+                                  "failed_at": failed_at}
+                        failed.put(message.id.encode("ascii"), _compact_json(record).encode())
+                if changes.pending:
+                    pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
+                    pending.fill_percent = 0.9
+                    for message_id, record in changes.pending.items():
+                        if record is None:
+                            pending.delete(message_id.encode("ascii"))
+                        else:
+                            pending.put(message_id.encode("ascii"), _compact_json(record).encode())
+                if changes.counters is not None:
+                    state = tx.create_bucket_if_not_exists(STATE_BUCKET)
+                    for key, value in zip(_COUNTER_KEYS, changes.counters):
+                        state.put(key, b"%d" % value)
         except (bbolt_lite.Error, OSError) as error:
+            if self.error is None:
+                log.error("cannot save %d dead letters and %d message states (%s); keeping "
+                          "them in memory and retrying: %s", len(changes.dead_letters),
+                          len(changes.pending),
+                          ", ".join(m.id for m, _ in changes.dead_letters[:5]) or "no dead letters",
+                          error)
             self.error = str(error)
-            log.error("cannot save %d dead letters (%s), keeping them in memory: %s",
-                      len(taken), ", ".join(m.id for m, _ in taken[:5]), error)
-            self.dispatcher.dead_letters_saved(taken, ok=False)
+            self.dispatcher.changes_written(changes, ok=False)
             return False
+        if self.error is not None:
+            log.info("saving works again")
         self.error = None
-        self.dispatcher.dead_letters_saved(taken, ok=True)
+        self.commits += 1
+        self.dispatcher.changes_written(changes, ok=True)
         return True
 
     def flush(self):
         """Save what is left (at exit, after the writer thread stopped)."""
         while True:
-            taken = self.dispatcher.take_dead_letters(timeout=0)
-            if not taken:
+            changes = self.dispatcher.take_changes(timeout=0)
+            if changes is None:
                 return True
-            if not self.save(taken):
+            if not self.save(changes):
                 return False
 
 
@@ -704,13 +840,14 @@ class BrokerHTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, broker):
         self.broker = broker
-        super().__init__(address, BrokerRequestHandler)
+        handler = type("Handler", (BrokerRequestHandler,), {"timeout": broker.read_timeout})
+        super().__init__(address, handler)
 
 
 class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "broker.py/1"
-    timeout = SOCKET_TIMEOUT
+    timeout = DEFAULT_READ_TIMEOUT  # the server sets --read-timeout
 
     # -- plumbing -----------------------------------------------------------
 
@@ -749,6 +886,9 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _route(self, method):
         url = urllib.parse.urlsplit(self.path)
+        if self.server.broker.token is not None and url.path != "/healthz" \
+                and not self._authorized():
+            return
         routes = {"/task": {"GET": self.handle_task}, "/report": {"POST": self.handle_report},
                   "/stats": {"GET": self.handle_stats}, "/healthz": {"GET": self.handle_healthz}}
         handlers = routes.get(url.path)
@@ -781,6 +921,22 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error_json(500, "internal error")
             except OSError:
                 pass
+
+    def _authorized(self):
+        """Check `Authorization: Bearer <token>`, in constant time; else 401."""
+        header = self.headers.get("Authorization", "")
+        scheme, _space, given = header.partition(" ")
+        expected = self.server.broker.token
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("utf-8", "replace"), expected.encode("utf-8")):
+            return True
+        log.warning("401 for %s %s from %s: %s", self.command, urllib.parse.urlsplit(
+            self.path).path, self.client_address[0],
+            "wrong token" if header else "no Authorization header")
+        self.close_connection = True
+        self.send_error_json(401, "a valid 'Authorization: Bearer <token>' header is required",
+                             [("WWW-Authenticate", 'Bearer realm="broker"')])
+        return False
 
     def do_GET(self):
         self._route("GET")
@@ -817,7 +973,9 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         dispatcher = broker.dispatcher
         session = dispatcher.connect(batchsize)
         if session is None:
-            self.send_error_json(503, "the broker is shutting down")
+            reason = "the broker is shutting down" if dispatcher.stopping else \
+                "too many workers connected (--max-workers %d)" % dispatcher.max_workers
+            self.send_error_json(503, reason, [("Retry-After", "2")])
             return
         self.close_connection = True
         sock = self.connection
@@ -854,6 +1012,10 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             wait = max(0.0, last_write + broker.heartbeat - time.monotonic())
             batch = dispatcher.wait_for_batch(session, wait)
             if batch is not None:
+                # --durable: the lease is on disk before the worker sees the batch.
+                while dispatcher.durable and not dispatcher.wait_saved(batch.saved_seq, 1.0):
+                    if session.closed or dispatcher.stopping:
+                        return
                 size = len(batch.messages)
                 self.wfile.write(b"".join(
                     sse_event("msg", {"id": m.id, "period": m.period, "attempt": m.attempts,
@@ -883,9 +1045,10 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(400, "malformed Content-Length")
             return
         length = int(length_header)
-        if length > MAX_REPORT_BYTES:
+        limit = self.server.broker.max_body
+        if length > limit:
             self.close_connection = True
-            self.send_error_json(413, "report body larger than %d bytes" % MAX_REPORT_BYTES)
+            self.send_error_json(413, "report body larger than %d bytes" % limit)
             return
         body = self.rfile.read(length)
         if len(body) != length:
@@ -905,10 +1068,16 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             self.send_error_json(400, "the body must be a JSON array of id strings")
             return
+        dispatcher = self.server.broker.dispatcher
         try:
-            result = self.server.broker.dispatcher.report(tokens[0], int(batches[0]), ids)
+            result, seq = dispatcher.report(tokens[0], int(batches[0]), ids)
         except ReportError as error:
             self.send_error_json(error.status, str(error))
+            return
+        # --durable: answer only once the outcome is on disk.
+        if dispatcher.durable and not dispatcher.wait_saved(seq, self.timeout):
+            self.send_error_json(503, "the report is taken but not yet saved: the disk is "
+                                      "failing (see /healthz)")
             return
         self.send_json(200, result)
 
@@ -940,14 +1109,20 @@ def _shutdown_socket(sock):
 # ---------------------------------------------------------------------------
 
 class TraceFile:
-    """JSON lines of every lease start and end, in the order they happened."""
+    """JSON lines of every lease start and end, in the order they happened.
+
+    Appended to, a line at a time, so that runs of a restarted broker add up
+    and a crash loses nothing already written. `worker` is the stream's
+    number in this run (0: no stream, a failure found at a --durable start).
+    """
 
     def __init__(self, path):
-        self._file = open(path, "w", buffering=1 << 16)
+        self._file = open(path, "a", buffering=1)
 
     def __call__(self, kind, message, session):
-        self._file.write('{"t":%.6f,"event":"%s","id":"%s","worker":%d,"attempt":%d}\n' % (
-            time.monotonic(), kind, message.id, session.number, message.attempts))
+        self._file.write('{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"attempt":%d}\n'
+                         % (time.time(), os.getpid(), kind, message.id,
+                            session.number if session else 0, message.attempts))
 
     def close(self):
         self._file.close()
@@ -958,18 +1133,21 @@ class Broker:
         self.args = args
         self.heartbeat = args.heartbeat
         self.max_batchsize = args.max_batchsize
+        self.max_body = args.max_body
+        self.read_timeout = args.read_timeout
+        self.token = args.token or None
         self.trace = TraceFile(args.trace) if args.trace else None
+        self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
+                                     lease_timeout=args.lease_timeout, total=args.total,
+                                     seed=args.seed, on_event=self.trace,
+                                     durable=args.durable, max_workers=args.max_workers)
         self.db = bbolt_lite.open(args.db, timeout=1.0)
         try:
-            with self.db.update() as tx:
-                tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
+            self._open_state()
         except BaseException:
             self.db.close()
             raise
-        self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
-                                     lease_timeout=args.lease_timeout, total=args.total,
-                                     seed=args.seed, on_event=self.trace)
-        self.dead_letters = DeadLetterWriter(self.dispatcher, self.db)
+        self.state_writer = StateWriter(self.dispatcher, self.db)
         self.watcher = StreamWatcher(self.dispatcher)
         try:
             self.server = BrokerHTTPServer((args.host, args.port), self)
@@ -983,9 +1161,27 @@ class Broker:
         self.stop_requested = threading.Event()
         self._threads = [
             threading.Thread(target=self.dispatcher.run, name="dispatch", daemon=True),
-            self.dead_letters.thread, self.watcher.thread,
+            self.state_writer.thread, self.watcher.thread,
             threading.Thread(target=self.server.serve_forever, name="http", daemon=True),
         ]
+
+    def _open_state(self):
+        with self.db.update() as tx:
+            tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
+        records, counters = load_durable_state(self.db)
+        if not self.args.durable:
+            if records:
+                log.warning("%s holds %d unsettled messages of a --durable run: left as they "
+                            "are (start with --durable to resume them)", self.args.db, len(records))
+            return
+        self.dispatcher.restore(records, counters)
+        if records or counters:
+            log.info("resuming from %s: %d unsettled messages, %d generated so far, "
+                     "%d done, %d dead", self.args.db, len(records),
+                     *(counters or (0, 0, 0)))
+        if counters and self.args.total is not None and counters[0] > self.args.total:
+            raise ValueError("%s has %d messages generated already, more than --total %d"
+                             % (self.args.db, counters[0], self.args.total))
 
     @property
     def url(self):
@@ -995,9 +1191,11 @@ class Broker:
     def start(self):
         for thread in self._threads:
             thread.start()
-        log.info("listening on %s (db %s, max attempts %d, lease %.1f s%s)", self.url,
-                 self.args.db, self.args.max_attempts, self.args.lease_timeout,
-                 ", total %d" % self.args.total if self.args.total is not None else "")
+        log.info("listening on %s (db %s%s, max attempts %d, lease %.1f s%s%s)", self.url,
+                 self.args.db, ", durable" if self.args.durable else "",
+                 self.args.max_attempts, self.args.lease_timeout,
+                 ", total %d" % self.args.total if self.args.total is not None else "",
+                 ", bearer token required" if self.token else "")
 
     def stream_opened(self):
         with self._streams_lock:
@@ -1010,8 +1208,8 @@ class Broker:
                 self._no_streams.notify_all()
 
     def health_problem(self):
-        if self.dead_letters.error is not None:
-            return "dead letters cannot be saved: " + self.dead_letters.error
+        if self.state_writer.error is not None:
+            return "the db cannot be written: " + self.state_writer.error
         if not self._threads[0].is_alive() and not self.dispatcher.stopping:
             return "the dispatch loop has stopped"
         return None
@@ -1036,10 +1234,11 @@ class Broker:
         self.server.server_close()
         self.watcher.stop()
         self._threads[1].join(5.0)
-        saved = self.dead_letters.flush()
-        unsaved = dispatcher.unsaved_dead_letters()
+        saved = self.state_writer.flush()
+        unsaved = dispatcher.unsaved_changes()
         if not saved or unsaved:
-            log.error("%d dead letters could not be saved", unsaved)
+            log.error("%d changes (dead letters%s) could not be saved", unsaved,
+                      ", message states" if dispatcher.durable else "")
         self.db.close()
         if self.trace:
             self.trace.close()
@@ -1100,6 +1299,22 @@ def parse_args(argv=None):
                              "(default: generate forever)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for the message periods, for reproducible runs")
+    parser.add_argument("--durable", action="store_true",
+                        help="keep every unsettled message in the db (bucket 'pending'), so a "
+                             "broker that is killed and started again resumes them; batches are "
+                             "sent and reports answered once on disk (group commit)")
+    parser.add_argument("--max-workers", type=_positive_int, default=DEFAULT_MAX_WORKERS,
+                        help="concurrent streams; more get 503 (default: %(default)s)")
+    parser.add_argument("--max-body", type=_positive_int, default=MAX_REPORT_BYTES,
+                        metavar="BYTES",
+                        help="largest report body; larger get 413 (default: %(default)s)")
+    parser.add_argument("--read-timeout", type=_positive_float, default=DEFAULT_READ_TIMEOUT,
+                        metavar="SECONDS",
+                        help="a request must arrive whole within this time, and a stream "
+                             "write may block no longer (default: %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
+                        help="require 'Authorization: Bearer TOKEN' on every endpoint but "
+                             "/healthz (default: $BROKER_TOKEN; unset: no authentication)")
     parser.add_argument("--trace", default=None, metavar="FILE",
                         help="write every lease start and end to FILE as JSON lines (for audits)")
     parser.add_argument("--log-level", default="INFO",
@@ -1118,7 +1333,7 @@ def main(argv=None):
         log.error("%s is locked by another process: is another broker using it? "
                   "Give this one another --db.", args.db)
         return 2
-    except bbolt_lite.Error as error:
+    except (bbolt_lite.Error, ValueError) as error:
         log.error("cannot use %s: %s", args.db, error)
         return 2
     except OSError as error:

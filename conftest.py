@@ -38,11 +38,6 @@ def run_boltcheck(binary, *args, timeout=120):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture
-def python_exe():
-    return sys.executable
-
-
 # ---------------------------------------------------------------------------
 # Real processes: the broker and the worker, on ephemeral loopback ports
 # ---------------------------------------------------------------------------
@@ -64,12 +59,12 @@ PROCESS_TIMEOUT = 60
 class Process:
     """A child process whose stderr is collected line by line, for awaiting."""
 
-    def __init__(self, args, cwd=HERE, env=None):
+    def __init__(self, args, cwd=HERE, env=None, preexec_fn=None):
         self.args = args
         self.popen = subprocess.Popen([sys.executable] + args, cwd=cwd, env=env,
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=preexec_fn)
         self.lines = []
         self._new_line = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -135,9 +130,9 @@ class Process:
 
 
 class BrokerProcess(Process):
-    def __init__(self, db, *flags, port=0):
+    def __init__(self, db, *flags, port=0, **popen_options):
         super().__init__(["broker.py", "--port", str(port), "--db", str(db),
-                          "--log-level", "DEBUG"] + [str(f) for f in flags])
+                          "--log-level", "DEBUG"] + [str(f) for f in flags], **popen_options)
         line = self.wait_for_line(r"listening on http://")
         self.url = re.search(r"listening on (http://[0-9.]+:\d+)", line).group(1)
         self.host, port_text = self.url[len("http://"):].split(":")
@@ -146,6 +141,11 @@ class BrokerProcess(Process):
     def request(self, method, path, body=None, headers=None, timeout=10):
         """(status, headers, parsed JSON or text)."""
         return http_request(self.host, self.port, method, path, body, headers, timeout)
+
+    def threads(self):
+        """The broker process's thread count now."""
+        with open("/proc/%d/status" % self.popen.pid) as f:
+            return int(re.search(r"Threads:\s+(\d+)", f.read()).group(1))
 
     def report(self, token, batch, ids):
         return self.request("POST", "/report?worker=%s&batch=%d" % (token, batch),
@@ -180,13 +180,13 @@ def processes():
     started = []
 
     class Starter:
-        def broker(self, db, *flags, port=0):
-            process = BrokerProcess(db, *flags, port=port)
+        def broker(self, db, *flags, port=0, **popen_options):
+            process = BrokerProcess(db, *flags, port=port, **popen_options)
             started.append(process)
             return process
 
-        def worker(self, *args):
-            process = Process(["worker.py"] + [str(a) for a in args])
+        def worker(self, *args, env=None):
+            process = Process(["worker.py"] + [str(a) for a in args], env=env)
             started.append(process)
             return process
 
@@ -281,10 +281,10 @@ class StrictSSEParser:
 class SSEClient:
     """GET a stream over a raw socket; read events with the strict parser."""
 
-    def __init__(self, host, port, path, timeout=10):
+    def __init__(self, host, port, path, timeout=10, headers=""):
         self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n\r\n"
-                           % (path, host, port)).encode())
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n%s\r\n"
+                           % (path, host, port, headers)).encode())
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(4096)

@@ -30,8 +30,8 @@ class FakeClock:
 class DispatcherMachine(RuleBasedStateMachine):
     sessions = Bundle("sessions")
 
-    @initialize(total=st.one_of(st.none(), st.integers(0, 30)))
-    def start(self, total):
+    @initialize(total=st.one_of(st.none(), st.integers(0, 30)), durable=st.booleans())
+    def start(self, total, durable):
         self.clock = FakeClock()
         counter = itertools.count()
         self.events = []
@@ -42,7 +42,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.total = total
         self.dispatcher = broker.Dispatcher(
             max_attempts=MAX_ATTEMPTS, lease_timeout=LEASE, total=total, seed=7,
-            new_id=lambda: "m%06d" % next(counter), clock=self.clock, on_event=self.on_event)
+            new_id=lambda: "m%06d" % next(counter), clock=self.clock, on_event=self.on_event,
+            durable=durable)
 
     def on_event(self, kind, message, session):
         mid = message.id
@@ -82,7 +83,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         number = (batch.number if batch else 0) + (1 if wrong_batch else 0)
         snapshot = dict(self.dispatcher.snapshot()["leases"])
         try:
-            result = self.dispatcher.report(session.token, number, chosen + foreign)
+            result, _seq = self.dispatcher.report(session.token, number, chosen + foreign)
         except broker.ReportError as error:
             assert error.status in (404, 409)
             assert session.closed or wrong_batch or batch is None
@@ -119,6 +120,19 @@ class DispatcherMachine(RuleBasedStateMachine):
         for mid, (token, _number) in state["leases"].items():
             assert self.leased_to[mid] == token
         assert all(1 <= n <= MAX_ATTEMPTS for n in state["attempts"].values())
+
+    @rule()
+    def state_writer_saves(self):
+        changes = self.dispatcher.take_changes(timeout=0)
+        if changes is None:
+            return
+        for message_id, record in changes.pending.items():
+            if record is None:
+                assert message_id in self.done or message_id in self.dead
+            else:
+                assert record["in_flight"] == (message_id in self.leased_to)
+                assert record["attempts"] == self.deliveries[message_id]
+        self.dispatcher.changes_written(changes, ok=True)
 
     @invariant()
     def free_workers_hold_no_batch_and_busy_ones_are_not_free(self):

@@ -23,7 +23,7 @@ Run::
     python worker.py --time-scale 0.01       # 100 times faster work
 
 Flags (``python worker.py --help``): --url, --batchsize, --time-scale,
---seed, --processes, --log-level. Standard library only, Python 3.9 or newer;
+--seed, --token, --processes, --log-level. Standard library only, Python 3.9 or newer;
 this file works on its own.
 """
 
@@ -86,6 +86,7 @@ class SSEParser:
     def __init__(self):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._buffer = ""
+        self._skip_lf = False  # the last chunk ended in CR: an LF now is its other half
         self._first = True
         self._event_type = ""
         self._data = []
@@ -99,17 +100,23 @@ class SSEParser:
             self._first = False
             if text.startswith("\ufeff"):
                 text = text[1:]
+        if self._skip_lf and text:
+            self._skip_lf = False
+            if text.startswith("\n"):
+                text = text[1:]
         buffer = self._buffer + text
         events = []
         pos = 0
         while True:
             end = _END_OF_LINE.search(buffer, pos)
-            if end is None or (end.group() == "\r" and end.end() == len(buffer)):
-                break  # no whole line yet (a CR at the end may be half a CRLF)
+            if end is None:
+                break
             event = self._line(buffer[pos:end.start()])
             pos = end.end()
             if event is not None:
                 events.append(event)
+        if buffer.endswith("\r") and pos == len(buffer):
+            self._skip_lf = True  # a CR ends the line now; an LF next would be CRLF's half
         self._buffer = buffer[pos:]
         return events
 
@@ -171,8 +178,9 @@ class Stream:
 
 
 class Worker:
-    def __init__(self, url, batchsize, time_scale=1.0, rng=None):
+    def __init__(self, url, batchsize, time_scale=1.0, rng=None, token=None):
         self.url = url.rstrip("/")
+        self.auth = {"Authorization": "Bearer " + token} if token else {}
         self.batchsize = batchsize
         self.time_scale = time_scale
         self.rng = rng or random.Random()
@@ -206,11 +214,11 @@ class Worker:
         stream = Stream(self.url)
         request = urllib.request.Request(
             "%s/task?batchsize=%d" % (self.url, self.batchsize),
-            headers={"Accept": "text/event-stream", "Cache-Control": "no-store"})
+            headers=dict(self.auth, **{"Accept": "text/event-stream", "Cache-Control": "no-store"}))
         try:
             response = urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT)
         except urllib.error.HTTPError as error:
-            if 400 <= error.code < 500:
+            if 400 <= error.code < 500 and error.code != 429:
                 raise FatalError("broker refused the stream: %d %s"
                                  % (error.code, _error_text(error))) from error
             raise
@@ -331,8 +339,8 @@ class Worker:
         body = json.dumps(batch.succeeded).encode("utf-8")
         delay = 0.05
         while not stream.lost.is_set():
-            request = urllib.request.Request(url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(url, data=body, method="POST", headers=dict(
+                self.auth, **{"Content-Type": "application/json"}))
             try:
                 with urllib.request.urlopen(request, timeout=REPORT_TIMEOUT) as response:
                     result = json.loads(response.read())
@@ -341,6 +349,8 @@ class Worker:
                          len(batch.succeeded), batch.raised, batch.refused,
                          time.monotonic() - batch.started, result.get("done"),
                          result.get("retried"), result.get("dead"))
+                log.debug("batch %d: reported done: %s", batch.number, " ".join(
+                    i for i in batch.succeeded if i not in set(result.get("ignored", ()))))
                 return
             except urllib.error.HTTPError as error:
                 if error.code in (404, 409):
@@ -413,11 +423,13 @@ def supervise(args):
     def start(slot, generation):
         command = [sys.executable, os.path.abspath(__file__), "--url", args.url,
                    "--time-scale", repr(args.time_scale), "--log-level", args.log_level]
+        # The token goes to the children by environment, not on a command line.
         if args.batchsize is not None:
             command += ["--batchsize", str(args.batchsize)]
         if args.seed is not None:
             command += ["--seed", str(args.seed + slot + 1000 * generation)]
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        env = dict(os.environ, BROKER_TOKEN=args.token) if args.token else None
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
         children[slot] = child
         starts[slot] = time.monotonic()
         threading.Thread(target=lambda: exits.put((slot, child, child.wait())),
@@ -484,6 +496,8 @@ def parse_args(argv=None):
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for the batchsize and backoff jitter, for reproducible runs")
+    parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
+                        help="send 'Authorization: Bearer TOKEN' (default: $BROKER_TOKEN)")
     parser.add_argument("--processes", type=int, default=None, metavar="N",
                         help="run N worker processes, restarting each one that exits; "
                              "Ctrl-C stops them all")
@@ -520,7 +534,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    worker = Worker(args.url, batchsize, args.time_scale, rng)
+    worker = Worker(args.url, batchsize, args.time_scale, rng, token=args.token)
     runner = threading.Thread(target=_run_worker, args=(worker, stop), name="stream",
                               daemon=True)
     runner.start()

@@ -1,0 +1,168 @@
+"""A protocol client of our own: zero work, every id reported, faults on demand.
+
+Used by the benchmarks (so that their figures are the broker's, not
+worker.py's) and by the reliability tests (so that every acknowledged id is
+known). It speaks PROTOCOL.md over a raw socket for the stream and a
+keep-alive HTTP connection for the reports; standard library only.
+
+    client = Client("http://127.0.0.1:8080", batchsize=10, fail_share=0.2)
+    client.run(stop_event)          # until stop_event is set
+    client.acked                    # ids the broker acknowledged as done
+"""
+
+import http.client
+import json
+import random
+import socket
+import threading
+import time
+import urllib.parse
+
+
+class Faults:
+    """Probabilities, per batch, of misbehaving in the ways a real worker can."""
+
+    def __init__(self, cut=0.0, drop=0.0, delay=0.0, delay_seconds=0.0):
+        self.cut = cut                      # close the stream in the middle of the batch
+        self.drop = drop                    # never report; keep the stream open
+        self.delay = delay                  # report only after delay_seconds
+        self.delay_seconds = delay_seconds  # (past the lease: the report is late)
+
+
+class Client:
+    def __init__(self, url, batchsize, fail_share=0.0, seed=None, token=None, faults=None):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.batchsize = batchsize
+        self.fail_share = fail_share
+        self.rng = random.Random(seed)
+        self.auth = "Authorization: Bearer %s\r\n" % token if token else ""
+        self.headers = {"Content-Type": "application/json"}
+        if token:
+            self.headers["Authorization"] = "Bearer " + token
+        self.faults = faults or Faults()
+        self.lock = threading.Lock()
+        self.received = []          # every msg event: (id, attempt)
+        self.acked = []             # ids acknowledged done by a 200
+        self.batches = 0
+        self.latencies = []         # seconds from sending a report to the next batch's first byte
+        self.errors = 0
+        self.injected = {"cut": 0, "drop": 0, "delay": 0}
+        self._report_conn = None
+
+    # -- the stream ---------------------------------------------------------
+
+    def run(self, stop, seconds=None):
+        """Serve streams until `stop` is set (or `seconds` pass); reconnect on errors."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            try:
+                self._session(stop, deadline)
+            except (OSError, ValueError, http.client.HTTPException):
+                with self.lock:
+                    self.errors += 1
+                stop.wait(0.05)
+
+    def _session(self, stop, deadline):
+        sock = socket.create_connection((self.host, self.port), timeout=5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.sendall(("GET /task?batchsize=%d HTTP/1.1\r\nHost: %s\r\n%s"
+                          "Accept: text/event-stream\r\n\r\n"
+                          % (self.batchsize, self.host, self.auth)).encode())
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            head, _sep, buffer = buffer.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                stop.wait(0.2)
+                return
+            token = None
+            batch = []
+            sent_report_at = None
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                while b"\n\n" not in buffer:
+                    sock.settimeout(1.0)
+                    try:
+                        chunk = sock.recv(65536)
+                    except socket.timeout:
+                        if stop.is_set():
+                            return
+                        continue
+                    if not chunk:
+                        return
+                    if sent_report_at is not None:
+                        with self.lock:
+                            self.latencies.append(time.perf_counter() - sent_report_at)
+                        sent_report_at = None
+                    buffer += chunk
+                event, _sep, buffer = buffer.partition(b"\n\n")
+                kind, data = _parse_event(event)
+                if kind == "hello":
+                    token = data["worker"]
+                elif kind == "bye":
+                    return
+                elif kind == "msg":
+                    batch.append(data)
+                    with self.lock:
+                        self.received.append((data["id"], data["attempt"]))
+                    if self.faults.cut and self.rng.random() < self.faults.cut / data["size"]:
+                        self.injected["cut"] += 1
+                        return  # the stream is cut in the middle of the batch
+                    if len(batch) == data["size"]:
+                        sent_report_at = self._finish(token, batch)
+                        batch = []
+        finally:
+            sock.close()
+
+    def _finish(self, token, batch):
+        """Report a whole batch (or misbehave); the time the report was sent."""
+        number = batch[0]["batch"]
+        if self.faults.drop and self.rng.random() < self.faults.drop:
+            self.injected["drop"] += 1
+            return None  # the lease will expire and the broker will close the stream
+        if self.faults.delay and self.rng.random() < self.faults.delay:
+            self.injected["delay"] += 1
+            time.sleep(self.faults.delay_seconds)
+        ids = [m["id"] for m in batch if not (self.fail_share and
+                                              self.rng.random() < self.fail_share)]
+        sent = time.perf_counter()
+        status, answer = self.report(token, number, ids)
+        with self.lock:
+            self.batches += 1
+            if status == 200:
+                ignored = set(answer.get("ignored", ()))
+                self.acked.extend(i for i in ids if i not in ignored)
+        return sent
+
+    def report(self, token, number, ids):
+        body = json.dumps(ids).encode()
+        path = "/report?worker=%s&batch=%d" % (urllib.parse.quote(token), number)
+        for _attempt in range(2):  # once more on a keep-alive connection the server closed
+            if self._report_conn is None:
+                self._report_conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+            try:
+                self._report_conn.request("POST", path, body, self.headers)
+                response = self._report_conn.getresponse()
+                answer = json.loads(response.read() or b"{}")
+                if response.getheader("Connection", "").lower() == "close":
+                    self._report_conn.close()
+                    self._report_conn = None
+                return response.status, answer
+            except (OSError, http.client.HTTPException):
+                self._report_conn.close()
+                self._report_conn = None
+        return 0, {}
+
+
+def _parse_event(raw):
+    kind, data = None, None
+    for line in raw.decode("utf-8").split("\n"):
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+    return kind, data

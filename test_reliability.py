@@ -1,0 +1,306 @@
+"""Faults and hostile input: durable restarts, a failing disk, bad requests, limits, tokens."""
+
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+import bbolt_lite
+from conftest import HERE, SSEClient
+
+sys.path.insert(0, os.path.join(HERE, "bench"))
+from client import Client  # noqa: E402
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "broker.db"
+
+
+def read_db(db):
+    """(dead letters {id: record}, pending {id: record}, counters {name: n})."""
+    with bbolt_lite.open(str(db), readonly=True, timeout=5) as store, store.view() as tx:
+        def bucket(name):
+            b = tx.bucket(name)
+            return {k.decode(): v for k, v in b.items()} if b else {}
+        dead = {k: json.loads(v) for k, v in bucket(b"failed").items()}
+        pending = {k: json.loads(v) for k, v in bucket(b"pending").items()}
+        counters = {k: int(v) for k, v in bucket(b"state").items()}
+    return dead, pending, counters
+
+
+# --- durable mode -------------------------------------------------------------
+
+def test_durable_broker_killed_resumes_its_messages_counting_the_lost_lease_as_a_failure(
+        processes, db):
+    b = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
+    client = b.stream(3)
+    client.hello()
+    first = client.batch()
+    b.report(client.token, first[0]["batch"], [first[0]["id"]])
+    second = client.batch()  # the two failed ones (attempt 2) and a new one
+    assert sorted((m["attempt"], m["id"]) for m in second)[1:] == sorted(
+        (2, m["id"]) for m in first[1:])
+    b.signal(signal.SIGKILL)
+    b.wait()
+    client.close()
+    _dead, pending, counters = read_db(db)
+    assert set(pending) == {m["id"] for m in second}
+    assert all(p["in_flight"] for p in pending.values())
+    assert counters == {"generated": 4, "done": 1, "dead": 0}
+
+    again = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
+    assert "resuming from" in again.output()
+    client = again.stream(10)
+    client.hello()
+    batch = client.batch()
+    resumed = {m["id"]: m["attempt"] for m in batch if m["id"] in pending}
+    assert resumed == {m["id"]: m["attempt"] + 1 for m in second}  # the lost lease failed
+    assert len(batch) == 5 and first[0]["id"] not in {m["id"] for m in batch}
+    assert again.report(client.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    assert again.wait() == 0
+    dead, pending, counters = read_db(db)
+    assert (dead, pending, counters) == ({}, {}, {"generated": 6, "done": 6, "dead": 0})
+
+
+def test_durable_broker_killed_at_random_moments_settles_each_message_exactly_once(
+        processes, db):
+    total = 400
+    rng = random.Random(5)
+    stop = threading.Event()
+    flags = ("--durable", "--total", total, "--lease-timeout", "2", "--max-attempts", "3")
+    b = processes.broker(db, *flags)
+    clients = [Client(b.url, batchsize=rng.randint(2, 10), fail_share=0.2, seed=i)
+               for i in range(4)]
+    threads = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    try:
+        for _kill in range(6):
+            time.sleep(rng.uniform(0.2, 0.8))
+            if b.popen.poll() is not None:
+                break  # it finished already
+            b.signal(signal.SIGKILL)
+            b.wait()
+            b = processes.broker(db, *flags, port=b.port)
+        assert b.wait(timeout=120) == 0, b.output()[-2000:]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    dead, pending, counters = read_db(db)
+    acked = [i for c in clients for i in c.acked]
+    assert len(acked) == len(set(acked)), "a message was acknowledged done twice"
+    assert not set(acked) & set(dead), "a message is both done and dead"
+    assert len(acked) + len(dead) == total
+    assert pending == {} and counters == {"generated": total, "done": len(acked),
+                                          "dead": len(dead)}
+    received = {i for c in clients for i, _attempt in c.received}
+    assert received == set(acked) | set(dead)  # nothing sent was lost
+    with bbolt_lite.open(str(db), readonly=True) as store:
+        assert store.check() == []
+
+
+def test_without_durable_a_restart_leaves_earlier_pending_records_alone(processes, db):
+    b = processes.broker(db, "--durable", "--heartbeat", "600")
+    client = b.stream(2)
+    client.hello()
+    client.batch()
+    b.signal(signal.SIGKILL)
+    b.wait()
+    again = processes.broker(db)
+    again.wait_for_line(r"holds 2 unsettled messages of a --durable run")
+    assert len(read_db_after_stop(again, db)[1]) == 2
+
+
+def read_db_after_stop(process, db):
+    process.stop()
+    return read_db(db)
+
+
+# --- a failing disk -------------------------------------------------------------
+
+def test_a_failing_disk_keeps_dead_letters_in_memory_says_503_then_recovers(processes, db):
+    limit = 64 * 1024  # the file may not grow past this: writes fail with EFBIG
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600",
+                         preexec_fn=small_disk)
+    client = b.stream(100)
+    client.hello()
+    for _ in range(10):  # 1000 dead letters: far more than 64 KiB
+        batch = client.batch()
+        assert b.report(client.token, batch[0]["batch"], [])[0] == 200
+    b.wait_for_line(r"ERROR.*cannot save .* keeping them in memory")
+    status, _headers, body = b.request("GET", "/healthz")
+    assert status == 503 and "cannot be written" in body
+    dead_before = b.stats()["dead"]
+    # The disk has room again: the writer catches up, nothing was dropped.
+    resource.prlimit(b.popen.pid, resource.RLIMIT_FSIZE,
+                     (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    b.wait_for_line(r"saving works again", timeout=30)
+    assert b.request("GET", "/healthz")[0] == 200
+    client.close()
+    b.stop()
+    dead, _pending, _counters = read_db(db)
+    assert len(dead) >= dead_before and len(dead) == b.output().count("dead letter ")
+
+
+# --- hostile and broken input ----------------------------------------------------
+
+def raw_exchange(b, payload, timeout=10):
+    """Send raw bytes; return all the broker answers until it closes (or times out)."""
+    conn = socket.create_connection((b.host, b.port), timeout=timeout)
+    conn.sendall(payload)
+    answer = b""
+    try:
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    except socket.timeout:
+        pass
+    conn.close()
+    return answer
+
+
+def test_malformed_and_oversized_requests_are_answered_and_honest_workers_go_on(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--read-timeout", "2")
+    honest = b.stream(2)
+    honest.hello()
+    cases = {
+        b"GET /stats HTTP/1.1\r\nNoColonHere\r\n\r\n": (b"HTTP/1.1 ",),
+        b"GET /stats HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n":
+            (b"HTTP/1.1 431",),
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n": (b"HTTP/1.1 414",),
+        b"\x00\xff\xfe garbage\r\n\r\n": (b"HTTP/1.0 400", b"HTTP/1.1 400"),
+        b"POST /report?worker=x&batch=1 HTTP/1.1\r\nContent-Length: -5\r\n\r\n": (b"HTTP/1.1 400",),
+        b"POST /report?worker=x&batch=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]EXTRA BYTES\r\n\r\n":
+            (b"HTTP/1.1 404",),
+    }
+    for payload, starts in cases.items():
+        answer = raw_exchange(b, payload)
+        assert answer.startswith(starts), (payload[:60], answer[:200])
+    batch = honest.batch()
+    assert b.report(honest.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    honest.close()
+
+
+def test_a_body_never_finished_times_out_and_frees_its_thread(processes, db):
+    b = processes.broker(db, "--read-timeout", "1")
+    baseline = b.threads()
+    conn = socket.create_connection((b.host, b.port), timeout=10)
+    conn.sendall(b"POST /report?worker=x&batch=1 HTTP/1.1\r\nContent-Length: 100\r\n\r\n[\"a")
+    assert conn.recv(100) == b""  # the broker closed it after the read timeout
+    conn.close()
+    deadline = time.monotonic() + 10
+    while b.threads() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.threads() <= baseline
+
+
+def test_hostile_report_bodies_are_400_or_413_and_change_nothing(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    client = b.stream(2)
+    client.hello()
+    batch = client.batch()
+    path = "/report?worker=%s&batch=%d" % (client.token, batch[0]["batch"])
+    for body in (b"[" * 30000 + b"]" * 30000, b'[{"id": 1}]', b'"a string"', b"null",
+                 b"\xc3\x28", b'["a", 1]', b"[" + b"9" * 5000 + b"]"):
+        status, _h, answer = b.request("POST", path, body)
+        assert status == 400, (body[:40], status, answer)
+    too_many = json.dumps(["x%05d" % i for i in range(10000)]).encode()
+    assert b.request("POST", path, too_many)[0] == 413  # over the default 64 KiB
+    assert b.report(client.token, batch[0]["batch"], [m["id"] for m in batch])[2]["done"] == 2
+    client.close()
+
+
+def test_ten_thousand_ids_within_a_raised_body_limit_are_ignored_not_marked(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--max-body", "1000000")
+    client = b.stream(2)
+    client.hello()
+    batch = client.batch()
+    foreign = ["x%05d" % i for i in range(10000)]
+    status, _h, answer = b.report(client.token, batch[0]["batch"],
+                                  foreign + [batch[0]["id"]])
+    assert status == 200 and answer["done"] == 1 and answer["ignored"] == foreign
+    client.close()
+
+
+def test_hundreds_of_idle_connections_do_not_stop_honest_workers(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--read-timeout", "2")
+    baseline = b.threads()
+    idle = [socket.create_connection((b.host, b.port), timeout=10) for _ in range(300)]
+    honest = b.stream(3)
+    honest.hello()
+    for _ in range(5):
+        batch = honest.batch()
+        assert b.report(honest.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    for conn in idle:
+        assert conn.recv(10) == b""  # closed by the broker after the read timeout
+        conn.close()
+    honest.close()
+    deadline = time.monotonic() + 10
+    while b.threads() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.threads() <= baseline
+
+
+def test_more_streams_than_max_workers_get_503(processes, db):
+    b = processes.broker(db, "--max-workers", "2", "--heartbeat", "600")
+    first, second = b.stream(1), b.stream(1)
+    first.hello()
+    second.hello()
+    third = b.stream(1)
+    assert third.status == 503 and "too many workers" in third.body["error"]
+    assert third.headers["retry-after"] == "2"
+    first.close()
+    fourth = b.stream(1)  # a place is free again once a stream closes
+    for _ in range(50):
+        if fourth.status == 200:
+            break
+        time.sleep(0.1)
+        fourth = b.stream(1)
+    assert fourth.status == 200
+    second.close()
+    fourth.close()
+
+
+# --- access control -----------------------------------------------------------------
+
+def test_with_a_token_every_endpoint_but_healthz_needs_the_bearer(processes, db):
+    secret = "s3cret-token-value"
+    b = processes.broker(db, "--token", secret, "--heartbeat", "600")
+    for path in ("/stats", "/task?batchsize=2", "/nope"):
+        status, headers, body = b.request("GET", path)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert b.request("GET", path, headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert b.request("POST", "/report?worker=x&batch=1", b"[]")[0] == 401
+    assert b.request("GET", "/healthz")[0] == 200
+    good = {"Authorization": "Bearer " + secret}
+    assert b.request("GET", "/stats", headers=good)[0] == 200
+    client = SSEClient(b.host, b.port, "/task?batchsize=2",
+                       headers="Authorization: Bearer %s\r\n" % secret)
+    assert client.status == 200
+    client.close()
+    assert "401 for GET /stats" in b.output() and secret not in b.output()
+
+
+def test_the_worker_sends_its_token_and_a_wrong_one_ends_it_clearly(processes, db, tmp_path):
+    b = processes.broker(db, "--token", "right", "--total", "4", "--seed", "3")
+    wrong = processes.worker("--url", b.url, "--token", "wrong", "--batchsize", "2")
+    assert wrong.wait() == 2
+    assert "broker refused the stream: 401" in wrong.output()
+    env = dict(os.environ, BROKER_TOKEN="right")
+    processes.worker("--url", b.url, "--batchsize", "4", "--time-scale", "0", env=env)
+    assert b.wait() == 0  # the worker settled all four
