@@ -28,6 +28,7 @@ Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 """
 
 import argparse
+import base64
 import collections
 import datetime
 import hashlib
@@ -84,10 +85,14 @@ XID_ALPHABET = "0123456789abcdefghijklmnopqrstuv"
 XID_PATTERN = re.compile(r"[0-9a-v]{19}[0gw]")  # the last character holds 1 bit + 4 zero bits
 
 
+# Standard base32 (RFC 4648, A-Z2-7) to lowercase base32hex, letter for letter.
+_BASE32_TO_XID = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", XID_ALPHABET.encode())
+
+
 def xid_encode(raw):
     """The 20-character text of a 12-byte xid."""
-    n = int.from_bytes(raw, "big") << 4  # 96 bits, padded to 100 = 20 x 5
-    return "".join(XID_ALPHABET[(n >> (5 * (19 - i))) & 31] for i in range(20))
+    # 96 bits are 19.2 characters: base32 pads the last one with zero bits, as xid does.
+    return base64.b32encode(raw)[:20].translate(_BASE32_TO_XID).decode("ascii")
 
 
 def xid_decode(text):
@@ -129,21 +134,43 @@ def _process_id():
     return pid & 0xFFFF
 
 
+# Two characters (10 bits) at a time: the last four characters of an id.
+_XID_PAIRS = [a + b for a in XID_ALPHABET for b in XID_ALPHABET]
+
+
 class XidGenerator:
-    """Thread-safe rs/xid ids."""
+    """Thread-safe rs/xid ids, made cheaply.
+
+    Base32 turns each 5 bytes into 8 characters: characters 0-7 are the time
+    and the first machine byte (they change once a second), 8-15 the other
+    machine bytes, the pid and the counter's high byte (once every 65,536
+    ids), 16-19 the counter's low 16 bits (every id). The first two groups
+    are cached; the last is two table lookups.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._prefix_tail = _machine_id() + struct.pack(">H", _process_id())
+        self._machine = _machine_id()
+        self._pid = struct.pack(">H", _process_id())
         self._counter = int.from_bytes(os.urandom(3), "big")
+        self._second = self._high = None
+        self._head = self._middle = ""
 
     def new(self):
         with self._lock:
-            self._counter = (self._counter + 1) & 0xFFFFFF
-            counter = self._counter
-        raw = struct.pack(">I", int(time.time()) & 0xFFFFFFFF) + self._prefix_tail + \
-            counter.to_bytes(3, "big")
-        return xid_encode(raw)
+            self._counter = counter = (self._counter + 1) & 0xFFFFFF
+            second = int(time.time()) & 0xFFFFFFFF
+            if second != self._second:
+                self._second = second
+                raw = struct.pack(">I", second) + self._machine + self._pid + b"\0\0\0"
+                self._head = xid_encode(raw)[:8]
+            if counter >> 16 != self._high:
+                self._high = counter >> 16
+                raw = b"\0\0\0\0" + self._machine + self._pid + bytes((self._high, 0, 0))
+                self._middle = xid_encode(raw)[8:16]
+            head, middle = self._head, self._middle
+        low = (counter & 0xFFFF) << 4  # 16 bits, padded to 20 = 4 characters
+        return head + middle + _XID_PAIRS[low >> 10] + _XID_PAIRS[low & 1023]
 
 
 def _pypi_xid_generator():
@@ -195,9 +222,26 @@ def sse_event(event, data):
 SSE_PING = b": ping\n\n"
 
 
+def batch_events(batch):
+    """All `msg` events of a batch, as the bytes of one write.
+
+    The same compact JSON as sse_event, formatted directly: this is the hot
+    path, and every field is an integer or an id of [0-9a-v].
+    """
+    tail = ',"batch":%d,"size":%d}\n\n' % (batch.number, len(batch.messages))
+    return "".join(['event: msg\ndata: {"id":"%s","period":%d,"attempt":%d%s'
+                    % (m.id, m.period, m.attempts, tail)
+                    for m in batch.messages.values()]).encode("ascii")
+
+
 # ---------------------------------------------------------------------------
 # Dispatcher: who holds which message
 # ---------------------------------------------------------------------------
+
+def draw_period(rng):
+    """A period in 1..1000 ms, uniformly (random() is cheaper than randint())."""
+    return MIN_PERIOD_MS + int(rng.random() * (MAX_PERIOD_MS - MIN_PERIOD_MS + 1))
+
 
 class Message:
     __slots__ = ("id", "period", "attempts", "reason")
@@ -225,7 +269,7 @@ class Session:
     """One worker's stream: its token, its batch in flight, its outbox."""
 
     __slots__ = ("token", "number", "batchsize", "batch", "outbox", "closed",
-                 "close_reason", "close_stream", "batch_ready", "connected_at",
+                 "close_reason", "close_stream", "send", "batch_ready", "connected_at",
                  "batches_done")
 
     def __init__(self, token, number, batchsize, lock, now):
@@ -237,6 +281,7 @@ class Session:
         self.closed = False
         self.close_reason = None
         self.close_stream = None        # set by the HTTP layer: cuts the connection
+        self.send = None                # set by the HTTP layer: writes bytes on the stream
         # Wakes this stream's writer: a batch is in its outbox, the stream
         # was closed, or the broker is stopping.
         self.batch_ready = threading.Condition(lock)
@@ -264,8 +309,14 @@ class Dispatcher:
     method takes it; nothing does I/O while holding it, except the optional
     trace (a buffered file write). Conditions on it:
 
-    * `work_to_assign`: wakes the dispatch loop; a worker became free, a
-      message is waiting for a retry, a lease was taken, or stop.
+    * `lease_to_watch`: wakes the dispatch loop; a lease was taken while none
+      was in flight (the loop sleeps until the oldest lease's deadline), or
+      state was restored, or stop.
+
+    Batches are given out by `_assign_locked`, from whichever call freed a
+    worker or a message (connect, report, disconnect, the loop's lease
+    expiry): a worker that reports gets its next batch within that report,
+    with no hop through another thread.
     * `changes_to_save`: wakes the state writer; there are dead letters (and,
       with --durable, message states and counters) to save, or stop.
     * `changes_saved`: wakes whoever waits for a change to be on disk (with
@@ -287,7 +338,7 @@ class Dispatcher:
         self._clock = clock
         self._on_event = on_event  # on_event(kind, message, session), under the lock
         self._lock = threading.Lock()
-        self.work_to_assign = threading.Condition(self._lock)
+        self.lease_to_watch = threading.Condition(self._lock)
         self.changes_to_save = threading.Condition(self._lock)
         self.changes_saved = threading.Condition(self._lock)
         self.progress = threading.Condition(self._lock)
@@ -295,7 +346,7 @@ class Dispatcher:
         self._free_workers = collections.deque()  # Sessions, in the order they became free
         self._retry = collections.deque()         # Messages waiting for another attempt
         self._leases = {}                         # message id -> Batch holding it
-        self._batches = collections.deque()       # Batches in flight, oldest deadline first
+        self._batches = collections.OrderedDict()  # number -> Batch in flight, oldest first
         self._dead_letters = []                   # (Message, failed_at) not yet saved
         self._unsaved = {}                        # --durable: id -> record, or None to delete
         self._change_seq = 0                      # changes made so far
@@ -321,13 +372,14 @@ class Dispatcher:
             session = Session(token, self._session_number, batchsize, self._lock, self._clock())
             self._sessions[token] = session
             self._free_workers.append(session)
-            self.work_to_assign.notify()
+            self._assign_locked()
             return session
 
     def disconnect(self, session, reason="stream closed"):
         """The stream is gone: its lease ends now. Idempotent."""
         with self._lock:
             self._end_session_locked(session, reason)
+            self._assign_locked()
 
     def _end_session_locked(self, session, reason):
         if session.closed:
@@ -342,6 +394,7 @@ class Dispatcher:
         batch = session.batch
         session.batch = session.outbox = None
         if batch is not None:
+            del self._batches[batch.number]
             for message in batch.messages.values():
                 self._fail_locked(message, reason, session)
             log.info("%s: stream ended (%s) with batch %d in flight: %d messages back",
@@ -351,12 +404,13 @@ class Dispatcher:
     # -- the dispatch loop -------------------------------------------------
 
     def run(self):
-        """The dispatch loop: expire leases, give batches to free workers."""
+        """The dispatch loop: expire leases at their deadlines, and give the
+        messages they free to the free workers."""
         with self._lock:
             while not self.stopping:
                 self._expire_leases_locked()
                 self._assign_locked()
-                self.work_to_assign.wait(self._until_next_deadline_locked())
+                self.lease_to_watch.wait(self._until_next_deadline_locked())
 
     def dispatch_once(self):
         """One turn of the loop, without waiting (for tests)."""
@@ -365,22 +419,17 @@ class Dispatcher:
             self._assign_locked()
 
     def _until_next_deadline_locked(self):
-        while self._batches and self._batches[0].session.batch is not self._batches[0]:
-            self._batches.popleft()  # settled already
         if not self._batches:
             return None
-        return max(0.0, self._batches[0].deadline - self._clock())
+        oldest = next(iter(self._batches.values()))  # all leases last as long
+        return max(0.0, oldest.deadline - self._clock())
 
     def _expire_leases_locked(self):
         now = self._clock()
         while self._batches:
-            batch = self._batches[0]
-            if batch.session.batch is not batch:
-                self._batches.popleft()
-                continue
+            batch = next(iter(self._batches.values()))
             if batch.deadline > now:
                 break
-            self._batches.popleft()
             session = batch.session
             log.warning("%s: lease of batch %d expired after %.1f s: closing its stream",
                         session.name, batch.number, now - batch.started)
@@ -392,7 +441,13 @@ class Dispatcher:
     def _can_give_locked(self):
         return bool(self._retry) or self.total is None or self.generated < self.total
 
-    def _assign_locked(self):
+    def _assign_locked(self, caller=None):
+        """Give batches to free workers while there are messages.
+
+        The batch of `caller` (a reporting session) is returned instead of put
+        in its outbox: the report's thread writes it, saving a thread hop.
+        """
+        taken = None
         while self._free_workers and self._can_give_locked():
             session = self._free_workers.popleft()
             messages = {}
@@ -401,7 +456,7 @@ class Dispatcher:
                 messages[message.id] = message
             while len(messages) < session.batchsize and (
                     self.total is None or self.generated < self.total):
-                message = Message(self._new_id(), self._rng.randint(MIN_PERIOD_MS, MAX_PERIOD_MS))
+                message = Message(self._new_id(), draw_period(self._rng))
                 self.generated += 1
                 messages[message.id] = message
             self._batch_number += 1
@@ -415,9 +470,16 @@ class Dispatcher:
                     self._on_event("lease", message, session)
             batch.saved_seq = self._change_seq
             self.dispatched += len(messages)
-            session.batch = session.outbox = batch
-            self._batches.append(batch)
-            session.batch_ready.notify()
+            session.batch = batch
+            if not self._batches:
+                self.lease_to_watch.notify()  # the loop may be waiting with no deadline
+            self._batches[batch.number] = batch
+            if session is caller:
+                taken = batch
+            else:
+                session.outbox = batch
+                session.batch_ready.notify()
+        return taken
 
     # -- stream writers ---------------------------------------------------
 
@@ -436,7 +498,11 @@ class Dispatcher:
     # -- reports ------------------------------------------------------------
 
     def report(self, token, batch_number, ids):
-        """Settle a worker's batch: `ids` done, the rest failed this attempt."""
+        """Settle a worker's batch: `ids` done, the rest failed this attempt.
+
+        Returns (the answer, the change to wait for with --durable, and the
+        worker's next batch, for the caller to write on its stream, or None).
+        """
         with self._lock:
             session = self._sessions.get(token)
             if session is None:
@@ -468,13 +534,15 @@ class Dispatcher:
                         retried += 1
             self._count_done_locked(len(done_ids))
             session.batch = session.outbox = None
+            del self._batches[batch.number]
             session.batches_done += 1
             self._free_workers.append(session)
-            self.work_to_assign.notify()
-            self.progress.notify_all()
+            next_batch = self._assign_locked(caller=session)
+            if self.total is not None:
+                self.progress.notify_all()
             result = {"batch": batch.number, "done": len(done_ids), "retried": retried,
                       "dead": dead, "ignored": ignored}
-            return result, self._change_seq
+            return result, self._change_seq, next_batch
 
     def _fail_locked(self, message, reason, session, leased=True):
         """A failed attempt: queue a retry, or dead-letter it. True if dead."""
@@ -494,7 +562,6 @@ class Dispatcher:
         self._save_locked(message, "waiting")
         if self._on_event:
             self._on_event("failed", message, session)
-        self.work_to_assign.notify()
         return False
 
     def _count_done_locked(self, count):
@@ -578,7 +645,7 @@ class Dispatcher:
                     self._fail_locked(message, "stream closed", None, leased=False)
                 else:
                     self._retry.append(message)
-            self.work_to_assign.notify()
+            self.lease_to_watch.notify()
 
     # -- the run as a whole --------------------------------------------------
 
@@ -600,7 +667,7 @@ class Dispatcher:
     def stop(self):
         with self._lock:
             self.stopping = True
-            self.work_to_assign.notify_all()
+            self.lease_to_watch.notify_all()
             self.changes_to_save.notify_all()
             self.changes_saved.notify_all()
             self.progress.notify_all()
@@ -860,15 +927,19 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def send_json(self, status, obj, extra_headers=()):
+        """A JSON response, status line to body in one write."""
         body = (_compact_json(obj) + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in extra_headers:
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+        self.log_request(status, len(body))
+        headers = ["%s %d %s\r\n" % (self.protocol_version, status,
+                                      self.responses.get(status, ("",))[0]),
+                   "Content-Type: application/json\r\n",
+                   "Content-Length: %d\r\n" % len(body),
+                   "Cache-Control: no-store\r\n"]
+        headers += ["%s: %s\r\n" % header for header in extra_headers]
+        if self.close_connection:
+            headers.append("Connection: close\r\n")
+        headers.append("\r\n")
+        self.wfile.write("".join(headers).encode("latin-1") + body)
 
     def send_error_json(self, status, message, extra_headers=()):
         self.send_json(status, {"error": message}, extra_headers)
@@ -882,7 +953,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             phrase = http.HTTPStatus(code).phrase
         except ValueError:
             phrase = "error"
-        self.send_json(code, {"error": message or phrase}, [("Connection", "close")])
+        self.send_json(code, {"error": message or phrase})
 
     def _route(self, method):
         url = urllib.parse.urlsplit(self.path)
@@ -980,6 +1051,14 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         sock = self.connection
         session.close_stream = lambda: _shutdown_socket(sock)
+        write_lock = threading.Lock()  # the stream's writes: this thread's and reports'
+        wfile = self.wfile
+
+        def send(data):
+            with write_lock:
+                wfile.write(data)
+
+        session.send = send
         log.info("%s: connected from %s, batchsize %d", session.name,
                  self.client_address[0], batchsize)
         broker.stream_opened()
@@ -1005,6 +1084,11 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             log.info("%s: stream closed (%s)", session.name, session.close_reason)
 
     def _stream(self, session):
+        """Write the batches left in this stream's outbox, pings, and bye.
+
+        (A worker's next batch after a report is written by the report's
+        thread; this one writes those given out by other events.)
+        """
         broker = self.server.broker
         dispatcher = broker.dispatcher
         last_write = time.monotonic()
@@ -1016,20 +1100,16 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                 while dispatcher.durable and not dispatcher.wait_saved(batch.saved_seq, 1.0):
                     if session.closed or dispatcher.stopping:
                         return
-                size = len(batch.messages)
-                self.wfile.write(b"".join(
-                    sse_event("msg", {"id": m.id, "period": m.period, "attempt": m.attempts,
-                                      "batch": batch.number, "size": size})
-                    for m in batch.messages.values()))
+                session.send(batch_events(batch))
                 last_write = time.monotonic()
                 continue
             if session.closed:
                 return
             if dispatcher.stopping:
-                self.wfile.write(sse_event("bye", {"reason": "shutdown"}))
+                session.send(sse_event("bye", {"reason": "shutdown"}))
                 return
             if time.monotonic() - last_write >= broker.heartbeat:
-                self.wfile.write(SSE_PING)
+                session.send(SSE_PING)
                 last_write = time.monotonic()
 
     # -- POST /report ---------------------------------------------------------
@@ -1070,15 +1150,22 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         dispatcher = self.server.broker.dispatcher
         try:
-            result, seq = dispatcher.report(tokens[0], int(batches[0]), ids)
+            result, seq, next_batch = dispatcher.report(tokens[0], int(batches[0]), ids)
         except ReportError as error:
             self.send_error_json(error.status, str(error))
             return
-        # --durable: answer only once the outcome is on disk.
+        # --durable: answer (and send the next batch) only once it is all on disk.
         if dispatcher.durable and not dispatcher.wait_saved(seq, self.timeout):
             self.send_error_json(503, "the report is taken but not yet saved: the disk is "
                                       "failing (see /healthz)")
+            if next_batch is not None:
+                dispatcher.disconnect(next_batch.session, "stream closed")
             return
+        if next_batch is not None:
+            try:
+                next_batch.session.send(batch_events(next_batch))
+            except OSError:
+                pass  # the stream is gone: the watcher ends its lease
         self.send_json(200, result)
 
     # -- GET /stats, GET /healthz ---------------------------------------------

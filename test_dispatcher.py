@@ -83,7 +83,9 @@ class DispatcherMachine(RuleBasedStateMachine):
         number = (batch.number if batch else 0) + (1 if wrong_batch else 0)
         snapshot = dict(self.dispatcher.snapshot()["leases"])
         try:
-            result, _seq = self.dispatcher.report(session.token, number, chosen + foreign)
+            result, _seq, next_batch = self.dispatcher.report(
+                session.token, number, chosen + foreign)
+            assert next_batch is None or next_batch is session.batch
         except broker.ReportError as error:
             assert error.status in (404, 409)
             assert session.closed or wrong_batch or batch is None

@@ -12,6 +12,7 @@ import urllib.parse
 
 import pytest
 
+import broker
 import worker
 from conftest import PROCESS_TIMEOUT
 
@@ -261,7 +262,7 @@ def safe_seed(count):
     seed = 0
     while True:
         rng = random.Random(seed)
-        if all(rng.randint(1, 1000) <= 800 for _ in range(count)):
+        if all(broker.draw_period(rng) <= 800 for _ in range(count)):
             return seed
         seed += 1
 

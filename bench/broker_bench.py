@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Throughput and latency of broker.py, against the standard library's ceiling.
+
+    python bench/broker_bench.py [--total 100000] [--clients 8] [--batchsize 10]
+                                 [--fail 0.0] [--seconds 10] [--rate 0]
+
+Starts `broker.py --total N` and K load processes, each a protocol client of
+our own (bench/client.py: zero work, every id reported unless --fail drops
+a share), so the figures are the broker's, not worker.py's. Prints:
+
+* messages settled per second and batches per second;
+* report-to-next-batch latency p50 / p99 (from sending a report to the
+  first byte of the next batch on the stream);
+* broker CPU seconds per 10,000 messages, and its peak RSS;
+* in the same run, the ceiling of the parts the broker is built from: a bare
+  `ThreadingHTTPServer` answering the same POSTs on keep-alive connections
+  from the same number of client processes; and the broker's reports/s as a
+  share of it.
+
+`--rate R` paces each client to R batches/s (for latency at part load).
+A benchmark, not a test: the figures vary with the machine and its load.
+"""
+
+import argparse
+import http.client
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+
+def percentile(values, share):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def proc_cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_status(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"%s:\s+(\d+)" % field, f.read()).group(1))
+
+
+# --- load processes ----------------------------------------------------------
+
+def client_main(url, batchsize, fail, seconds, rate, seed):
+    """One load process: run a client, print its figures as JSON."""
+    from client import Client
+    client = Client(url, batchsize, fail_share=fail, seed=seed)
+    if rate:
+        original = client._finish
+
+        def paced(token, batch, _interval=1.0 / rate, _next=[time.perf_counter()]):
+            _next[0] += _interval
+            delay = _next[0] - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            return original(token, batch)
+
+        client._finish = paced
+    stop = threading.Event()
+    client.run(stop, seconds=seconds)
+    print(json.dumps({"batches": client.batches, "acked": len(client.acked),
+                      "received": len(client.received), "latencies": client.latencies,
+                      "errors": client.errors}))
+
+
+def post_loop_main(url, seconds):
+    """One load process for the ceiling: POST a report-sized body, keep-alive,
+    with the same lean client the broker run's reports use."""
+    from client import KeepAlive
+    host, port = url[len("http://"):].split(":")
+    conn = KeepAlive(host, int(port))
+    body = json.dumps(["9m4e2mr0ui3e8a215n4g"] * 10).encode()
+    count = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        conn.post("/report?worker=x&batch=1", body)
+        count += 1
+    print(json.dumps({"requests": count}))
+
+
+def start_load(args_list):
+    return [subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args,
+                             stdout=subprocess.PIPE, text=True) for args in args_list]
+
+
+def collect(processes, timeout):
+    results = []
+    for process in processes:
+        out, _err = process.communicate(timeout=timeout)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+# --- the ceiling: a bare standard-library server ----------------------------------
+
+class _BareHandler(http.server.BaseHTTPRequestHandler):
+    """The same POST, answered as plainly as the standard library allows.
+
+    TCP_NODELAY as in the broker: without it, the header and body writes
+    wait on delayed ACKs and the "ceiling" falls to ~200 requests/s.
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        answer = json.dumps({"batch": 1, "done": len(json.loads(body)), "retried": 0,
+                             "dead": 0, "ignored": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+
+def bare_ceiling(clients, seconds):
+    """Requests/s of a bare ThreadingHTTPServer, in a process of its own."""
+    code = ("import sys; sys.path.insert(0, %r); import broker_bench, http.server\n"
+            "s = http.server.ThreadingHTTPServer(('127.0.0.1', 0), broker_bench._BareHandler)\n"
+            "s.daemon_threads = True\n"
+            "print(s.server_address[1], flush=True); s.serve_forever()\n" % HERE)
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        url = "http://127.0.0.1:%d" % port
+        load = start_load([["--post-loop", url, "--seconds", str(seconds)]
+                           for _ in range(clients)])
+        results = collect(load, seconds + 60)
+    finally:
+        server.kill()
+        server.wait()
+    return sum(r["requests"] for r in results) / seconds
+
+
+# --- the broker run ------------------------------------------------------------------
+
+def broker_run(args, work):
+    db = os.path.join(work, "bench.db")
+    log_path = os.path.join(work, "broker.log")
+    log = open(log_path, "w")
+    broker = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py"), "--port", "0",
+                               "--db", db, "--total", str(args.total), "--log-level", "WARNING",
+                               "--heartbeat", "5"] + (["--durable"] if args.durable else []),
+                              stderr=subprocess.STDOUT, stdout=log)
+    # WARNING hides the "listening" line: find the port from the socket table instead.
+    port = None
+    deadline = time.monotonic() + 20
+    while port is None and time.monotonic() < deadline:
+        port = _listening_port(broker.pid)
+        time.sleep(0.05)
+    if port is None:
+        broker.kill()
+        raise RuntimeError("the broker did not start: " + open(log_path).read())
+    url = "http://127.0.0.1:%d" % port
+    cpu_before = proc_cpu_seconds(broker.pid)
+    threads_before = proc_status(broker.pid, "Threads")
+    start = time.perf_counter()
+    load = start_load([["--client", url, "--batchsize", str(args.batchsize), "--fail",
+                        str(args.fail), "--seconds", str(args.seconds), "--rate", str(args.rate),
+                        "--seed", str(i)] for i in range(args.clients)])
+    results = collect(load, args.seconds + 60)
+    elapsed = time.perf_counter() - start
+    cpu = proc_cpu_seconds(broker.pid) - cpu_before
+    rss_peak_kb = proc_status(broker.pid, "VmHWM")
+    stats = _get_json(url + "/stats")
+    time.sleep(0.5)
+    threads_after = proc_status(broker.pid, "Threads")
+    broker.terminate()
+    broker.wait(30)
+    log.close()
+    settled = stats["done"] + stats["dead"]
+    batches = sum(r["batches"] for r in results)
+    latencies = [x for r in results for x in r["latencies"]]
+    return {"elapsed": elapsed, "settled": settled, "batches": batches, "cpu": cpu,
+            "rss_peak_mb": rss_peak_kb / 1024, "latencies": latencies,
+            "threads": (threads_before, threads_after), "stats": stats,
+            "errors": sum(r["errors"] for r in results)}
+
+
+def _listening_port(pid):
+    try:
+        inodes = set()
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                    return int(fields[1].split(":")[1], 16)
+    except OSError:
+        return None
+    return None
+
+
+def _get_json(url):
+    host, port = url[len("http://"):].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/" + url.split("/", 3)[3])
+    return json.loads(conn.getresponse().read())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--total", type=int, default=1000000,
+                        help="--total for the broker (large: the run is bounded by --seconds)")
+    parser.add_argument("--clients", type=int, default=8, help="load processes")
+    parser.add_argument("--batchsize", type=int, default=10)
+    parser.add_argument("--fail", type=float, default=0.0,
+                        help="share of messages the clients leave unreported")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="batches/s per client (0: as fast as possible)")
+    parser.add_argument("--durable", action="store_true", help="run the broker with --durable")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the bare-server run")
+    parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--post-loop", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        return client_main(args.client, args.batchsize, args.fail, args.seconds, args.rate,
+                           args.seed)
+    if args.post_loop:
+        return post_loop_main(args.post_loop, args.seconds)
+    with tempfile.TemporaryDirectory() as work:
+        run = broker_run(args, work)
+    rate = run["settled"] / run["elapsed"]
+    reports = run["batches"] / run["elapsed"]
+    print("broker: %d clients, batchsize %d, %.0f%% unreported%s, %.0f s" % (
+        args.clients, args.batchsize, 100 * args.fail, ", --durable" if args.durable else "",
+        run["elapsed"]))
+    print("  settled          %9.0f messages/s  (%d done, %d dead)" % (
+        rate, run["stats"]["done"], run["stats"]["dead"]))
+    print("  batches          %9.0f /s (= reports/s)" % reports)
+    print("  latency          p50 %.2f ms, p99 %.2f ms  (report sent -> next batch)" % (
+        1000 * percentile(run["latencies"], 0.5), 1000 * percentile(run["latencies"], 0.99)))
+    print("  broker CPU       %9.2f s per 10,000 messages" % (
+        run["cpu"] / max(1, run["settled"]) * 10000))
+    print("  broker peak RSS  %9.1f MB" % run["rss_peak_mb"])
+    print("  broker threads   %d before, %d after the clients left" % run["threads"])
+    print("  client errors    %d" % run["errors"])
+    if not args.no_ceiling:
+        ceiling = bare_ceiling(args.clients, min(args.seconds, 5))
+        print("ceiling: bare ThreadingHTTPServer, %d keep-alive clients: %.0f requests/s"
+              % (args.clients, ceiling))
+        print("  broker reports/s as a share of it: %.0f%%" % (100 * reports / ceiling))
+
+
+if __name__ == "__main__":
+    main()
