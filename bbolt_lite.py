@@ -41,11 +41,11 @@ Errors are subclasses of ``bbolt_lite.Error``; a damaged file raises
 ``CorruptionError``, naming the page and what was wrong.
 """
 
+import array
 import bisect
 import collections
 import errno
 import fcntl
-import functools
 import itertools
 import json
 import operator
@@ -351,20 +351,21 @@ class _Node:
         if self.is_leaf:
             value_sizes = list(map(len, self.values))
             data_sizes = list(map(operator.add, key_sizes, value_sizes))
-            flag, layout = LEAF_PAGE, _leaf_elements(count)
+            flag = LEAF_PAGE
         else:
             data_sizes = key_sizes
-            flag, layout = BRANCH_PAGE, _branch_elements(count)
+            flag = BRANCH_PAGE
         # pos of element i: from the element to its data, past the elements after it
         before = itertools.accumulate(itertools.chain((0,), data_sizes))
         pos = [ELEMENT_SIZE * (count - i) + b for i, b in zip(range(count), before)]
         if self.is_leaf:
-            elements = layout.pack(*itertools.chain.from_iterable(
+            elements = _pack_u32(itertools.chain.from_iterable(
                 zip(self.flags, pos, key_sizes, value_sizes)))
             data = b"".join(itertools.chain.from_iterable(zip(self.keys, self.values)))
-        else:
-            elements = layout.pack(*itertools.chain.from_iterable(
-                zip(pos, key_sizes, self.children)))
+        else:  # pgid is a u64: its low and high halves, little-endian
+            elements = _pack_u32(itertools.chain.from_iterable(zip(
+                pos, key_sizes, [c & 0xFFFFFFFF for c in self.children],
+                [c >> 32 for c in self.children])))
             data = b"".join(self.keys)
         page = PAGE_HEADER.pack(pgid, flag, count, overflow) + elements + data
         if len(page) < pad_to:
@@ -379,14 +380,25 @@ class _Node:
         return _Node(pgid, overflow, False, list(self.keys), children=list(self.children))
 
 
-@functools.lru_cache(maxsize=1024)
-def _leaf_elements(count):
-    return struct.Struct("<" + "IIII" * count)
+# Page elements are runs of little-endian u32s (a branch's u64 pgid is two):
+# the array module reads and writes them in C, with no per-size format.
+_U32 = "I" if array.array("I").itemsize == 4 else "L"
+_SWAP = sys.byteorder != "little"
 
 
-@functools.lru_cache(maxsize=1024)
-def _branch_elements(count):
-    return struct.Struct("<" + "IIQ" * count)
+def _pack_u32(values):
+    packed = array.array(_U32, values)
+    if _SWAP:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack_u32(buf, offset, count):
+    values = array.array(_U32)
+    values.frombytes(buf[offset:offset + 4 * count])
+    if _SWAP:
+        values.byteswap()
+    return values.tolist()  # one int object each, once: slicing an array would box again
 
 
 def _parse_node(buf, where, expect_pgid=None):
@@ -410,7 +422,7 @@ def _parse_node(buf, where, expect_pgid=None):
             "%s: %d elements do not fit in %d bytes", where, count, end)
     element_starts = range(PAGE_HEADER_SIZE, PAGE_HEADER_SIZE + ELEMENT_SIZE * count, ELEMENT_SIZE)
     if is_leaf:
-        fields = _leaf_elements(count).unpack_from(buf, PAGE_HEADER_SIZE)
+        fields = _unpack_u32(buf, PAGE_HEADER_SIZE, 4 * count)
         leaf_flags = list(fields[0::4])
         starts = list(map(operator.add, element_starts, fields[1::4]))
         mids = list(map(operator.add, starts, fields[2::4]))
@@ -427,12 +439,13 @@ def _parse_node(buf, where, expect_pgid=None):
         return _Node(pgid if expect_pgid is not None else 0, overflow, True,
                      keys, values, leaf_flags)
     _assert(count > 0, "%s: branch page with no elements", where)
-    fields = _branch_elements(count).unpack_from(buf, PAGE_HEADER_SIZE)
-    starts = list(map(operator.add, element_starts, fields[0::3]))
-    stops = list(map(operator.add, starts, fields[1::3]))
+    fields = _unpack_u32(buf, PAGE_HEADER_SIZE, 4 * count)
+    starts = list(map(operator.add, element_starts, fields[0::4]))
+    stops = list(map(operator.add, starts, fields[1::4]))
     _assert(max(stops) <= end, "%s: an element runs past the page end", where)
     keys = [buf[a:b] for a, b in zip(starts, stops)]
-    return _Node(pgid, overflow, False, keys, children=list(fields[2::3]))
+    children = [low | high << 32 for low, high in zip(fields[2::4], fields[3::4])]
+    return _Node(pgid, overflow, False, keys, children=children)
 
 
 # ---------------------------------------------------------------------------
@@ -1405,17 +1418,19 @@ class Tx:
 # Database (bbolt db.go)
 # ---------------------------------------------------------------------------
 
-# Parsed pages kept in memory, oldest dropped first: reading a page is a
-# pread and a parse, which cost far more in Python than Go's mmap.
-_PAGE_CACHE_LIMIT = 8192
+# Parsed pages kept in memory by default, oldest dropped first: reading a
+# page is a pread and a parse, which cost far more in Python than Go's mmap.
+DEFAULT_CACHE_PAGES = 8192
 
 
 class DB:
     """An open bbolt file. Create with `bbolt_lite.open`."""
 
-    def __init__(self, path, readonly=False, timeout=None, page_size=None, mode=0o600):
+    def __init__(self, path, readonly=False, timeout=None, page_size=None, mode=0o600,
+                 cache_pages=DEFAULT_CACHE_PAGES):
         self.path = os.fspath(path)
         self.readonly = readonly
+        self.cache_pages = cache_pages
         # _write_lock: held by the one write transaction from begin to end.
         self._write_lock = threading.Lock()
         # _meta_lock guards _meta (the last committed meta), _readers (txid ->
@@ -1580,7 +1595,7 @@ class DB:
         cache = self._page_cache
         with self._cache_lock:
             cache.update(nodes)
-            while len(cache) > _PAGE_CACHE_LIMIT:
+            while len(cache) > self.cache_pages:
                 cache.popitem(last=False)
 
     def _write_pages(self, pages):
@@ -1650,14 +1665,18 @@ class DB:
             os.close(fd)
 
 
-def open(path, readonly=False, timeout=None, page_size=None, mode=0o600):  # noqa: A001
+def open(path, readonly=False, timeout=None, page_size=None, mode=0o600,  # noqa: A001
+         cache_pages=DEFAULT_CACHE_PAGES):
     """Open (or create, unless `readonly`) the bbolt file at `path`.
 
     The file is locked as bbolt locks it: exclusively for a writer, shared
     for readers. `timeout` is how many seconds to wait for that lock (None:
-    wait as long as it takes); then DatabaseLockedError.
+    wait as long as it takes); then DatabaseLockedError. `page_size` is for a
+    new file (default: the OS page size); `cache_pages` bounds the parsed
+    pages kept in memory.
     """
-    return DB(path, readonly=readonly, timeout=timeout, page_size=page_size, mode=mode)
+    return DB(path, readonly=readonly, timeout=timeout, page_size=page_size, mode=mode,
+              cache_pages=cache_pages)
 
 
 def _os_page_size():

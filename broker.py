@@ -29,6 +29,7 @@ Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 
 import argparse
 import base64
+import bisect
 import collections
 import datetime
 import hashlib
@@ -44,6 +45,7 @@ import secrets
 import selectors
 import signal
 import socket
+import subprocess
 import struct
 import sys
 import threading
@@ -69,6 +71,10 @@ SSE_RETRY_MS = 2000
 DEFAULT_READ_TIMEOUT = 30.0
 DEAD_LETTER_BUCKET = b"failed"
 MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
+# Upper bounds (seconds) of the /metrics histogram of batch round trips.
+ROUND_TRIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DEFAULT_PROGRESS_EVERY = 10.0  # seconds between progress lines in the log
+REQUEUE_BUCKET = b"requeue"
 
 
 # ---------------------------------------------------------------------------
@@ -356,6 +362,10 @@ class Dispatcher:
         self.stopping = False
         self.started_at = clock()
         self.generated = self.dispatched = self.done = self.dead = self.dead_saved = 0
+        self.requeued = 0                         # dead letters brought back by `requeue`
+        self.round_trips = [0] * (len(ROUND_TRIP_BUCKETS) + 1)  # batch dispatch -> report
+        self.round_trip_sum = 0.0
+        self.recent_dead = collections.deque(maxlen=20)  # for the dashboard
         self._done_times = collections.deque()    # (second, done count) for done_per_s
 
     # -- workers come and go ---------------------------------------------
@@ -520,6 +530,9 @@ class Dispatcher:
                     ignored_seen.add(message_id)
                     ignored.append(message_id)
             retried = dead = 0
+            round_trip = self._clock() - batch.started
+            self.round_trip_sum += round_trip
+            self.round_trips[bisect.bisect_left(ROUND_TRIP_BUCKETS, round_trip)] += 1
             for message in batch.messages.values():
                 del self._leases[message.id]
                 if message.id in done_ids:
@@ -551,7 +564,11 @@ class Dispatcher:
         message.reason = reason
         if message.attempts >= self.max_attempts:
             self.dead += 1
-            self._dead_letters.append((message, _rfc3339_now()))
+            failed_at = _rfc3339_now()
+            self._dead_letters.append((message, failed_at))
+            self.recent_dead.append({"id": message.id, "period": message.period,
+                                     "attempts": message.attempts, "reason": reason,
+                                     "failed_at": failed_at})
             self._save_locked(message, "dead")
             if self._on_event:
                 self._on_event("dead", message, session)
@@ -627,6 +644,17 @@ class Dispatcher:
                 self.changes_saved.wait(remaining)
             return self._saved_seq >= seq
 
+    def requeue(self, records):
+        """Dead letters brought back by `broker.py requeue`: first in line,
+        with their attempts reset."""
+        with self._lock:
+            for record in reversed(records):
+                message = Message(record["id"], record["period"])
+                self._retry.appendleft(message)
+                self._save_locked(message, "waiting")
+            self.requeued += len(records)
+            self._assign_locked()
+
     def restore(self, records, counters):
         """--durable: take back the state a previous run saved.
 
@@ -651,7 +679,7 @@ class Dispatcher:
 
     def settled_locked(self):
         return (self.total is not None and self.generated == self.total
-                and self.done + self.dead_saved == self.total
+                and self.done + self.dead_saved == self.total + self.requeued
                 and (not self.durable or self._saved_seq == self._change_seq))
 
     def wait_until_settled(self, timeout):
@@ -693,6 +721,26 @@ class Dispatcher:
                 "busy_workers": busy,
                 "done_per_s": round(recent / window, 3),
             }
+
+    def dashboard(self):
+        """What the dashboard shows: stats, the workers, the latest dead letters."""
+        stats = self.stats()
+        with self._lock:
+            now = self._clock()
+            workers = [{"worker": s.name, "batchsize": s.batchsize, "batches_done": s.batches_done,
+                        "batch_age_s": round(now - s.batch.started, 3) if s.batch else None}
+                       for s in self._sessions.values()]
+            stats.update(workers_detail=workers, recent_dead=list(self.recent_dead),
+                         total=self.total, requeued=self.requeued)
+        return stats
+
+    def metrics(self):
+        """The figures for /metrics, read under the lock in one go."""
+        stats = self.stats()
+        with self._lock:
+            stats["round_trips"] = list(self.round_trips)
+            stats["round_trip_sum"] = self.round_trip_sum
+        return stats
 
     # -- for the invariant tests ---------------------------------------------
 
@@ -957,11 +1005,13 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _route(self, method):
         url = urllib.parse.urlsplit(self.path)
-        if self.server.broker.token is not None and url.path != "/healthz" \
-                and not self._authorized():
+        if self.server.broker.token is not None and url.path not in PUBLIC_PATHS \
+                and not self._authorized(url):
             return
         routes = {"/task": {"GET": self.handle_task}, "/report": {"POST": self.handle_report},
-                  "/stats": {"GET": self.handle_stats}, "/healthz": {"GET": self.handle_healthz}}
+                  "/stats": {"GET": self.handle_stats}, "/healthz": {"GET": self.handle_healthz},
+                  "/metrics": {"GET": self.handle_metrics}, "/events": {"GET": self.handle_events},
+                  "/dead": {"GET": self.handle_dead}, "/": {"GET": self.handle_dashboard}}
         handlers = routes.get(url.path)
         if handlers is None:
             if method == "POST":
@@ -993,10 +1043,17 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def _authorized(self):
-        """Check `Authorization: Bearer <token>`, in constant time; else 401."""
+    def _authorized(self, url):
+        """Check `Authorization: Bearer <token>`, in constant time; else 401.
+
+        GET /events also takes `?access_token=`: a browser's EventSource
+        cannot send headers.
+        """
         header = self.headers.get("Authorization", "")
         scheme, _space, given = header.partition(" ")
+        if url.path == "/events" and not header:
+            scheme, given = "bearer", "".join(urllib.parse.parse_qs(url.query).get(
+                "access_token", [""])[:1])
         expected = self.server.broker.token
         if scheme.lower() == "bearer" and hmac.compare_digest(
                 given.strip().encode("utf-8", "replace"), expected.encode("utf-8")):
@@ -1168,10 +1225,55 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                 pass  # the stream is gone: the watcher ends its lease
         self.send_json(200, result)
 
-    # -- GET /stats, GET /healthz ---------------------------------------------
+    # -- GET /stats, /metrics, /healthz, /dead, /events, / --------------------
 
     def handle_stats(self, query):
         self.send_json(200, self.server.broker.dispatcher.stats())
+
+    def send_text(self, status, body, content_type):
+        body = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def handle_metrics(self, query):
+        self.send_text(200, prometheus_text(self.server.broker.dispatcher.metrics()),
+                       "text/plain; version=0.0.4; charset=utf-8")
+
+    def handle_dead(self, query):
+        limits = query.get("limit", ["100"])
+        after = query.get("after", [""])
+        if len(limits) != 1 or not re.fullmatch(r"[0-9]{1,6}", limits[0]) or \
+                not 1 <= int(limits[0]) <= 10000 or len(after) != 1:
+            self.send_error_json(400, "limit must be an integer in 1..10000, after an id, "
+                                      "each given at most once")
+            return
+        letters, more = read_dead_letters(self.server.broker.db, int(limits[0]), after[0])
+        self.send_json(200, {"dead": letters, "more": more,
+                             "next_after": letters[-1]["id"] if more else None})
+
+    def handle_dashboard(self, query):
+        self.send_text(200, DASHBOARD_HTML, "text/html; charset=utf-8")
+
+    def handle_events(self, query):
+        """The dashboard's own event stream: a `stats` event every second."""
+        broker = self.server.broker
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(b"retry: %d\n\n" % SSE_RETRY_MS)
+        while not broker.dispatcher.stopping:
+            self.wfile.write(sse_event("stats", broker.dispatcher.dashboard()))
+            if broker.stop_requested.wait(1.0):
+                break
+        self.wfile.write(sse_event("bye", {"reason": "shutdown"}))
 
     def handle_healthz(self, query):
         problem = self.server.broker.health_problem()
@@ -1184,11 +1286,201 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the token
+
+
+def read_dead_letters(db, limit, after=""):
+    """Up to `limit` dead letters with ids after `after`, oldest first (ids
+    sort by time); and whether there are more."""
+    letters = []
+    with db.view() as tx:
+        bucket = tx.bucket(DEAD_LETTER_BUCKET)
+        if bucket is None:
+            return [], False
+        cursor = bucket.cursor()
+        key, value = cursor.seek(after.encode("utf-8", "replace") + b"\0") if after \
+            else cursor.first()
+        while key is not None and len(letters) < limit:
+            letters.append(json.loads(value))
+            key, value = cursor.next()
+        return letters, key is not None
+
+
+_METRICS = (
+    ("generated", "counter", "Messages generated."),
+    ("dispatched", "counter", "Deliveries: messages sent in batches, retries included."),
+    ("done", "counter", "Messages reported done."),
+    ("dead", "counter", "Messages dead-lettered after their last attempt failed."),
+    ("retrying", "gauge", "Messages waiting for another attempt."),
+    ("in_flight", "gauge", "Messages leased to a worker now."),
+    ("workers", "gauge", "Connected worker streams."),
+    ("busy_workers", "gauge", "Workers holding a batch."),
+    ("done_per_s", "gauge", "Messages done per second over the last 10 s."),
+    ("uptime_s", "gauge", "Seconds since the broker started."),
+)
+
+
+def prometheus_text(metrics):
+    """The Prometheus text exposition format (version 0.0.4)."""
+    lines = []
+    for name, kind, help_text in _METRICS:
+        full = "broker_%s%s" % (name.replace("_s", "_seconds") if name == "uptime_s" else
+                                name.replace("_per_s", "_per_second"),
+                                "_total" if kind == "counter" else "")
+        lines += ["# HELP %s %s" % (full, help_text), "# TYPE %s %s" % (full, kind),
+                  "%s %s" % (full, metrics[name])]
+    name = "broker_batch_round_trip_seconds"
+    lines += ["# HELP %s Time from a batch's dispatch to its report." % name,
+              "# TYPE %s histogram" % name]
+    cumulative = 0
+    for bound, count in zip(ROUND_TRIP_BUCKETS + ("+Inf",), metrics["round_trips"]):
+        cumulative += count
+        lines.append('%s_bucket{le="%s"} %d' % (name, bound, cumulative))
+    lines += ["%s_sum %.6f" % (name, metrics["round_trip_sum"]),
+              "%s_count %d" % (name, cumulative)]
+    return "\n".join(lines) + "\n"
+
+
 def _shutdown_socket(sock):
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------
+# The dashboard: one page, no external assets, updated by GET /events
+# ---------------------------------------------------------------------------
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>broker.py</title>
+<link rel="icon" href="data:,">
+<style>
+  body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+  h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1em; margin: 1.4em 0 .4em; }
+  #status { color: #666; } #status.down { color: #b00; }
+  .counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(9em, 1fr)); gap: .6em; }
+  .counter { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5em .7em; }
+  .counter b { display: block; font-size: 1.5em; font-variant-numeric: tabular-nums; }
+  .counter span { color: #666; font-size: .85em; }
+  canvas { background: #fff; border: 1px solid #ddd; border-radius: 6px; width: 100%; height: 200px; }
+  table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
+  td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
+  .legend i { display: inline-block; width: .8em; height: .8em; margin: 0 .3em 0 1em; }
+</style></head>
+<body>
+<h1>broker.py</h1>
+<div id="status">connecting&hellip;</div>
+<h2>Counters</h2>
+<div class="counters" id="counters"></div>
+<h2>Done and dead per second, last 5 minutes
+  <span class="legend"><i style="background:#2a7"></i>done/s<i style="background:#c33"></i>dead/s</span></h2>
+<canvas id="chart" width="900" height="200"></canvas>
+<h2>Workers</h2>
+<table><thead><tr><th>worker</th><th>batchsize</th><th>batches done</th><th>current batch age</th></tr></thead>
+<tbody id="workers"></tbody></table>
+<h2>Latest dead letters</h2>
+<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>failed at</th></tr></thead>
+<tbody id="dead"></tbody></table>
+<script>
+"use strict";
+const FIELDS = [["generated", "generated"], ["dispatched", "dispatched"], ["done", "done"],
+  ["dead", "dead"], ["retrying", "retrying"], ["in_flight", "in flight"],
+  ["workers", "workers"], ["busy_workers", "busy workers"], ["done_per_s", "done/s (10 s)"],
+  ["uptime_s", "uptime (s)"]];
+const history = [];  // [time, done, dead], one a second, five minutes
+let token = sessionStorage.getItem("broker-token") || "";
+let source = null;
+
+function cell(row, text) { const td = document.createElement("td"); td.textContent = text; row.appendChild(td); }
+
+function fill(id, rows, columns) {
+  const body = document.getElementById(id);
+  body.replaceChildren();
+  for (const item of rows) {
+    const row = document.createElement("tr");
+    for (const column of columns) cell(row, column(item));
+    body.appendChild(row);
+  }
+}
+
+function show(stats) {
+  const counters = document.getElementById("counters");
+  counters.replaceChildren();
+  for (const [key, label] of FIELDS) {
+    const box = document.createElement("div");
+    box.className = "counter";
+    box.id = "counter-" + key;
+    const value = document.createElement("b");
+    value.textContent = key === "uptime_s" ? Math.round(stats[key]) :
+      key === "done_per_s" ? stats[key].toFixed(1) : stats[key];
+    const name = document.createElement("span");
+    name.textContent = label;
+    box.append(value, name);
+    counters.appendChild(box);
+  }
+  const status = document.getElementById("status");
+  status.className = "";
+  status.textContent = stats.total === null ? "generating without end" :
+    "settled " + (stats.done + stats.dead) + " of " + (stats.total + stats.requeued);
+  fill("workers", stats.workers_detail, [w => w.worker, w => w.batchsize, w => w.batches_done,
+    w => w.batch_age_s === null ? "free" : w.batch_age_s.toFixed(2) + " s"]);
+  fill("dead", stats.recent_dead.slice().reverse(), [d => d.id, d => d.period + " ms",
+    d => d.attempts, d => d.reason, d => d.failed_at]);
+  history.push([Date.now() / 1000, stats.done, stats.dead]);
+  while (history.length > 301) history.shift();
+  draw();
+}
+
+function draw() {
+  const canvas = document.getElementById("chart");
+  const g = canvas.getContext("2d");
+  g.clearRect(0, 0, canvas.width, canvas.height);
+  if (history.length < 2) return;
+  const rates = [];
+  for (let i = 1; i < history.length; i++) {
+    const dt = Math.max(history[i][0] - history[i - 1][0], 1e-3);
+    rates.push([(history[i][1] - history[i - 1][1]) / dt, (history[i][2] - history[i - 1][2]) / dt]);
+  }
+  const top = Math.max(1, ...rates.map(r => Math.max(r[0], r[1]))) * 1.1;
+  g.fillStyle = "#888"; g.font = "11px sans-serif"; g.fillText(top.toFixed(0) + "/s", 4, 12);
+  [[0, "#2a7"], [1, "#c33"]].forEach(([k, color]) => {
+    g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
+    rates.forEach((r, i) => {
+      const x = canvas.width - (rates.length - 1 - i) * canvas.width / 300;
+      const y = canvas.height - r[k] / top * (canvas.height - 16);
+      i ? g.lineTo(x, y) : g.moveTo(x, y);
+    });
+    g.stroke();
+  });
+}
+
+function connect() {
+  if (source) source.close();
+  source = new EventSource("/events" + (token ? "?access_token=" + encodeURIComponent(token) : ""));
+  source.addEventListener("stats", e => show(JSON.parse(e.data)));
+  source.addEventListener("bye", () => { status("the broker stopped"); source.close(); });
+  source.onerror = () => {
+    source.close();
+    fetch("/stats", {headers: token ? {"Authorization": "Bearer " + token} : {}}).then(r => {
+      if (r.status === 401) {
+        const given = window.prompt("This broker needs its token:");
+        if (given === null) { status("a token is needed"); return; }
+        token = given; sessionStorage.setItem("broker-token", token);
+      }
+      setTimeout(connect, 1000);
+    }, () => { status("the broker is not answering; retrying"); setTimeout(connect, 2000); });
+  };
+}
+
+function status(text) { const s = document.getElementById("status"); s.className = "down"; s.textContent = text; }
+
+connect();
+</script>
+</body></html>
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -1228,7 +1520,8 @@ class Broker:
                                      lease_timeout=args.lease_timeout, total=args.total,
                                      seed=args.seed, on_event=self.trace,
                                      durable=args.durable, max_workers=args.max_workers)
-        self.db = bbolt_lite.open(args.db, timeout=1.0)
+        # A small page cache: the broker mostly appends, and reads back little.
+        self.db = bbolt_lite.open(args.db, timeout=1.0, cache_pages=64)
         try:
             self._open_state()
         except BaseException:
@@ -1246,6 +1539,7 @@ class Broker:
         # Wakes stop(): the last stream has said bye.
         self._no_streams = threading.Condition(self._streams_lock)
         self.stop_requested = threading.Event()
+        self.workers = None  # the worker.py supervisor of --workers
         self._threads = [
             threading.Thread(target=self.dispatcher.run, name="dispatch", daemon=True),
             self.state_writer.thread, self.watcher.thread,
@@ -1253,9 +1547,26 @@ class Broker:
         ]
 
     def _open_state(self):
+        requeued = []
         with self.db.update() as tx:
             tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
+            # Dead letters that `broker.py requeue` brought back: first in line.
+            bucket = tx.bucket(REQUEUE_BUCKET)
+            if bucket is not None:
+                requeued = [json.loads(value) for _key, value in bucket.items()]
+                if self.args.durable:  # they move to pending in this same transaction
+                    pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
+                    for record in requeued:
+                        pending.put(record["id"].encode("ascii"), _compact_json(
+                            {"id": record["id"], "period": record["period"], "attempts": 0,
+                             "in_flight": False, "reason": None}).encode())
+                tx.delete_bucket(REQUEUE_BUCKET)
         records, counters = load_durable_state(self.db)
+        if requeued:
+            requeued_ids = {record["id"] for record in requeued}
+            records = [r for r in records if r["id"] not in requeued_ids]
+            self.dispatcher.requeue(requeued)
+            log.info("%d requeued dead letters go out first", len(requeued))
         if not self.args.durable:
             if records:
                 log.warning("%s holds %d unsettled messages of a --durable run: left as they "
@@ -1283,6 +1594,7 @@ class Broker:
                  self.args.max_attempts, self.args.lease_timeout,
                  ", total %d" % self.args.total if self.args.total is not None else "",
                  ", bearer token required" if self.token else "")
+        log.info("dashboard: %s/", self.url)
 
     def stream_opened(self):
         with self._streams_lock:
@@ -1303,16 +1615,59 @@ class Broker:
 
     def run_until_stopped(self):
         """Serve until a signal, or until a --total run has settled."""
+        every = self.args.progress_every
+        next_progress = time.monotonic() + every
         while not self.stop_requested.is_set():
             if self.dispatcher.wait_until_settled(timeout=0.5):
                 log.info("all %d messages settled: %d done, %d dead",
-                         self.args.total, self.dispatcher.done, self.dispatcher.dead)
+                         self.args.total + self.dispatcher.requeued, self.dispatcher.done,
+                         self.dispatcher.dead)
                 break
+            if time.monotonic() >= next_progress:
+                next_progress += every
+                self.log_progress()
+            if self.workers is not None and self.workers.poll() is not None:
+                log.error("the workers' supervisor exited (%s): stopping",
+                          self.workers.returncode)
+                break
+
+    def log_progress(self):
+        stats = self.dispatcher.stats()
+        share = ""
+        if self.args.total is not None:
+            expected = self.args.total + self.dispatcher.requeued
+            share = ", %.1f%% settled" % (100.0 * (stats["done"] + stats["dead"]) /
+                                          max(1, expected))
+        log.info("progress: %d done, %d dead, %d in flight, %d retrying, %d workers, "
+                 "%.1f done/s%s", stats["done"], stats["dead"], stats["in_flight"],
+                 stats["retrying"], stats["workers"], stats["done_per_s"], share)
+
+    def start_workers(self, count):
+        """`--workers N`: worker.py --processes N, a child of this broker."""
+        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "worker.py"),
+                   "--url", self.url, "--processes", str(count),
+                   "--log-level", self.args.log_level]
+        env = dict(os.environ, BROKER_TOKEN=self.token) if self.token else None
+        self.workers = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+        log.info("started worker.py --processes %d (pid %d)", count, self.workers.pid)
+
+    def stop_workers(self):
+        if self.workers is None or self.workers.poll() is not None:
+            return
+        self.workers.terminate()
+        try:
+            self.workers.wait(15)
+        except subprocess.TimeoutExpired:
+            self.workers.kill()
+            self.workers.wait()
 
     def stop(self):
         """Say bye on every stream, stop serving, save dead letters, close the db."""
         dispatcher = self.dispatcher
+        self.stop_requested.set()
         dispatcher.stop()
+        self.stop_workers()
         with self._streams_lock:
             deadline = time.monotonic() + 5.0
             while self._streams and time.monotonic() < deadline:
@@ -1330,8 +1685,10 @@ class Broker:
         if self.trace:
             self.trace.close()
         stats = dispatcher.stats()
-        log.info("stopped: %d generated, %d done, %d dead, %d in flight lost",
-                 stats["generated"], stats["done"], stats["dead"], stats["in_flight"])
+        log.info("stopped: %d generated, %d done, %d dead, %d in flight %s; %d db commits",
+                 stats["generated"], stats["done"], stats["dead"], stats["in_flight"],
+                 "left pending in the db" if dispatcher.durable else "lost",
+                 self.state_writer.commits)
         return 0 if saved and not unsaved else 1
 
 
@@ -1361,8 +1718,11 @@ def parse_args(argv=None):
         prog="broker.py",
         description="Generate messages and dispatch them to workers over Server-Sent Events "
                     "(GET /task?batchsize=N, POST /report). Unreported messages are retried; "
-                    "after the last attempt they are saved as dead letters in a bbolt file.",
-        epilog="Read dead letters with: python bbolt_lite.py dump broker.db")
+                    "after the last attempt they are saved as dead letters in a bbolt file. "
+                    "Dashboard at GET /; also GET /stats, /metrics, /healthz, /dead.",
+        epilog="Dead-letter tools (with the broker stopped): 'python broker.py dead --db FILE' "
+               "prints them; 'python broker.py requeue --db FILE ID...|--all' sends them again "
+               "on the next start.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=_non_negative_int, default=DEFAULT_PORT,
@@ -1402,6 +1762,12 @@ def parse_args(argv=None):
     parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' on every endpoint but "
                              "/healthz (default: $BROKER_TOKEN; unset: no authentication)")
+    parser.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help="also run worker.py --processes N (from this folder) against this "
+                             "broker, and stop it on exit: the whole system in one command")
+    parser.add_argument("--progress-every", type=_positive_float, default=DEFAULT_PROGRESS_EVERY,
+                        metavar="SECONDS",
+                        help="log a progress line this often (default: %(default)s)")
     parser.add_argument("--trace", default=None, metavar="FILE",
                         help="write every lease start and end to FILE as JSON lines (for audits)")
     parser.add_argument("--log-level", default="INFO",
@@ -1410,7 +1776,74 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+# ---------------------------------------------------------------------------
+# Dead-letter tools: python broker.py dead|requeue --db FILE
+# ---------------------------------------------------------------------------
+
+def _tool_db(path):
+    """The db, opened for a tool: refused while a broker holds it."""
+    if not os.path.exists(path):
+        raise SystemExit("broker.py: %s: no such file" % path)
+    try:
+        return bbolt_lite.open(path, timeout=0.5)
+    except bbolt_lite.DatabaseLockedError:
+        raise SystemExit("broker.py: %s is in use by a running broker: stop it first "
+                         "(dead letters can also be read live at GET /dead)" % path)
+
+
+def dead_command(argv):
+    parser = argparse.ArgumentParser(prog="broker.py dead",
+                                     description="Print the dead letters as a table.")
+    parser.add_argument("--db", default=DEFAULT_DB, help="(default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead")
+    args = parser.parse_args(argv)
+    with _tool_db(args.db) as db:
+        letters, _more = read_dead_letters(db, 1 << 62)
+    if args.json:
+        for letter in letters:
+            print(_compact_json(letter))
+        return 0
+    print("%-20s %6s %8s  %-14s %s" % ("ID", "PERIOD", "ATTEMPTS", "REASON", "FAILED AT"))
+    for letter in letters:
+        print("%-20s %6s %8s  %-14s %s" % (letter["id"], letter["period"], letter["attempts"],
+                                            letter["reason"], letter["failed_at"]))
+    print("%d dead letters" % len(letters))
+    return 0
+
+
+def requeue_command(argv):
+    parser = argparse.ArgumentParser(
+        prog="broker.py requeue",
+        description="Move dead letters to the 'requeue' bucket: the broker sends them first "
+                    "on its next start, with their attempts reset.")
+    parser.add_argument("--db", default=DEFAULT_DB, help="(default: %(default)s)")
+    parser.add_argument("--all", action="store_true", help="every dead letter")
+    parser.add_argument("ids", nargs="*", metavar="ID", help="the dead letters to requeue")
+    args = parser.parse_args(argv)
+    if bool(args.ids) == args.all:
+        parser.error("give dead letter ids, or --all")
+    with _tool_db(args.db) as db:
+        with db.update() as tx:
+            failed = tx.bucket(DEAD_LETTER_BUCKET)
+            keys = [k for k, _v in failed.items()] if failed and args.all else \
+                [i.encode("utf-8") for i in args.ids]
+            missing = [k.decode() for k in keys if failed is None or failed.get(k) is None]
+            if missing:
+                raise SystemExit("broker.py: not dead letters in %s: %s" % (
+                    args.db, " ".join(missing)))
+            requeue = tx.create_bucket_if_not_exists(REQUEUE_BUCKET)
+            for key in keys:
+                requeue.put(key, failed.get(key))
+                failed.delete(key)
+    print("%d dead letters requeued: the broker sends them first on its next start"
+          % len(keys))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("dead", "requeue"):
+        return (dead_command if argv[0] == "dead" else requeue_command)(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s broker: %(message)s")
@@ -1434,6 +1867,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     broker.start()
+    if args.workers:
+        broker.start_workers(args.workers)
     broker.run_until_stopped()
     return broker.stop()
 

@@ -1,8 +1,8 @@
 """Shared fixtures: the Go interop helper, and the rule that CI never skips it.
 
-Tests that need Go (the real bbolt and rs/xid libraries) use the `boltcheck`
-fixture. Without a Go toolchain and Debian's Go packages they skip, unless
-REQUIRE_INTEROP=1 is set (as .ci/run does): then a missing Go fails them.
+Tests that need Go (the real bbolt and rs/xid libraries), chromium or
+prometheus_client skip without them, unless REQUIRE_INTEROP=1 is set (as
+.ci/run does): then a missing one fails them.
 """
 
 import os

@@ -165,14 +165,14 @@ def broker_run(args, work):
     log_path = os.path.join(work, "broker.log")
     log = open(log_path, "w")
     broker = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py"), "--port", "0",
-                               "--db", db, "--total", str(args.total), "--log-level", "WARNING",
+                               "--db", db, "--total", str(args.total), "--log-level", "INFO",
                                "--heartbeat", "5"] + (["--durable"] if args.durable else []),
                               stderr=subprocess.STDOUT, stdout=log)
-    # WARNING hides the "listening" line: find the port from the socket table instead.
     port = None
     deadline = time.monotonic() + 20
     while port is None and time.monotonic() < deadline:
-        port = _listening_port(broker.pid)
+        found = re.search(r"listening on http://[0-9.]+:(\d+)", open(log_path).read())
+        port = int(found.group(1)) if found else None
         time.sleep(0.05)
     if port is None:
         broker.kill()
@@ -194,30 +194,15 @@ def broker_run(args, work):
     broker.terminate()
     broker.wait(30)
     log.close()
+    commits = re.search(r"(\d+) db commits", open(log_path).read())
     settled = stats["done"] + stats["dead"]
     batches = sum(r["batches"] for r in results)
     latencies = [x for r in results for x in r["latencies"]]
     return {"elapsed": elapsed, "settled": settled, "batches": batches, "cpu": cpu,
             "rss_peak_mb": rss_peak_kb / 1024, "latencies": latencies,
             "threads": (threads_before, threads_after), "stats": stats,
-            "errors": sum(r["errors"] for r in results)}
-
-
-def _listening_port(pid):
-    try:
-        inodes = set()
-        for fd in os.listdir("/proc/%d/fd" % pid):
-            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-        with open("/proc/net/tcp") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
-                    return int(fields[1].split(":")[1], 16)
-    except OSError:
-        return None
-    return None
+            "errors": sum(r["errors"] for r in results),
+            "commits": int(commits.group(1)) if commits else None}
 
 
 def _get_json(url):
@@ -266,6 +251,8 @@ def main():
     print("  broker peak RSS  %9.1f MB" % run["rss_peak_mb"])
     print("  broker threads   %d before, %d after the clients left" % run["threads"])
     print("  client errors    %d" % run["errors"])
+    print("  db commits       %s for %d dead letters (group commit)" % (
+        run["commits"], run["stats"]["dead"]))
     if not args.no_ceiling:
         ceiling = bare_ceiling(args.clients, min(args.seconds, 5))
         print("ceiling: bare ThreadingHTTPServer, %d keep-alive clients: %.0f requests/s"

@@ -1,0 +1,197 @@
+"""Operability: /stats, /metrics, /dead, the dashboard, --workers, dead-letter tools, logs."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import HERE, SSEClient, skip_or_fail
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "broker.db"
+
+
+def settle_batch(b, client, done_share=1.0):
+    batch = client.batch()
+    done = [m["id"] for m in batch][:int(len(batch) * done_share)]
+    return batch, b.report(client.token, batch[0]["batch"], done)
+
+
+def test_stats_is_json_read_in_one_go(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    status, headers, stats = b.request("GET", "/stats")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert stats["generated"] == stats["done"] == stats["in_flight"] == 0
+    assert stats["done_per_s"] == 0 and stats["uptime_s"] >= 0
+
+
+def test_metrics_parse_with_the_prometheus_reference_parser(processes, db):
+    try:
+        from prometheus_client import parser
+    except ImportError:
+        skip_or_fail("no prometheus_client (pip install -r requirements-test.txt)")
+    b = processes.broker(db, "--heartbeat", "600", "--max-attempts", "1")
+    client = b.stream(4)
+    client.hello()
+    for _ in range(3):
+        settle_batch(b, client, done_share=0.5)
+    client.batch()
+    status, headers, text = b.request("GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    value = {name: f.samples[0].value for name, f in families.items() if f.type != "histogram"}
+    assert value["broker_done"] == 6 and value["broker_dead"] == 6
+    assert value["broker_dispatched"] == 16 and value["broker_in_flight"] == 4
+    assert families["broker_done"].type == "counter"
+    assert families["broker_workers"].type == "gauge"
+    histogram = families["broker_batch_round_trip_seconds"]
+    assert histogram.type == "histogram"
+    samples = {(s.name, s.labels.get("le")): s.value for s in histogram.samples}
+    assert samples[("broker_batch_round_trip_seconds_count", None)] == 3
+    assert samples[("broker_batch_round_trip_seconds_bucket", "+Inf")] == 3
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            assert line.startswith("broker_")
+    client.close()
+
+
+def test_dead_lists_dead_letters_oldest_first_in_pages(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--max-attempts", "1")
+    client = b.stream(5)
+    client.hello()
+    ids = []
+    for _ in range(2):
+        batch, _answer = settle_batch(b, client, done_share=0)
+        ids += [m["id"] for m in batch]
+    deadline = time.monotonic() + 10
+    while b.request("GET", "/dead?limit=100")[2]["dead"].__len__() < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first = b.request("GET", "/dead?limit=4")[2]
+    assert len(first["dead"]) == 4 and first["more"]
+    second = b.request("GET", "/dead?limit=100&after=" + first["next_after"])[2]
+    listed = [d["id"] for d in first["dead"] + second["dead"]]
+    assert listed == sorted(ids) and not second["more"]
+    assert set(first["dead"][0]) == {"id", "period", "attempts", "reason", "failed_at"}
+    assert b.request("GET", "/dead?limit=0")[0] == 400
+    assert b.request("GET", "/dead?limit=x")[0] == 400
+    client.close()
+
+
+def test_requeue_round_trips_dead_letters_back_to_done(processes, db):
+    b = processes.broker(db, "--total", "6", "--max-attempts", "1")
+    client = b.stream(6)
+    client.hello()
+    batch, _answer = settle_batch(b, client, done_share=0)  # all six dead
+    assert b.wait() == 0
+
+    def tool(*args):
+        return subprocess.run([sys.executable, "broker.py"] + list(args), cwd=HERE,
+                              capture_output=True, text=True, timeout=30)
+
+    table = tool("dead", "--db", str(db))
+    assert table.returncode == 0 and "6 dead letters" in table.stdout
+    assert all(m["id"] in table.stdout for m in batch)
+    one = batch[0]["id"]
+    assert tool("requeue", "--db", str(db), "nonexistent").returncode != 0
+    assert "1 dead letters requeued" in tool("requeue", "--db", str(db), one).stdout
+    assert "5 dead letters requeued" in tool("requeue", "--db", str(db), "--all").stdout
+    assert "0 dead letters" in tool("dead", "--db", str(db)).stdout
+
+    again = processes.broker(db, "--total", "0")  # nothing new: only the requeued six
+    refused = tool("requeue", "--db", str(db), "--all")
+    assert refused.returncode != 0 and "in use by a running broker" in refused.stderr
+    client = again.stream(10)
+    client.hello()
+    batch2 = client.batch()
+    assert sorted(m["id"] for m in batch2) == sorted(m["id"] for m in batch)
+    assert all(m["attempt"] == 1 for m in batch2)  # attempts reset
+    again.report(client.token, batch2[0]["batch"], [m["id"] for m in batch2])
+    assert again.wait() == 0
+    assert "all 6 messages settled: 6 done, 0 dead" in again.output()
+    assert "0 dead letters" in tool("dead", "--db", str(db)).stdout
+
+
+def test_workers_flag_runs_the_whole_system_and_leaves_nothing_running(processes, db):
+    b = processes.broker(db, "--total", "60", "--workers", "2", "--seed", "4",
+                         "--progress-every", "0.5")
+    b.wait_for_line(r"dashboard: http://127\.0\.0\.1:\d+/")
+    assert b.wait(timeout=120) == 0
+    output = b.output()
+    assert "all 60 messages settled" in output
+    pids = [int(p) for p in re.findall(r"started worker\.py --processes 2 \(pid (\d+)\)",
+                                       output)]
+    pids += [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", output)]
+    assert len(pids) >= 3
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_progress_lines_say_done_dead_in_flight_workers_and_share(processes, db):
+    b = processes.broker(db, "--total", "100", "--progress-every", "0.3")
+    line = b.wait_for_line(r"progress: ")
+    assert re.search(r"progress: \d+ done, \d+ dead, \d+ in flight, \d+ retrying, \d+ workers, "
+                     r"[0-9.]+ done/s, [0-9.]+% settled", line)
+
+
+def test_the_dashboard_page_and_its_event_stream(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--token", "tok")
+    status, headers, page = b.request("GET", "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "EventSource" in page and "<canvas" in page and "http" not in page.split(
+        "<script>")[0].replace("http-equiv", "")  # no external assets
+    assert SSEClient(b.host, b.port, "/events").status == 401
+    events = SSEClient(b.host, b.port, "/events?access_token=tok")
+    assert events.status == 200
+    kind, stats = events.next_event()
+    assert kind == "stats" and stats["workers"] == 0 and stats["recent_dead"] == []
+    events.close()
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
+    chromium = _chromium()
+    playwright = None
+    try:
+        from playwright.sync_api import sync_playwright as playwright
+    except ImportError:
+        pass
+    if chromium is None or playwright is None:
+        skip_or_fail("no chromium (apt-get install chromium) or playwright "
+                     "(pip install playwright)")
+    b = processes.broker(db, "--workers", "2", "--heartbeat", "5")
+    errors = []
+    shot = os.environ.get("DASHBOARD_SCREENSHOT") or str(tmp_path / "dashboard.png")
+    with playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(b.url + "/")
+        page.wait_for_selector("#counter-done b", timeout=15000)
+        first = int(page.inner_text("#counter-generated b"))
+        page.wait_for_function(
+            "n => Number(document.querySelector('#counter-generated b').textContent) > n",
+            arg=first, timeout=20000)
+        page.wait_for_selector("#workers tr", timeout=15000)
+        page.screenshot(path=shot, full_page=True)
+        browser.close()
+    assert errors == []
+    assert os.path.getsize(shot) > 1000
