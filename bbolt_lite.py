@@ -581,15 +581,21 @@ class Bucket:
             return node.kids[i]
         return self.tx._page(node.children[i])
 
-    def _find(self, key):
-        """The leaf that would hold `key`, and the key's index in it."""
-        node = self._root_ref()
+    @staticmethod
+    def _descend(node, key, child):
+        """From `node` down to the leaf that would hold `key`; `child(node, i)`
+        gives a branch's i-th child (read, or copied for writing)."""
         depth = 0
         while not node.is_leaf:
             depth += 1
             _assert(depth < MAX_TREE_DEPTH, "page %d: tree deeper than %d (a cycle?)",
                     node.pgid, MAX_TREE_DEPTH)
-            node = self._child(node, node.child_index(key))
+            node = child(node, node.child_index(key))
+        return node
+
+    def _find(self, key):
+        """The leaf that would hold `key`, and the key's index in it."""
+        node = self._descend(self._root_ref(), key, self._child)
         return node, bisect.bisect_left(node.keys, key)
 
     def get(self, key):
@@ -709,14 +715,7 @@ class Bucket:
 
     def _writable_leaf(self, key):
         """The leaf for `key`, with the path to it copied into memory."""
-        node = self._writable_root()
-        depth = 0
-        while not node.is_leaf:
-            depth += 1
-            _assert(depth < MAX_TREE_DEPTH, "page %d: tree deeper than %d (a cycle?)",
-                    node.pgid, MAX_TREE_DEPTH)
-            node = self._writable_kid(node, node.child_index(key))
-        return node
+        return self._descend(self._writable_root(), key, self._writable_kid)
 
     def _writable_kid(self, node, i):
         kid = node.kids[i]

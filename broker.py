@@ -989,6 +989,15 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         headers.append("\r\n")
         self.wfile.write("".join(headers).encode("latin-1") + body)
 
+    def start_event_stream(self):
+        """The 200 of an event stream: it lasts as long as the connection."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
     def send_error_json(self, status, message, extra_headers=()):
         self.send_json(status, {"error": message}, extra_headers)
 
@@ -1120,12 +1129,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                  self.client_address[0], batchsize)
         broker.stream_opened()
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Accel-Buffering", "no")
-            self.send_header("Connection", "close")
-            self.end_headers()
+            self.start_event_stream()
             hello = {"worker": session.token, "batchsize": batchsize,
                      "lease_ms": int(dispatcher.lease_timeout * 1000),
                      "heartbeat_ms": int(broker.heartbeat * 1000)}
@@ -1262,12 +1266,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         """The dashboard's own event stream: a `stats` event every second."""
         broker = self.server.broker
         self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Connection", "close")
-        self.end_headers()
+        self.start_event_stream()
         self.wfile.write(b"retry: %d\n\n" % SSE_RETRY_MS)
         while not broker.dispatcher.stopping:
             self.wfile.write(sse_event("stats", broker.dispatcher.dashboard()))

@@ -46,7 +46,6 @@ import codecs  # noqa: E402
 import collections  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
-import queue  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402

@@ -1,6 +1,5 @@
 """Operability: /stats, /metrics, /dead, the dashboard, --workers, dead-letter tools, logs."""
 
-import json
 import os
 import re
 import shutil

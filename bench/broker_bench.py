@@ -160,24 +160,29 @@ def bare_ceiling(clients, seconds):
 
 # --- the broker run ------------------------------------------------------------------
 
-def broker_run(args, work):
-    db = os.path.join(work, "bench.db")
+def start_broker(work, *flags):
+    """broker.py on a free port, logging to work/broker.log: (process, url, log path)."""
     log_path = os.path.join(work, "broker.log")
-    log = open(log_path, "w")
-    broker = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py"), "--port", "0",
-                               "--db", db, "--total", str(args.total), "--log-level", "INFO",
-                               "--heartbeat", "5"] + (["--durable"] if args.durable else []),
-                              stderr=subprocess.STDOUT, stdout=log)
-    port = None
+    with open(log_path, "w") as log:
+        broker = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py"), "--port", "0",
+                                   "--db", os.path.join(work, "bench.db"), "--log-level", "INFO"]
+                                  + [str(f) for f in flags], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
-    while port is None and time.monotonic() < deadline:
-        found = re.search(r"listening on http://[0-9.]+:(\d+)", open(log_path).read())
-        port = int(found.group(1)) if found else None
+    while time.monotonic() < deadline:
+        with open(log_path) as f:
+            found = re.search(r"listening on (http://[0-9.]+:\d+)", f.read())
+        if found:
+            return broker, found.group(1), log_path
+        if broker.poll() is not None:
+            break
         time.sleep(0.05)
-    if port is None:
-        broker.kill()
-        raise RuntimeError("the broker did not start: " + open(log_path).read())
-    url = "http://127.0.0.1:%d" % port
+    broker.kill()
+    raise RuntimeError("the broker did not start:\n" + open(log_path).read()[-2000:])
+
+
+def broker_run(args, work):
+    broker, url, log_path = start_broker(work, "--total", args.total, "--heartbeat", "5",
+                                         *(["--durable"] if args.durable else []))
     cpu_before = proc_cpu_seconds(broker.pid)
     threads_before = proc_status(broker.pid, "Threads")
     start = time.perf_counter()
@@ -193,7 +198,6 @@ def broker_run(args, work):
     threads_after = proc_status(broker.pid, "Threads")
     broker.terminate()
     broker.wait(30)
-    log.close()
     commits = re.search(r"(\d+) db commits", open(log_path).read())
     settled = stats["done"] + stats["dead"]
     batches = sum(r["batches"] for r in results)

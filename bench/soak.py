@@ -13,19 +13,16 @@ after the clients left. A benchmark, not a test.
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from broker_bench import _get_json, proc_status  # noqa: E402
-from client import Client  # noqa: E402
+from broker_bench import _get_json, proc_status, start_broker  # noqa: E402
 
 
 def main():
@@ -35,18 +32,8 @@ def main():
     parser.add_argument("--every", type=int, default=100000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        log_path = os.path.join(work, "broker.log")
-        log = open(log_path, "w")
-        broker = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py"), "--port", "0",
-                                   "--db", os.path.join(work, "soak.db"), "--total",
-                                   str(2 * args.total), "--heartbeat", "5"],  # alive at the end
-                                  stdout=log, stderr=subprocess.STDOUT)
-        port = None
-        while port is None:
-            found = re.search(r"listening on http://[0-9.]+:(\d+)", open(log_path).read())
-            port = found and int(found.group(1))
-            time.sleep(0.05)
-        url = "http://127.0.0.1:%d" % port
+        # --total twice the soak: the broker is still there to count threads at the end.
+        broker, url, _log = start_broker(work, "--total", 2 * args.total, "--heartbeat", "5")
         threads_idle = proc_status(broker.pid, "Threads")
         # Clients in processes of their own, so the GIL they share is not the broker's.
         load = [subprocess.Popen([sys.executable, os.path.join(HERE, "broker_bench.py"),
@@ -79,7 +66,6 @@ def main():
         threads_after = proc_status(broker.pid, "Threads") if broker.poll() is None else None
         broker.terminate()
         broker.wait(60)
-        log.close()
     if len(marks) >= 2:
         print("RSS at the last mark / at the first: %.3f (flat within 10%%: %s)" % (
             marks[-1][1] / marks[0][1], "yes" if marks[-1][1] <= 1.1 * marks[0][1] else "NO"))

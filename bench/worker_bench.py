@@ -18,7 +18,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from broker_bench import start_broker  # noqa: E402
 
 
 def main():
@@ -28,32 +32,20 @@ def main():
     parser.add_argument("--time-scale", type=float, default=0.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        log_path = os.path.join(work, "broker.log")
-        with open(log_path, "w") as log:
-            broker = subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "broker.py"), "--port", "0", "--db",
-                 os.path.join(work, "bench.db"), "--total", str(args.total)],
-                stdout=log, stderr=subprocess.STDOUT)
-            port = None
-            while port is None:
-                found = re.search(r"listening on http://[0-9.]+:(\d+)", open(log_path).read())
-                port = found and int(found.group(1))
-                if broker.poll() is not None:
-                    sys.exit("the broker did not start:\n" + open(log_path).read())
-                time.sleep(0.05)
-            start = time.perf_counter()
-            worker_log_path = os.path.join(work, "workers.log")
-            with open(worker_log_path, "w") as worker_log_file:
-                workers = subprocess.Popen(
-                    [sys.executable, os.path.join(ROOT, "worker.py"), "--url",
-                     "http://127.0.0.1:%d" % port, "--processes", str(args.processes),
-                     "--time-scale", str(args.time_scale), "--log-level", "INFO"],
-                    stdout=subprocess.DEVNULL, stderr=worker_log_file)
-                code = broker.wait(3600)
-                elapsed = time.perf_counter() - start
-                workers.terminate()
-                workers.wait(60)
-            worker_log = open(worker_log_path).read()
+        broker, url, log_path = start_broker(work, "--total", args.total)
+        start = time.perf_counter()
+        worker_log_path = os.path.join(work, "workers.log")
+        with open(worker_log_path, "w") as worker_log_file:
+            workers = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "worker.py"), "--url",
+                 url, "--processes", str(args.processes),
+                 "--time-scale", str(args.time_scale), "--log-level", "INFO"],
+                stdout=subprocess.DEVNULL, stderr=worker_log_file)
+            code = broker.wait(3600)
+            elapsed = time.perf_counter() - start
+            workers.terminate()
+            workers.wait(60)
+        worker_log = open(worker_log_path).read()
         text = open(log_path).read()
     settled = re.search(r"all (\d+) messages settled: (\d+) done, (\d+) dead", text)
     started = len(re.findall(r"worker \d+ started", worker_log))
