@@ -975,12 +975,18 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def send_json(self, status, obj, extra_headers=()):
-        """A JSON response, status line to body in one write."""
-        body = (_compact_json(obj) + "\n").encode("utf-8")
+        self.send_body(status, (_compact_json(obj) + "\n").encode("utf-8"), "application/json",
+                       extra_headers)
+
+    def send_text(self, status, text, content_type):
+        self.send_body(status, text.encode("utf-8"), content_type)
+
+    def send_body(self, status, body, content_type, extra_headers=()):
+        """A whole response, status line to body, in one write."""
         self.log_request(status, len(body))
         headers = ["%s %d %s\r\n" % (self.protocol_version, status,
                                       self.responses.get(status, ("",))[0]),
-                   "Content-Type: application/json\r\n",
+                   "Content-Type: %s\r\n" % content_type,
                    "Content-Length: %d\r\n" % len(body),
                    "Cache-Control: no-store\r\n"]
         headers += ["%s: %s\r\n" % header for header in extra_headers]
@@ -1234,15 +1240,6 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     def handle_stats(self, query):
         self.send_json(200, self.server.broker.dispatcher.stats())
 
-    def send_text(self, status, body, content_type):
-        body = body.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
     def handle_metrics(self, query):
         self.send_text(200, prometheus_text(self.server.broker.dispatcher.metrics()),
                        "text/plain; version=0.0.4; charset=utf-8")
@@ -1276,13 +1273,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_healthz(self, query):
         problem = self.server.broker.health_problem()
-        body = ("ok\n" if problem is None else problem + "\n").encode()
-        self.send_response(200 if problem is None else 503)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_text(200 if problem is None else 503,
+                       "ok\n" if problem is None else problem + "\n", "text/plain; charset=utf-8")
 
 
 PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the token
