@@ -75,6 +75,14 @@ MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
 ROUND_TRIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DEFAULT_PROGRESS_EVERY = 10.0  # seconds between progress lines in the log
 REQUEUE_BUCKET = b"requeue"
+# Request headers: at most this many lines of at most this many bytes (as
+# the standard library's own limits).
+MAX_HEADERS, MAX_HEADER_LINE = 100, 65536
+_HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,3})\.([0-9]{1,3})")
+# field-name ":" OWS field-value OWS CRLF (RFC 9112 section 5; a token, then a
+# value of visible characters, spaces and tabs; no obs-fold).
+_HEADER_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
+                           rb"([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?\n")
 
 
 # ---------------------------------------------------------------------------
@@ -216,8 +224,11 @@ def new_id_function():
 # Server-Sent Events framing (WHATWG HTML, "server-sent events")
 # ---------------------------------------------------------------------------
 
+_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (json.dumps makes one a call)
+
+
 def _compact_json(obj):
-    return json.dumps(obj, separators=(",", ":"))
+    return _COMPACT_ENCODER.encode(obj)
 
 
 def sse_event(event, data):
@@ -551,8 +562,7 @@ class Dispatcher:
             session.batches_done += 1
             self._free_workers.append(session)
             next_batch = self._assign_locked(caller=session)
-            if self.total is not None:
-                self.progress.notify_all()
+            self._notify_if_settled_locked()
             result = {"batch": batch.number, "done": len(done_ids), "retried": retried,
                       "dead": dead, "ignored": ignored}
             return result, self._change_seq, next_batch
@@ -573,7 +583,6 @@ class Dispatcher:
             if self._on_event:
                 self._on_event("dead", message, session)
             log.info("dead letter %s after %d attempts (%s)", message.id, message.attempts, reason)
-            self.progress.notify_all()
             return True
         self._retry.append(message)
         self._save_locked(message, "waiting")
@@ -631,7 +640,7 @@ class Dispatcher:
                 for message_id, record in changes.pending.items():
                     self._unsaved.setdefault(message_id, record)  # newer ones win
                 self._dead_letters[:0] = changes.dead_letters
-            self.progress.notify_all()
+            self._notify_if_settled_locked()
 
     def wait_saved(self, seq, timeout):
         """Wait until change `seq` is on disk; False on timeout or stop."""
@@ -681,6 +690,12 @@ class Dispatcher:
         return (self.total is not None and self.generated == self.total
                 and self.done + self.dead_saved == self.total + self.requeued
                 and (not self.durable or self._saved_seq == self._change_seq))
+
+    def _notify_if_settled_locked(self):
+        # Only then: a wake-up per report would cost the main thread a GIL
+        # hand-off each time.
+        if self.settled_locked():
+            self.progress.notify_all()
 
     def wait_until_settled(self, timeout):
         with self._lock:
@@ -963,6 +978,11 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "broker.py/1"
     timeout = DEFAULT_READ_TIMEOUT  # the server sets --read-timeout
+    # path -> {method: the name of its handler}
+    ROUTES = {"/task": {"GET": "handle_task"}, "/report": {"POST": "handle_report"},
+              "/stats": {"GET": "handle_stats"}, "/healthz": {"GET": "handle_healthz"},
+              "/metrics": {"GET": "handle_metrics"}, "/events": {"GET": "handle_events"},
+              "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"}}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -972,7 +992,65 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # (a request's line is not formatted for nothing)
+            log.debug("%s %s", self.address_string(), format % args)
+
+    # -- the request line and headers -------------------------------------------
+
+    def parse_request(self):
+        """The base class's job, done leaner and stricter (RFC 9112).
+
+        The base class hands the headers to the email package: under load
+        that was a third of the broker's CPU. Here each header line is one
+        regular expression; `self.headers` is still an `http.client.HTTPMessage`.
+        Answers 400 for a malformed request line or header line (folded lines
+        and a space before the colon included), 505 for HTTP/2 and later, 431
+        for over 100 headers or a header line over 64 KiB.
+        """
+        self.command = None
+        self.request_version = "HTTP/1.0"  # how errors are answered until it is known
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False  # an empty line: nothing to answer
+        version = _HTTP_VERSION.fullmatch(words[-1])
+        if len(words) != 3 or version is None:
+            self.send_error(400, "bad request line (want: METHOD target HTTP/1.x)")
+            return False
+        if int(version.group(1)) != 1:
+            self.send_error(505, "HTTP/%s is not supported: use HTTP/1.1" % version.group(1))
+            return False
+        self.command, self.path, self.request_version = words
+        # HTTP/1.1 keeps the connection open unless asked not to; 1.0 the reverse.
+        self.close_connection = int(version.group(2)) == 0
+        if self.path.startswith("//"):  # as the base class does: no "//host" paths
+            self.path = "/" + self.path.lstrip("/")
+        headers = self.MessageClass()
+        while True:
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, "a header line is longer than %d bytes" % MAX_HEADER_LINE)
+                return False
+            if len(headers) == MAX_HEADERS:
+                self.send_error(431, "more than %d headers" % MAX_HEADERS)
+                return False
+            field = _HEADER_FIELD.fullmatch(line)
+            if field is None:
+                self.send_error(400, "malformed header line")
+                return False
+            headers[field.group(1).decode("ascii")] = field.group(2).decode("iso-8859-1")
+        self.headers = headers
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if headers.get("Expect", "").lower() == "100-continue" and version.group(2) != "0":
+            return self.handle_expect_100()
+        return True
 
     def send_json(self, status, obj, extra_headers=()):
         self.send_body(status, (_compact_json(obj) + "\n").encode("utf-8"), "application/json",
@@ -1010,8 +1088,6 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The base class's errors (bad request line, headers too long): JSON too."""
         self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # no HTTP/0.9 here: always a status line
         try:
             phrase = http.HTTPStatus(code).phrase
         except ValueError:
@@ -1023,11 +1099,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if self.server.broker.token is not None and url.path not in PUBLIC_PATHS \
                 and not self._authorized(url):
             return
-        routes = {"/task": {"GET": self.handle_task}, "/report": {"POST": self.handle_report},
-                  "/stats": {"GET": self.handle_stats}, "/healthz": {"GET": self.handle_healthz},
-                  "/metrics": {"GET": self.handle_metrics}, "/events": {"GET": self.handle_events},
-                  "/dead": {"GET": self.handle_dead}, "/": {"GET": self.handle_dashboard}}
-        handlers = routes.get(url.path)
+        handlers = self.ROUTES.get(url.path)
         if handlers is None:
             if method == "POST":
                 self.close_connection = True  # its body is not read
@@ -1047,7 +1119,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(400, "malformed query string")
             return
         try:
-            handler(query)
+            getattr(self, handler)(query)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:

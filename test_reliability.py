@@ -187,6 +187,13 @@ def test_malformed_and_oversized_requests_are_answered_and_honest_workers_go_on(
         b"POST /report?worker=x&batch=1 HTTP/1.1\r\nContent-Length: -5\r\n\r\n": (b"HTTP/1.1 400",),
         b"POST /report?worker=x&batch=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]EXTRA BYTES\r\n\r\n":
             (b"HTTP/1.1 404",),
+        # RFC 9112: no line folding, no space before the colon, no HTTP/0.9 or 2
+        b"GET /stats HTTP/1.1\r\nX-Folded: a\r\n b\r\n\r\n": (b"HTTP/1.1 400",),
+        b"GET /stats HTTP/1.1\r\nHost : x\r\n\r\n": (b"HTTP/1.1 400",),
+        b"GET /stats HTTP/1.1\r\nX-Nul: a\x00b\r\n\r\n": (b"HTTP/1.1 400",),
+        b"GET /stats\r\n\r\n": (b"HTTP/1.1 400",),
+        b"GET /stats HTTP/2.0\r\n\r\n": (b"HTTP/1.1 505",),
+        b"GET /stats HTTP/x.y\r\n\r\n": (b"HTTP/1.1 400",),
     }
     for payload, starts in cases.items():
         answer = raw_exchange(b, payload)
@@ -194,6 +201,27 @@ def test_malformed_and_oversized_requests_are_answered_and_honest_workers_go_on(
     batch = honest.batch()
     assert b.report(honest.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
     honest.close()
+
+
+def test_well_formed_requests_of_every_shape_are_served(processes, db):
+    """HTTP/1.0 closes unless asked to keep alive, 1.1 keeps alive unless asked to
+    close, values lose their surrounding spaces, and Expect: 100-continue works."""
+    b = processes.broker(db)
+    answer = raw_exchange(b, b"GET /stats HTTP/1.0\r\n\r\n")  # ends: the broker closes
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+    two = b"GET /stats HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" \
+          b"GET /healthz HTTP/1.1\r\nconnection:close\r\n\r\n"
+    assert raw_exchange(b, two).count(b"HTTP/1.1 200") == 2
+    answer = raw_exchange(b, b"GET /stats HTTP/1.1\r\nX-Tab:\tvalue \t\r\n"
+                             b"Connection:   close  \r\n\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+    conn = socket.create_connection((b.host, b.port), timeout=10)
+    conn.sendall(b"POST /report?worker=nobody&batch=1 HTTP/1.1\r\nContent-Length: 2 \r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+    assert conn.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    conn.sendall(b"[]")
+    assert b"HTTP/1.1 404" in conn.recv(1000)  # read the body, then: unknown worker
+    conn.close()
 
 
 def test_a_body_never_finished_times_out_and_frees_its_thread(processes, db):

@@ -17,6 +17,10 @@ a share), so the figures are the broker's, not worker.py's. Prints:
   from the same number of client processes; and the broker's reports/s as a
   share of it.
 
+Both runs are measured the same way: counted by the server, over the same
+kind of window, from half a second after the last load process connected to
+half a second before the first one stops (Python start-up is not counted).
+
 `--rate R` paces each client to R batches/s (for latency at part load).
 A benchmark, not a test: the figures vary with the machine and its load.
 """
@@ -76,6 +80,7 @@ def client_main(url, batchsize, fail, seconds, rate, seed):
 
         client._finish = paced
     stop = threading.Event()
+    print("started", flush=True)
     client.run(stop, seconds=seconds)
     print(json.dumps({"batches": client.batches, "acked": len(client.acked),
                       "received": len(client.received), "latencies": client.latencies,
@@ -90,6 +95,7 @@ def post_loop_main(url, seconds):
     conn = KeepAlive(host, int(port))
     body = json.dumps(["9m4e2mr0ui3e8a215n4g"] * 10).encode()
     count = 0
+    print("started", flush=True)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         conn.post("/report?worker=x&batch=1", body)
@@ -100,6 +106,27 @@ def post_loop_main(url, seconds):
 def start_load(args_list):
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args,
                              stdout=subprocess.PIPE, text=True) for args in args_list]
+
+
+def steady_window(load, seconds, sample):
+    """`sample()` at both ends of the window in which all load processes run.
+
+    Waits for each process's "started" line; returns (first sample, second
+    sample, window seconds)."""
+    started = []
+    for process in load:
+        line = process.stdout.readline()
+        if line.strip() != "started":
+            raise RuntimeError("a load process failed to start: %r" % line)
+        started.append(time.monotonic())
+    begin, end = max(started) + 0.5, min(started) + seconds - 0.5
+    if end - begin < 1.0:
+        raise RuntimeError("the load processes took too long to start: use more --seconds")
+    time.sleep(begin - time.monotonic())
+    first, begin = sample(), time.monotonic()
+    time.sleep(max(0.0, end - time.monotonic()))
+    second, end = sample(), time.monotonic()
+    return first, second, end - begin
 
 
 def collect(processes, timeout):
@@ -128,7 +155,17 @@ class _BareHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    requests = 0  # POSTs answered (incremented under the GIL: close enough)
+
+    def do_GET(self):
+        answer = json.dumps({"requests": _BareHandler.requests}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
     def do_POST(self):
+        _BareHandler.requests += 1
         body = self.rfile.read(int(self.headers["Content-Length"]))
         answer = json.dumps({"batch": 1, "done": len(json.loads(body)), "retried": 0,
                              "dead": 0, "ignored": []}).encode()
@@ -151,11 +188,13 @@ def bare_ceiling(clients, seconds):
         url = "http://127.0.0.1:%d" % port
         load = start_load([["--post-loop", url, "--seconds", str(seconds)]
                            for _ in range(clients)])
-        results = collect(load, seconds + 60)
+        first, second, window = steady_window(load, seconds,
+                                              lambda: _get_json(url + "/count")["requests"])
+        collect(load, seconds + 60)
     finally:
         server.kill()
         server.wait()
-    return sum(r["requests"] for r in results) / seconds
+    return (second - first) / window
 
 
 # --- the broker run ------------------------------------------------------------------
@@ -183,15 +222,19 @@ def start_broker(work, *flags):
 def broker_run(args, work):
     broker, url, log_path = start_broker(work, "--total", args.total, "--heartbeat", "5",
                                          *(["--durable"] if args.durable else []))
-    cpu_before = proc_cpu_seconds(broker.pid)
     threads_before = proc_status(broker.pid, "Threads")
-    start = time.perf_counter()
     load = start_load([["--client", url, "--batchsize", str(args.batchsize), "--fail",
                         str(args.fail), "--seconds", str(args.seconds), "--rate", str(args.rate),
                         "--seed", str(i)] for i in range(args.clients)])
+
+    def sample():
+        figures = _get_metrics(url)
+        return (figures["broker_done_total"], figures["broker_dead_total"],
+                figures["broker_batch_round_trip_seconds_count"], proc_cpu_seconds(broker.pid))
+
+    first, second, window = steady_window(load, args.seconds, sample)
+    (done, dead, reports, cpu) = [b - a for a, b in zip(first, second)]
     results = collect(load, args.seconds + 60)
-    elapsed = time.perf_counter() - start
-    cpu = proc_cpu_seconds(broker.pid) - cpu_before
     rss_peak_kb = proc_status(broker.pid, "VmHWM")
     stats = _get_json(url + "/stats")
     time.sleep(0.5)
@@ -199,14 +242,22 @@ def broker_run(args, work):
     broker.terminate()
     broker.wait(30)
     commits = re.search(r"(\d+) db commits", open(log_path).read())
-    settled = stats["done"] + stats["dead"]
-    batches = sum(r["batches"] for r in results)
     latencies = [x for r in results for x in r["latencies"]]
-    return {"elapsed": elapsed, "settled": settled, "batches": batches, "cpu": cpu,
+    return {"window": window, "done": done, "dead": dead, "reports": reports, "cpu": cpu,
             "rss_peak_mb": rss_peak_kb / 1024, "latencies": latencies,
             "threads": (threads_before, threads_after), "stats": stats,
             "errors": sum(r["errors"] for r in results),
             "commits": int(commits.group(1)) if commits else None}
+
+
+def _get_metrics(url):
+    """The samples of /metrics without labels, as {name: value}."""
+    host, port = url[len("http://"):].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return {name: float(value) for name, value in
+            (line.split() for line in text.splitlines() if line and line[0] != "#" and "{" not in line)}
 
 
 def _get_json(url):
@@ -240,25 +291,26 @@ def main():
         return post_loop_main(args.post_loop, args.seconds)
     with tempfile.TemporaryDirectory() as work:
         run = broker_run(args, work)
-    rate = run["settled"] / run["elapsed"]
-    reports = run["batches"] / run["elapsed"]
-    print("broker: %d clients, batchsize %d, %.0f%% unreported%s, %.0f s" % (
+    settled = run["done"] + run["dead"]
+    rate = settled / run["window"]
+    reports = run["reports"] / run["window"]
+    print("broker: %d clients, batchsize %d, %.0f%% unreported%s, measured over %.1f s" % (
         args.clients, args.batchsize, 100 * args.fail, ", --durable" if args.durable else "",
-        run["elapsed"]))
-    print("  settled          %9.0f messages/s  (%d done, %d dead)" % (
-        rate, run["stats"]["done"], run["stats"]["dead"]))
+        run["window"]))
+    print("  settled          %9.0f messages/s  (%d done, %d dead in the window)" % (
+        rate, run["done"], run["dead"]))
     print("  batches          %9.0f /s (= reports/s)" % reports)
     print("  latency          p50 %.2f ms, p99 %.2f ms  (report sent -> next batch)" % (
         1000 * percentile(run["latencies"], 0.5), 1000 * percentile(run["latencies"], 0.99)))
-    print("  broker CPU       %9.2f s per 10,000 messages" % (
-        run["cpu"] / max(1, run["settled"]) * 10000))
+    print("  broker CPU       %9.2f s per 10,000 messages (%.2f cores)" % (
+        run["cpu"] / max(1, settled) * 10000, run["cpu"] / run["window"]))
     print("  broker peak RSS  %9.1f MB" % run["rss_peak_mb"])
     print("  broker threads   %d before, %d after the clients left" % run["threads"])
     print("  client errors    %d" % run["errors"])
     print("  db commits       %s for %d dead letters (group commit)" % (
         run["commits"], run["stats"]["dead"]))
     if not args.no_ceiling:
-        ceiling = bare_ceiling(args.clients, min(args.seconds, 5))
+        ceiling = bare_ceiling(args.clients, args.seconds)
         print("ceiling: bare ThreadingHTTPServer, %d keep-alive clients: %.0f requests/s"
               % (args.clients, ceiling))
         print("  broker reports/s as a share of it: %.0f%%" % (100 * reports / ceiling))
