@@ -237,6 +237,38 @@ def test_a_body_never_finished_times_out_and_frees_its_thread(processes, db):
     assert b.threads() <= baseline
 
 
+def test_a_client_that_stops_reading_is_cut_after_the_read_timeout(processes, db):
+    """Requests sent by the thousand, no answer read: once the socket buffers
+    are full, the broker's write waits --read-timeout, then gives up."""
+    b = processes.broker(db, "--read-timeout", "1")
+    baseline = b.threads()
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.settimeout(10)
+    conn.connect((b.host, b.port))
+    requests = 20000  # ~117 MB of answers: more than any socket buffer holds
+    conn.sendall(b"GET / HTTP/1.1\r\n\r\n" * requests)
+    deadline = time.monotonic() + 10
+    while b.threads() == baseline and time.monotonic() < deadline:
+        time.sleep(0.01)  # its thread has started
+    while b.threads() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)  # and ended, though nothing was read
+    assert b.threads() <= baseline
+    received = 0
+    try:
+        while True:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+    except ConnectionResetError:
+        pass  # the broker closed with requests unread
+    conn.close()
+    assert received < requests * 5000
+    assert "Traceback" not in b.output()
+    assert b.request("GET", "/healthz")[0] == 200
+
+
 def test_hostile_report_bodies_are_400_or_413_and_change_nothing(processes, db):
     b = processes.broker(db, "--heartbeat", "600")
     client = b.stream(2)
