@@ -15,12 +15,12 @@ Run::
     python broker.py                        # http://127.0.0.1:8080, broker.db here
     python broker.py --port 0 --total 2000  # any free port; exit once 2000 settle
 
-Flags (``python broker.py --help``): --host, --port, --db, --max-attempts,
---lease-timeout, --heartbeat, --max-batchsize, --total, --seed, --trace,
---log-level.
+Flags: ``python broker.py --help``. Subcommands: ``broker.py dead`` and
+``broker.py requeue`` (the dead letters of a stopped broker's db).
 
-Endpoints: ``GET /task`` (the work stream), ``POST /report``, ``GET /stats``
-(counters as JSON), ``GET /healthz``.
+Endpoints: ``GET /task`` (the work stream), ``POST /report``; for people and
+monitoring ``GET /`` (a dashboard), ``/events``, ``/stats``, ``/metrics``,
+``/healthz``, ``/dead``.
 
 Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 ``bbolt`` tool). Standard library only, Python 3.9 or newer; needs
@@ -473,26 +473,26 @@ class Dispatcher:
         taken = None
         while self._free_workers and self._can_give_locked():
             session = self._free_workers.popleft()
-            messages = {}
-            while len(messages) < session.batchsize and self._retry:
-                message = self._retry.popleft()
-                messages[message.id] = message
-            while len(messages) < session.batchsize and (
-                    self.total is None or self.generated < self.total):
-                message = Message(self._new_id(), draw_period(self._rng))
-                self.generated += 1
-                messages[message.id] = message
             self._batch_number += 1
             now = self._clock()
-            batch = Batch(self._batch_number, session, messages, now, now + self.lease_timeout)
-            for message in messages.values():
+            batch = Batch(self._batch_number, session, {}, now, now + self.lease_timeout)
+            while len(batch.messages) < session.batchsize:
+                if self._retry:  # retries first
+                    message = self._retry.popleft()
+                elif self.total is None or self.generated < self.total:
+                    message = Message(self._new_id(), draw_period(self._rng))
+                    self.generated += 1
+                else:
+                    break
                 message.attempts += 1
+                batch.messages[message.id] = message
                 self._leases[message.id] = batch
-                self._save_locked(message, "leased")
+                if self.durable:
+                    self._save_locked(message, "leased")
                 if self._on_event:
                     self._on_event("lease", message, session)
             batch.saved_seq = self._change_seq
-            self.dispatched += len(messages)
+            self.dispatched += len(batch.messages)
             session.batch = batch
             if not self._batches:
                 self.lease_to_watch.notify()  # the loop may be waiting with no deadline
@@ -550,7 +550,8 @@ class Dispatcher:
                 del self._leases[message.id]
                 if message.id in done_ids:
                     self.done += 1
-                    self._save_locked(message, "done")
+                    if self.durable:
+                        self._save_locked(message, "done")
                     if self._on_event:
                         self._on_event("done", message, session)
                 else:

@@ -13,9 +13,18 @@ keep-alive HTTP connection for the reports; standard library only.
 import json
 import random
 import socket
+import struct
+import sys
 import threading
 import time
 import urllib.parse
+
+
+# Linux: the kernel stamps each received packet (SO_TIMESTAMPNS, not in the
+# socket module), so a batch's arrival is known even if this process is
+# scheduled late to read it.
+SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None
+_TIMESPEC = struct.Struct("@ll")
 
 
 class Faults:
@@ -41,7 +50,8 @@ class Client:
         self.received = []          # every msg event: (id, attempt)
         self.acked = []             # ids acknowledged done by a 200
         self.batches = 0
-        self.latencies = []         # seconds from sending a report to the next batch's first byte
+        self.latencies = []         # seconds from sending a report to reading the next batch
+        self.arrivals = []          # ... to the next batch's arrival on the socket (Linux)
         self.errors = 0
         self.injected = {"cut": 0, "drop": 0, "delay": 0}
         self._report_conn = None
@@ -62,6 +72,13 @@ class Client:
     def _session(self, stop, deadline):
         sock = socket.create_connection((self.host, self.port), timeout=5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stamped = False
+        if SO_TIMESTAMPNS is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                stamped = True
+            except OSError:
+                pass
         try:
             sock.sendall(("GET /task?batchsize=%d HTTP/1.1\r\nHost: %s\r\n%s"
                           "Accept: text/event-stream\r\n\r\n"
@@ -79,43 +96,52 @@ class Client:
             token = None
             batch = []
             sent_report_at = None
-            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-                while b"\n\n" not in buffer:
-                    sock.settimeout(1.0)
-                    try:
-                        chunk = sock.recv(65536)
-                    except socket.timeout:
-                        if stop.is_set():
-                            return
-                        continue
-                    if not chunk:
+            sock.settimeout(1.0)
+            while True:
+                *events, buffer = buffer.split(b"\n\n")  # the complete events, and the rest
+                for event in events:
+                    kind, data = _parse_event(event)
+                    if kind == "hello":
+                        token = data["worker"]
+                    elif kind == "bye":
                         return
-                    if sent_report_at is not None:
+                    elif kind == "msg":
+                        batch.append(data)
                         with self.lock:
-                            self.latencies.append(time.perf_counter() - sent_report_at)
-                        sent_report_at = None
-                    buffer += chunk
-                event, _sep, buffer = buffer.partition(b"\n\n")
-                kind, data = _parse_event(event)
-                if kind == "hello":
-                    token = data["worker"]
-                elif kind == "bye":
+                            self.received.append((data["id"], data["attempt"]))
+                        if self.faults.cut and self.rng.random() < self.faults.cut / data["size"]:
+                            self.injected["cut"] += 1
+                            return  # the stream is cut in the middle of the batch
+                        if len(batch) == data["size"]:
+                            sent_report_at = self._finish(token, batch)
+                            batch = []
+                if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
                     return
-                elif kind == "msg":
-                    batch.append(data)
+                try:
+                    if stamped:
+                        chunk, ancillary, _flags, _addr = sock.recvmsg(65536, 64)
+                    else:
+                        chunk, ancillary = sock.recv(65536), ()
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    return
+                if sent_report_at is not None:
+                    read_at, sent_at, sent_wall = time.perf_counter(), *sent_report_at
                     with self.lock:
-                        self.received.append((data["id"], data["attempt"]))
-                    if self.faults.cut and self.rng.random() < self.faults.cut / data["size"]:
-                        self.injected["cut"] += 1
-                        return  # the stream is cut in the middle of the batch
-                    if len(batch) == data["size"]:
-                        sent_report_at = self._finish(token, batch)
-                        batch = []
+                        self.latencies.append(read_at - sent_at)
+                        for level, kind, data in ancillary:
+                            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                                seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                                self.arrivals.append(seconds + nanoseconds / 1e9 - sent_wall)
+                    sent_report_at = None
+                buffer += chunk
         finally:
             sock.close()
 
     def _finish(self, token, batch):
-        """Report a whole batch (or misbehave); the time the report was sent."""
+        """Report a whole batch (or misbehave); when the report was sent, as
+        (time.perf_counter(), time.time()), or None."""
         number = batch[0]["batch"]
         if self.faults.drop and self.rng.random() < self.faults.drop:
             self.injected["drop"] += 1
@@ -125,7 +151,7 @@ class Client:
             time.sleep(self.faults.delay_seconds)
         ids = [m["id"] for m in batch if not (self.fail_share and
                                               self.rng.random() < self.fail_share)]
-        sent = time.perf_counter()
+        sent = time.perf_counter(), time.time()
         status, answer = self.report(token, number, ids)
         with self.lock:
             self.batches += 1
