@@ -15,8 +15,13 @@ Run::
     python broker.py                        # http://127.0.0.1:8080, broker.db here
     python broker.py --port 0 --total 2000  # any free port; exit once 2000 settle
 
-Flags: ``python broker.py --help``. Subcommands: ``broker.py dead`` and
-``broker.py requeue`` (the dead letters of a stopped broker's db).
+Flags (``python broker.py --help`` says more): where to listen and store
+(--host, --port, --db), the rules (--max-attempts, --lease-timeout,
+--heartbeat, --max-batchsize, --total, --seed, --durable), limits and access
+(--max-workers, --max-body, --read-timeout, --token), and running and
+watching (--workers, --progress-every, --trace, --log-level). Subcommands
+``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
+letters of a stopped broker's db.
 
 Endpoints: ``GET /task`` (the work stream), ``POST /report``; for people and
 monitoring ``GET /`` (a dashboard), ``/events``, ``/stats``, ``/metrics``,

@@ -428,6 +428,8 @@ def supervise(args):
 
     def start(slot):
         seed = None if args.seed is None else args.seed + slot + 1000 * generations[slot]
+        sys.stdout.flush()  # (or the child would write this process's buffered output again)
+        sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
@@ -453,6 +455,8 @@ def supervise(args):
             pid, wait_status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
+            if pid not in children:
+                continue
             slot, started = children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
             lived = time.monotonic() - started
