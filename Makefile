@@ -18,6 +18,7 @@ check-py39:
 # Benchmarks (minutes; see bench/README.md).
 bench:
 	$(PYTHON) bench/bbolt_bench.py
-	$(PYTHON) bench/broker_bench.py
+	$(PYTHON) bench/broker_bench.py --repeat 5 --half-load
 	$(PYTHON) bench/broker_bench.py --fail 0.2 --no-ceiling
-	$(PYTHON) bench/broker_bench.py --rate 80 --no-ceiling
+	$(PYTHON) bench/soak.py --total 1000000
+	$(PYTHON) bench/worker_bench.py --total 5000 --processes 4 --time-scale 0
