@@ -259,21 +259,23 @@ def broker_run(args, work):
             "commits": int(commits.group(1)) if commits else None}
 
 
-def _get_metrics(url):
-    """The samples of /metrics without labels, as {name: value}."""
-    host, port = url[len("http://"):].split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    return {name: float(value) for name, value in
-            (line.split() for line in text.splitlines() if line and line[0] != "#" and "{" not in line)}
-
-
-def _get_json(url):
+def _get(url):
+    """The body of a GET, as bytes."""
     host, port = url[len("http://"):].split("/")[0].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     conn.request("GET", "/" + url.split("/", 3)[3])
-    return json.loads(conn.getresponse().read())
+    return conn.getresponse().read()
+
+
+def _get_json(url):
+    return json.loads(_get(url))
+
+
+def _get_metrics(url):
+    """The samples of /metrics without labels, as {name: value}."""
+    lines = _get(url + "/metrics").decode().splitlines()
+    return {name: float(value) for name, value in
+            (line.split() for line in lines if line and line[0] != "#" and "{" not in line)}
 
 
 def print_run(title, args, run):
