@@ -1736,6 +1736,7 @@ class Broker:
         command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                 "worker.py"),
                    "--url", self.url, "--processes", str(count),
+                   "--parent-pid", str(os.getpid()),  # they stop if this broker is killed
                    "--log-level", self.args.log_level]
         env = dict(os.environ, BROKER_TOKEN=self.token) if self.token else None
         self.workers = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)

@@ -134,6 +134,31 @@ def test_workers_flag_runs_the_whole_system_and_leaves_nothing_running(processes
             os.kill(pid, 0)
 
 
+def running(pid):
+    """Whether `pid` runs (a zombie that nobody reaped does not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_of_a_killed_broker_stop_too(processes, db):
+    b = processes.broker(db, "--workers", "2", "--heartbeat", "600")
+    b.wait_for_line(r"w2: connected")
+    output = b.output()
+    pids = [int(p) for p in re.findall(r"started worker\.py --processes 2 \(pid (\d+)\)",
+                                       output)]
+    pids += [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", output)]
+    assert len(pids) == 3
+    os.kill(b.popen.pid, 9)  # the broker alone, not its process group
+    b.wait()
+    deadline = time.monotonic() + 15
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in pids), b.output()
+
+
 def test_progress_lines_say_done_dead_in_flight_workers_and_share(processes, db):
     b = processes.broker(db, "--total", "100", "--progress-every", "0.3")
     line = b.wait_for_line(r"progress: ")

@@ -317,7 +317,8 @@ def test_help_explains_every_flag():
     from conftest import HERE
     result = subprocess.run([sys.executable, "worker.py", "--help"], cwd=HERE,
                             capture_output=True, text=True, timeout=30)
-    for flag in ("--url", "--batchsize", "--time-scale", "--seed", "--processes", "--log-level"):
+    for flag in ("--url", "--batchsize", "--time-scale", "--seed", "--token", "--processes",
+                 "--parent-pid", "--log-level"):
         assert flag in result.stdout
 
 
@@ -339,3 +340,84 @@ def test_sse_parser_handles_every_line_ending_split_anywhere():
 def test_sse_parser_ignores_empty_events_and_unknown_fields():
     parser = worker.SSEParser()
     assert parser.feed(b"event: x\n\nfoo: bar\ndata\n\n") == [("message", "", "")]
+
+
+# --- edges: the batches in hand, a failing stream thread, failing restarts ------------
+
+def test_abandoning_a_stream_while_its_tasks_end_never_breaks_the_stream_thread():
+    # The stream thread lists the batches in hand while task threads take
+    # complete ones out: without the stream's lock this raised "dictionary
+    # changed size during iteration" and the worker exited 0.
+    import sys
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+    try:
+        for _round in range(40):
+            w = worker.Worker("http://127.0.0.1:9", 10)
+            w._report = lambda stream, batch: None
+            stream = worker.Stream(w.url)
+            # Each task thread saw the stream alive just before it was lost:
+            # it takes its batch out whatever the stream thread does meanwhile.
+            stream.lost = type("NeverSet", (), {"set": lambda self: None,
+                                                "is_set": lambda self: False})()
+            batches = [worker.BatchInHand(n, 1) for n in range(3000)]
+            stream.batches.update((b.number, b) for b in batches)
+            ender = threading.Thread(target=lambda: [
+                w._task_ended(stream, b, "id", True) for b in batches])
+            ender.start()
+            w._abandon(stream)  # must not raise
+            ender.join()
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def run_worker_with_fault(*args):
+    """worker.py in a process of its own, with its SSE parser made to raise."""
+    return ["-c", "import sys, worker\n"
+                  "def broken(self, chunk): raise RuntimeError('injected fault')\n"
+                  "worker.SSEParser.feed = broken\n"
+                  "sys.exit(worker.main(sys.argv[1:]))", *args]
+
+
+def test_an_unexpected_error_in_the_stream_thread_exits_1_with_its_traceback(fake_broker,
+                                                                           processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.hold()
+
+    fake = fake_broker(script)
+    w = processes.python(*run_worker_with_fault("--url", fake.url, "--batchsize", "2"))
+    assert w.wait() == 1
+    output = w.output()
+    assert "the stream thread failed" in output
+    assert "Traceback" in output and "RuntimeError: injected fault" in output
+
+
+def test_processes_backs_off_restarting_a_worker_that_keeps_failing_at_once(fake_broker,
+                                                                          processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.hold()
+
+    fake = fake_broker(script)
+    supervisor = processes.python(*run_worker_with_fault(
+        "--url", fake.url, "--processes", "1", "--batchsize", "2"))
+    supervisor.wait_for_line(r"worker 0 ended 4 times in a row .*: restarting it in 4\.0 s",
+                             timeout=30)
+    # 0.5 + 1 + 2 s of back-off so far: a few restarts, not hundreds.
+    assert len(re.findall(r"worker 0 started", supervisor.output())) <= 5
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+
+
+def test_workers_stop_when_their_parent_pid_is_gone(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.hold()
+
+    fake = fake_broker(script)
+    # A parent that is not this worker's: as if its broker had been killed.
+    supervisor = processes.worker("--url", fake.url, "--processes", "2", "--batchsize", "2",
+                                  "--parent-pid", "1")
+    supervisor.wait_for_line(r"parent process 1 is gone: stopping")
+    assert supervisor.wait() == 0

@@ -23,8 +23,8 @@ Run::
     python worker.py --time-scale 0.01       # 100 times faster work
 
 Flags (``python worker.py --help``): --url, --batchsize, --time-scale,
---seed, --token, --processes, --log-level. Standard library only, Python 3.9 or newer;
-this file works on its own.
+--seed, --token, --processes, --parent-pid, --log-level. Standard library
+only, Python 3.9 or newer; this file works on its own.
 """
 
 import argparse
@@ -52,12 +52,17 @@ EXIT_PERIOD_MS = 900    # a period above this ends the process
 RAISE_PERIOD_MS = 800   # a period above this makes the task raise
 EXIT_STATUS_PERIOD = 3
 EXIT_STATUS_USAGE = 2
+EXIT_STATUS_BUG = 1
 CONNECT_TIMEOUT = 10.0
 REPORT_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 # Before the broker's hello says otherwise, how long a silent stream may last.
 DEFAULT_HEARTBEAT_MS = 15000
 HEARTBEATS_BEFORE_DEAD = 3
+# --processes: a worker that ends sooner than this, other than by exit 3, is
+# failing; its restarts back off from the first delay to the last, doubling.
+QUICK_EXIT_SECONDS = 5.0
+RESTART_BACKOFF_MIN, RESTART_BACKOFF_MAX = 0.5, 30.0
 
 
 class FatalError(Exception):
@@ -172,6 +177,9 @@ class Stream:
         self.base_url = base_url
         self.token = None
         self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
+        # `lock` guards `batches`: the stream thread adds and abandons
+        # batches while task threads take out those that are complete.
+        self.lock = threading.Lock()
         self.batches = {}          # batch number -> BatchInHand
         self.lost = threading.Event()
 
@@ -197,8 +205,6 @@ class Worker:
             try:
                 if self.serve_stream():
                     backoff = BACKOFF_MIN  # it worked for a while: start over
-            except FatalError:
-                raise
             except urllib.error.HTTPError as error:
                 log.warning("broker answered %d: %s", error.code, _error_text(error))
             except (urllib.error.URLError, OSError, ValueError) as error:
@@ -244,12 +250,17 @@ class Worker:
                     else:
                         log.debug("ignoring event %r", event)
         finally:
-            stream.lost.set()  # abandon what is in hand: tasks stop, nothing reported
-            abandoned = [b for b in stream.batches.values() if b.ended < b.size]
-            for batch in abandoned:
-                log.warning("abandoning batch %d (%d of %d tasks ended)",
-                            batch.number, batch.ended, batch.size)
+            self._abandon(stream)
             response.close()
+
+    def _abandon(self, stream):
+        """The stream is lost: its tasks stop, and nothing in hand is reported."""
+        stream.lost.set()
+        with stream.lock:
+            abandoned = [b for b in stream.batches.values() if b.ended < b.size]
+        for batch in abandoned:
+            log.warning("abandoning batch %d (%d of %d tasks ended)",
+                        batch.number, batch.ended, batch.size)
 
     def _on_hello(self, stream, response, data):
         hello = json.loads(data)
@@ -275,16 +286,18 @@ class Worker:
         if stream.token is None:
             log.error("msg before hello: ignoring message %s", message_id)
             return
-        batch = stream.batches.get(number)
-        if batch is None:
-            batch = stream.batches[number] = BatchInHand(number, size)
+        with stream.lock:
+            batch = stream.batches.get(number)
+            if batch is None:
+                batch = stream.batches[number] = BatchInHand(number, size)
         with self._lock:
-            refuse = self._running >= self.batchsize
+            running = self._running
+            refuse = running >= self.batchsize
             if not refuse:
                 self._running += 1
         if refuse:
             log.error("over capacity (%d tasks running, batchsize %d): refusing message %s "
-                      "of batch %d", self.batchsize, self.batchsize, message_id, number)
+                      "of batch %d", running, self.batchsize, message_id, number)
             with batch.lock:
                 batch.refused += 1
             self._task_ended(stream, batch, message_id, False)
@@ -326,7 +339,8 @@ class Worker:
                 batch.succeeded.append(message_id)
             complete = batch.ended == batch.size
         if complete and not stream.lost.is_set():
-            stream.batches.pop(batch.number, None)
+            with stream.lock:
+                stream.batches.pop(batch.number, None)
             self._report(stream, batch)
 
     # -- reporting --------------------------------------------------------------
@@ -428,6 +442,7 @@ def supervise(args):
 
     def start(slot):
         seed = None if args.seed is None else args.seed + slot + 1000 * generations[slot]
+        supervisor = os.getpid()  # its workers stop if it is killed
         sys.stdout.flush()  # (or the child would write this process's buffered output again)
         sys.stderr.flush()
         pid = os.fork()
@@ -437,20 +452,28 @@ def supervise(args):
                 signal.signal(signum, signal.SIG_DFL)
             os.close(wakeup_r)
             os.close(wakeup_w)
-            _run_forked_worker(args, seed)  # never returns
+            _run_forked_worker(args, seed, supervisor)  # never returns
         children[pid] = (slot, time.monotonic())
         log.info("worker %d started (pid %d)", slot, pid)
 
     for slot in range(args.processes):
         start(slot)
+    quick_exits = [0] * args.processes  # per slot: workers in a row that ended quickly
+    restarts = {}                       # slot -> when to start its worker again
     status = 0
     while not stopping and status == 0:
-        select.select([wakeup_r], [], [], 1.0)
+        wait = 1.0
+        if restarts:
+            wait = max(0.0, min(wait, min(restarts.values()) - time.monotonic()))
+        select.select([wakeup_r], [], [], wait)
         try:
             while os.read(wakeup_r, 512):
                 pass
         except BlockingIOError:
             pass
+        if args.parent_pid is not None and os.getppid() != args.parent_pid:
+            log.warning("parent process %d is gone: stopping", args.parent_pid)
+            break
         while children and not stopping:
             pid, wait_status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -466,9 +489,23 @@ def supervise(args):
                 log.error("worker %d cannot work (see its log): stopping all", slot)
                 status = EXIT_STATUS_USAGE
                 break
-            if code not in (EXIT_STATUS_PERIOD, 0) and lived < 1.0:
-                time.sleep(1.0)  # failing at start: do not spin
-            if not stopping:
+            # Ending by the rules (a period > 900) is normal and restarts at
+            # once; any other quick end backs off, doubling, as systemd's
+            # restart limits do: a worker that cannot run must not spin.
+            if code == EXIT_STATUS_PERIOD or lived >= QUICK_EXIT_SECONDS:
+                quick_exits[slot] = 0
+                restarts[slot] = time.monotonic()
+            else:
+                quick_exits[slot] += 1
+                delay = min(RESTART_BACKOFF_MAX,
+                            RESTART_BACKOFF_MIN * 2 ** (quick_exits[slot] - 1))
+                log.warning("worker %d ended %d times in a row within %.0f s: restarting it "
+                            "in %.1f s", slot, quick_exits[slot], QUICK_EXIT_SECONDS, delay)
+                restarts[slot] = time.monotonic() + delay
+        now = time.monotonic()
+        for slot, when in list(restarts.items()):
+            if when <= now and not stopping and status == 0:
+                del restarts[slot]
                 generations[slot] += 1
                 start(slot)
     log.info("stopping %d workers", len(children))
@@ -479,14 +516,15 @@ def supervise(args):
     return status
 
 
-def _run_forked_worker(args, seed):
+def _run_forked_worker(args, seed, supervisor):
     """In a child of the supervisor: be one worker, then exit (never returns)."""
     code = 1
     try:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
-        code = run_worker(argparse.Namespace(**dict(vars(args), processes=None, seed=seed)))
+        code = run_worker(argparse.Namespace(**dict(vars(args), processes=None, seed=seed,
+                                                    parent_pid=supervisor)))
     except BaseException:  # a bug, or Ctrl-C at start: say so, and exit all the same
         log.exception("worker failed")
     finally:
@@ -547,6 +585,10 @@ def parse_args(argv=None):
     parser.add_argument("--processes", type=int, default=None, metavar="N",
                         help="run N worker processes, restarting each one that exits; "
                              "Ctrl-C stops them all")
+    parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                        help="stop (all workers) once process PID is no longer this one's "
+                             "parent; broker.py --workers passes its own pid, so that its "
+                             "workers never outlive it, even when it is killed")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
@@ -591,6 +633,9 @@ def run_worker(args):
     runner.start()
     while runner.is_alive() and not stop.is_set():
         runner.join(0.5)
+        if args.parent_pid is not None and os.getppid() != args.parent_pid:
+            log.warning("parent process %d is gone: stopping", args.parent_pid)
+            break
     return worker.exit_status
 
 
@@ -600,6 +645,10 @@ def _run_worker(worker, stop):
     except FatalError as error:
         log.error("%s", error)
         worker.exit_status = EXIT_STATUS_USAGE
+    except Exception:  # a bug: say where, and exit non-zero (not 0, as if stopped)
+        log.exception("the stream thread failed")
+        worker.exit_status = EXIT_STATUS_BUG
+    finally:
         stop.set()
 
 
