@@ -41,6 +41,7 @@ import hashlib
 import hmac
 import http
 import http.server
+import io
 import json
 import logging
 import os
@@ -85,6 +86,8 @@ REQUEUE_BUCKET = b"requeue"
 MAX_HEADERS, MAX_HEADER_LINE = 100, 65536
 # A client that closed its connection, or stalled past --read-timeout.
 CLIENT_GONE = (ConnectionError, BlockingIOError)
+# Secrets that travel in a query string: never written to a log.
+_SECRET_IN_QUERY = re.compile(r"\b(worker|access_token)=[^&\s\"]*")
 _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,3})\.([0-9]{1,3})")
 # field-name ":" OWS field-value OWS CRLF (RFC 9112 section 5; a token, then a
 # value of visible characters, spaces and tabs; no obs-fold).
@@ -969,10 +972,77 @@ class StreamWatcher:
 # HTTP: thin handlers over the dispatcher
 # ---------------------------------------------------------------------------
 
+def _listen_backlog():
+    """The system's cap on a listen queue (the standard library asks for 5:
+    in a burst of 300 connects, a third then waited for SYN retries)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(int(f.read()), socket.SOMAXCONN)
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def redact(text):
+    """`text` with the secrets of a query string (worker tokens, access tokens) hidden."""
+    return _SECRET_IN_QUERY.sub(r"\1=<redacted>", text)
+
+
+class _RequestReader(socket.SocketIO):
+    """The connection's reads, with --read-timeout bounding a whole request.
+
+    The kernel's SO_RCVTIMEO bounds each recv(); a client trickling a byte
+    at a time would reset it forever. So a request's deadline starts with its
+    first bytes, and each read checks it; only when the deadline is nearer
+    than the kernel's timeout is that timeout shortened (a slow request's
+    cost, not every request's). A read past the deadline returns None, as a
+    timed-out recv() does: the request is cut short and the connection closed.
+    """
+
+    def __init__(self, sock, timeout):
+        super().__init__(sock, "rb")
+        sock._io_refs += 1  # as socket.makefile() counts the files open on a socket
+        self._socket = sock
+        self._timeout = timeout
+        self._kernel_timeout = timeout  # SO_RCVTIMEO now
+        self.deadline = None            # of the request being read
+
+    def readinto(self, buffer):
+        if self.deadline is None:
+            count = super().readinto(buffer)  # waiting for a request: the idle limit
+            if count:
+                self.deadline = time.monotonic() + self._timeout
+            return count
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        if remaining < self._kernel_timeout:
+            self._set_kernel_timeout(remaining)
+        return super().readinto(buffer)
+
+    def end_request(self):
+        self.deadline = None
+        if self._kernel_timeout != self._timeout:
+            self._set_kernel_timeout(self._timeout)
+
+    def _set_kernel_timeout(self, seconds):
+        _set_socket_timeouts(self._socket, seconds, send=False)
+        self._kernel_timeout = seconds
+
+
+def _set_socket_timeouts(sock, seconds, send=True):
+    """SO_RCVTIMEO (and SO_SNDTIMEO): timeouts kept by the kernel."""
+    whole, fraction = divmod(max(seconds, 0.001), 1.0)
+    timeval = struct.pack("ll", int(whole), int(fraction * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    if send:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
 class BrokerHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = _listen_backlog()
 
     def __init__(self, address, broker):
         self.broker = broker
@@ -1001,11 +1071,15 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         # put a poll() before every recv and send: a GIL hand-off each, which
         # cost about a quarter of the reports a second under load.) A read
         # that times out returns what came so far; a write raises
-        # BlockingIOError.
-        seconds, fraction = divmod(self.read_timeout, 1.0)
-        timeval = struct.pack("ll", int(seconds), int(fraction * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        # BlockingIOError. _RequestReader bounds a request as a whole.
+        _set_socket_timeouts(sock, self.read_timeout)
+        self.rfile.close()
+        self._reader = _RequestReader(sock, self.read_timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        super().handle_one_request()
+        self._reader.end_request()
 
     def handle(self):
         try:
@@ -1015,7 +1089,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         if log.isEnabledFor(logging.DEBUG):  # (a request's line is not formatted for nothing)
-            log.debug("%s %s", self.address_string(), format % args)
+            log.debug("%s %s", self.address_string(), redact(format % args))
 
     # -- the request line and headers -------------------------------------------
 
@@ -1149,7 +1223,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         except CLIENT_GONE:
             self.close_connection = True
         except Exception:
-            log.exception("internal error on %s %s", method, self.path)
+            log.exception("internal error on %s %s", method, redact(self.path))
             self.close_connection = True
             try:
                 self.send_error_json(500, "internal error")
@@ -1863,7 +1937,11 @@ def parse_args(argv=None):
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.token == "":  # an empty token would turn authentication off, silently
+        parser.error("the token (--token or $BROKER_TOKEN) is empty: give one, or leave both "
+                     "unset for no authentication")
+    return args
 
 
 # ---------------------------------------------------------------------------

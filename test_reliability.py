@@ -4,8 +4,10 @@ import json
 import os
 import random
 import resource
+import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -364,3 +366,88 @@ def test_the_worker_sends_its_token_and_a_wrong_one_ends_it_clearly(processes, d
     env = dict(os.environ, BROKER_TOKEN="right")
     processes.worker("--url", b.url, "--batchsize", "4", "--time-scale", "0", env=env)
     assert b.wait() == 0  # the worker settled all four
+
+
+def test_read_timeout_bounds_a_whole_request_trickled_a_byte_at_a_time(processes, db):
+    b = processes.broker(db, "--read-timeout", "1")
+    for head, trickle in ((b"GET /stats HTTP/1.1\r\nX-Slow: ", b"a"),  # a header line
+                          (b"POST /report?worker=x&batch=1 HTTP/1.1\r\n"
+                           b"Content-Length: 100\r\n\r\n[", b" ")):  # a body
+        conn = socket.create_connection((b.host, b.port), timeout=10)
+        conn.sendall(head)
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 6 and not closed:
+            try:
+                conn.sendall(trickle)  # every 0.3 s: each recv() alone would wait on
+            except OSError:
+                closed = True
+                break
+            readable = select.select([conn], [], [], 0.3)[0]
+            if readable:
+                closed = conn.recv(100) == b""
+        elapsed = time.monotonic() - started
+        conn.close()
+        assert closed and elapsed < 2.5, (head, elapsed)
+
+
+def test_a_burst_of_300_connects_is_answered_at_once(processes, db):
+    b = processes.broker(db)
+    clients = []
+    for _ in range(300):
+        conn = socket.socket()
+        conn.setblocking(False)
+        conn.connect_ex((b.host, b.port))
+        clients.append(conn)
+    answered = set()
+    pending = {conn: b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n" for conn in clients}
+    deadline = time.monotonic() + 10  # with a listen queue of 5: SYN retries of 1, 3, 7 s...
+    try:
+        while len(answered) < len(clients) and time.monotonic() < deadline:
+            readable, writable, _ = select.select(
+                [c for c in clients if c not in answered and c not in pending],
+                list(pending), [], 0.2)
+            for conn in writable:
+                try:
+                    conn.send(pending.pop(conn))
+                except BlockingIOError:
+                    pass
+            for conn in readable:
+                if conn.recv(4096).startswith(b"HTTP/1.1 200"):
+                    answered.add(conn)
+    finally:
+        for conn in clients:
+            conn.close()
+    assert len(answered) == 300
+
+
+def test_an_empty_token_is_refused_not_taken_as_no_authentication(processes, db):
+    for args, env in ((["--token", ""], {}), ([], {"BROKER_TOKEN": ""})):
+        result = subprocess.run([sys.executable, "broker.py", "--port", "0", "--db", str(db)]
+                                + args, cwd=HERE, capture_output=True, text=True, timeout=30,
+                                env=dict(os.environ, **env))
+        assert result.returncode == 2
+        assert "token (--token or $BROKER_TOKEN) is empty" in result.stderr
+    assert not db.exists()
+
+
+def test_no_token_is_written_to_the_log_at_any_level(processes, db):
+    secret = "s3cret-token-value"
+    b = processes.broker(db, "--token", secret, "--heartbeat", "600")
+    auth = {"Authorization": "Bearer " + secret}
+    client = SSEClient(b.host, b.port, "/task?batchsize=2",
+                       headers="Authorization: Bearer %s\r\n" % secret)
+    client.hello()
+    batch = client.batch()
+    status, _h, _body = b.request("POST", "/report?worker=%s&batch=%d" % (
+        client.token, batch[0]["batch"]), b"[]", headers=auth)
+    assert status == 200
+    events = SSEClient(b.host, b.port, "/events?access_token=" + secret)
+    assert events.status == 200
+    events.next_event()
+    events.close()
+    client.close()
+    b.wait_for_line(r"/report\?worker=<redacted>&batch=")
+    b.wait_for_line(r"/events\?access_token=<redacted>")
+    b.stop()
+    assert secret not in b.output() and client.token not in b.output()
