@@ -281,14 +281,25 @@ class Message:
 
 
 class Batch:
-    __slots__ = ("number", "session", "messages", "deadline", "started", "saved_seq")
+    """Messages given to one worker together.
 
-    def __init__(self, number, session, messages, started, deadline):
+    A batch is assigned first (its messages are reserved for that worker,
+    and their `attempts` count this delivery), then written: its lease, and
+    its clock, start only once its bytes are in the socket in full
+    (`written`). A batch that could not be written never started: its
+    messages go back uncharged.
+    """
+
+    __slots__ = ("number", "session", "messages", "deadline", "started", "saved_seq",
+                 "written", "half")
+
+    def __init__(self, number, session, messages, half):
         self.number = number
         self.session = session
         self.messages = messages  # id -> Message, in delivery order
-        self.started = started
-        self.deadline = deadline
+        self.half = half          # made of one half of a batch whose worker died
+        self.written = False
+        self.started = self.deadline = None  # the lease's, once written
         self.saved_seq = 0  # with --durable: written once this change is on disk
 
 
@@ -296,8 +307,7 @@ class Session:
     """One worker's stream: its token, its batch in flight, its outbox."""
 
     __slots__ = ("token", "number", "batchsize", "batch", "outbox", "closed",
-                 "close_reason", "close_stream", "send", "batch_ready", "connected_at",
-                 "batches_done")
+                 "close_reason", "channel", "batch_ready", "connected_at", "batches_done")
 
     def __init__(self, token, number, batchsize, lock, now):
         self.token = token
@@ -307,8 +317,7 @@ class Session:
         self.outbox = None              # that Batch, until its writer takes it
         self.closed = False
         self.close_reason = None
-        self.close_stream = None        # set by the HTTP layer: cuts the connection
-        self.send = None                # set by the HTTP layer: writes bytes on the stream
+        self.channel = None             # set by the HTTP layer: writes to and cuts the stream
         # Wakes this stream's writer: a batch is in its outbox, the stream
         # was closed, or the broker is stopping.
         self.batch_ready = threading.Condition(lock)
@@ -372,6 +381,8 @@ class Dispatcher:
         self._sessions = {}                       # token -> Session
         self._free_workers = collections.deque()  # Sessions, in the order they became free
         self._retry = collections.deque()         # Messages waiting for another attempt
+        self._halves = collections.deque()        # [Message]: halves of a batch whose worker died
+        self._waiting_in_halves = 0               # messages in all those halves
         self._leases = {}                         # message id -> Batch holding it
         self._batches = collections.OrderedDict()  # number -> Batch in flight, oldest first
         self._dead_letters = []                   # (Message, failed_at) not yet saved
@@ -381,7 +392,8 @@ class Dispatcher:
         self._batch_number = 0
         self._session_number = 0
         self.stopping = False
-        self.started_at = clock()
+        self.started_at = self.loop_beat = clock()  # loop_beat: the dispatch loop's last turn
+        self.stop_counts = None  # (leased, waiting for a retry) when stop() began
         self.generated = self.dispatched = self.done = self.dead = self.dead_saved = 0
         self.requeued = 0                         # dead letters brought back by `requeue`
         self.round_trips = [0] * (len(ROUND_TRIP_BUCKETS) + 1)  # batch dispatch -> report
@@ -425,12 +437,40 @@ class Dispatcher:
         batch = session.batch
         session.batch = session.outbox = None
         if batch is not None:
-            del self._batches[batch.number]
-            for message in batch.messages.values():
-                self._fail_locked(message, reason, session)
-            log.info("%s: stream ended (%s) with batch %d in flight: %d messages back",
-                     session.name, reason, batch.number, len(batch.messages))
+            if not batch.written:
+                self._give_back_locked(batch)
+            else:
+                del self._batches[batch.number]
+                survivors = [m for m in batch.messages.values()
+                             if not self._fail_locked(m, reason, session, queue=False)]
+                self._bisect_locked(survivors)
+                log.info("%s: stream ended (%s) with batch %d in flight: %d messages back "
+                         "in halves", session.name, reason, batch.number, len(survivors))
         session.batch_ready.notify_all()
+
+    def _bisect_locked(self, messages):
+        """Retry the messages of a batch whose worker died or hung as two
+        halves, each a batch of its own (PROTOCOL.md v1.1: one of them may
+        have ended the worker; it takes fewer batch-mates down each time)."""
+        middle = (len(messages) + 1) // 2
+        for half in (messages[:middle], messages[middle:]):
+            if half:
+                self._halves.append(half)
+                self._waiting_in_halves += len(half)
+
+    def _give_back_locked(self, batch):
+        """A batch that was never written: its messages go back to the head
+        of the line, their attempt counts as they were (PROTOCOL.md v1.1)."""
+        messages = list(batch.messages.values())
+        for message in messages:
+            del self._leases[message.id]
+            message.attempts -= 1
+            self._save_locked(message, "waiting")
+        if batch.half:
+            self._halves.appendleft(messages)
+            self._waiting_in_halves += len(messages)
+        else:
+            self._retry.extendleft(reversed(messages))
 
     # -- the dispatch loop -------------------------------------------------
 
@@ -439,9 +479,12 @@ class Dispatcher:
         messages they free to the free workers."""
         with self._lock:
             while not self.stopping:
+                self.loop_beat = self._clock()
                 self._expire_leases_locked()
                 self._assign_locked()
-                self.lease_to_watch.wait(self._until_next_deadline_locked())
+                wait = self._until_next_deadline_locked()
+                # (At least once a second: /healthz tells a stuck loop by its beat.)
+                self.lease_to_watch.wait(1.0 if wait is None else min(wait, 1.0))
 
     def dispatch_once(self):
         """One turn of the loop, without waiting (for tests)."""
@@ -465,15 +508,17 @@ class Dispatcher:
             log.warning("%s: lease of batch %d expired after %.1f s: closing its stream",
                         session.name, batch.number, now - batch.started)
             # Close the stream first, then offer the messages again.
-            if session.close_stream is not None:
-                session.close_stream()
+            if session.channel is not None:
+                session.channel.close()
             self._end_session_locked(session, "lease expired")
 
     def _can_give_locked(self):
-        return bool(self._retry) or self.total is None or self.generated < self.total
+        return not self.stopping and (bool(self._halves) or bool(self._retry) or
+                                      self.total is None or self.generated < self.total)
 
     def _assign_locked(self, caller=None):
-        """Give batches to free workers while there are messages.
+        """Give batches to free workers while there are messages (none once
+        the broker stops).
 
         The batch of `caller` (a reporting session) is returned instead of put
         in its outbox: the report's thread writes it, saving a thread hop.
@@ -482,34 +527,42 @@ class Dispatcher:
         while self._free_workers and self._can_give_locked():
             session = self._free_workers.popleft()
             self._batch_number += 1
-            now = self._clock()
-            batch = Batch(self._batch_number, session, {}, now, now + self.lease_timeout)
-            while len(batch.messages) < session.batchsize:
-                if self._retry:  # retries first
-                    message = self._retry.popleft()
-                elif self.total is None or self.generated < self.total:
-                    message = Message(self._new_id(), draw_period(self._rng))
-                    self.generated += 1
+            if self._halves:  # a half goes alone, and first
+                half = self._halves[0]
+                messages = half[:session.batchsize]
+                if len(messages) == len(half):
+                    self._halves.popleft()
                 else:
-                    break
-                message.attempts += 1
-                batch.messages[message.id] = message
-                self._leases[message.id] = batch
-                self._save_locked(message, "leased")
-                if self._on_event:
-                    self._on_event("lease", message, session)
+                    del half[:session.batchsize]
+                self._waiting_in_halves -= len(messages)
+                batch = Batch(self._batch_number, session, {}, True)
+                for message in messages:
+                    self._reserve_locked(batch, message)
+            else:
+                batch = Batch(self._batch_number, session, {}, False)
+                while len(batch.messages) < session.batchsize:
+                    if self._retry:  # retries first
+                        message = self._retry.popleft()
+                    elif self.total is None or self.generated < self.total:
+                        message = Message(self._new_id(), draw_period(self._rng))
+                        self.generated += 1
+                    else:
+                        break
+                    self._reserve_locked(batch, message)
             batch.saved_seq = self._change_seq
-            self.dispatched += len(batch.messages)
             session.batch = batch
-            if not self._batches:
-                self.lease_to_watch.notify()  # the loop may be waiting with no deadline
-            self._batches[batch.number] = batch
             if session is caller:
                 taken = batch
             else:
                 session.outbox = batch
                 session.batch_ready.notify()
         return taken
+
+    def _reserve_locked(self, batch, message):
+        message.attempts += 1
+        batch.messages[message.id] = message
+        self._leases[message.id] = batch
+        self._save_locked(message, "leased")
 
     # -- stream writers ---------------------------------------------------
 
@@ -523,7 +576,37 @@ class Dispatcher:
                     break
                 session.batch_ready.wait(remaining)
             batch, session.outbox = session.outbox, None
-            return None if session.closed else batch
+            return None if session.closed or self.stopping else batch
+
+    def batch_written(self, session, batch):
+        """The batch's bytes are in the socket in full: its lease starts now."""
+        with self._lock:
+            if session.batch is batch and not batch.written:
+                self._start_lease_locked(batch)
+
+    def _start_lease_locked(self, batch):
+        batch.written = True
+        batch.started = now = self._clock()
+        batch.deadline = now + self.lease_timeout
+        self.dispatched += len(batch.messages)
+        if not self._batches:
+            self.lease_to_watch.notify()  # the loop may be waiting with no deadline
+        self._batches[batch.number] = batch  # in the order leases started: by deadline
+        if self._on_event:
+            for message in batch.messages.values():
+                self._on_event("lease", message, batch.session)
+
+    def batch_not_written(self, session, batch, reason):
+        """The batch could not be written (or its client had gone): it never
+        started. Its messages go back uncharged, and the stream is closed."""
+        with self._lock:
+            if session.batch is batch and not batch.written:
+                log.info("%s: batch %d not delivered (%s): %d messages back, uncharged",
+                         session.name, batch.number, reason, len(batch.messages))
+            if session.channel is not None:
+                session.channel.close()
+            self._end_session_locked(session, reason)
+            self._assign_locked()
 
     # -- reports ------------------------------------------------------------
 
@@ -540,6 +623,8 @@ class Dispatcher:
             batch = session.batch
             if batch is None or batch.number != batch_number:
                 raise ReportError(409, "batch %d is not in flight for this worker" % batch_number)
+            if not batch.written:  # its writer has not said so yet: the bytes did leave
+                self._start_lease_locked(batch)
             done_ids = set()
             ignored = []
             ignored_seen = set()
@@ -576,8 +661,8 @@ class Dispatcher:
                       "dead": dead, "ignored": ignored}
             return result, self._change_seq, next_batch
 
-    def _fail_locked(self, message, reason, session, leased=True):
-        """A failed attempt: queue a retry, or dead-letter it. True if dead."""
+    def _fail_locked(self, message, reason, session, leased=True, queue=True):
+        """A failed attempt: dead-letter it, or (`queue`) queue a retry. True if dead."""
         if leased:
             del self._leases[message.id]
         message.reason = reason
@@ -593,7 +678,8 @@ class Dispatcher:
                 self._on_event("dead", message, session)
             log.info("dead letter %s after %d attempts (%s)", message.id, message.attempts, reason)
             return True
-        self._retry.append(message)
+        if queue:
+            self._retry.append(message)
         self._save_locked(message, "waiting")
         if self._on_event:
             self._on_event("failed", message, session)
@@ -717,8 +803,18 @@ class Dispatcher:
             return self._change_seq - self._saved_seq
 
     def stop(self):
+        """Lease nothing more: batches assigned but not yet written go back
+        uncharged, and every waiter wakes to see `stopping`."""
         with self._lock:
             self.stopping = True
+            self.stop_counts = (len(self._leases), len(self._retry) + self._waiting_in_halves)
+            for session in self._sessions.values():
+                batch = session.batch
+                if batch is not None and not batch.written:
+                    session.batch = session.outbox = None
+                    self._give_back_locked(batch)
+                    self.stop_counts = (self.stop_counts[0] - len(batch.messages),
+                                        self.stop_counts[1] + len(batch.messages))
             self.lease_to_watch.notify_all()
             self.changes_to_save.notify_all()
             self.changes_saved.notify_all()
@@ -739,7 +835,7 @@ class Dispatcher:
                 "dispatched": self.dispatched,
                 "done": self.done,
                 "dead": self.dead,
-                "retrying": len(self._retry),
+                "retrying": len(self._retry) + self._waiting_in_halves,
                 "in_flight": len(self._leases),
                 "workers": len(self._sessions),
                 "busy_workers": busy,
@@ -771,10 +867,15 @@ class Dispatcher:
     def snapshot(self):
         """Copies of the state, for tests that check invariants."""
         with self._lock:
+            waiting = [m for half in self._halves for m in half] + list(self._retry)
             return {
-                "leases": {mid: (b.session.token, b.number) for mid, b in self._leases.items()},
-                "retry": [m.id for m in self._retry],
-                "attempts": dict([(m.id, m.attempts) for m in self._retry] + [
+                "leases": {mid: (b.session.token, b.number) for mid, b in self._leases.items()
+                           if b.written},
+                "assigned": {mid: (b.session.token, b.number)
+                             for mid, b in self._leases.items() if not b.written},
+                "retry": [m.id for m in waiting],
+                "halves": [[m.id for m in half] for half in self._halves],
+                "attempts": dict([(m.id, m.attempts) for m in waiting] + [
                     (mid, b.messages[mid].attempts) for mid, b in self._leases.items()]),
                 "free": [s.token for s in self._free_workers],
                 "sessions": {t: (s.batch.number if s.batch else None)
@@ -1294,15 +1395,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         self.close_connection = True
         sock = self.connection
-        session.close_stream = lambda: _shutdown_socket(sock)
-        write_lock = threading.Lock()  # the stream's writes: this thread's and reports'
-        wfile = self.wfile
-
-        def send(data):
-            with write_lock:
-                wfile.write(data)
-
-        session.send = send
+        session.channel = StreamChannel(sock, self.wfile)
         log.info("%s: connected from %s, batchsize %d", session.name,
                  self.client_address[0], batchsize)
         broker.stream_opened()
@@ -1311,7 +1404,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             hello = {"worker": session.token, "batchsize": batchsize,
                      "lease_ms": int(dispatcher.lease_timeout * 1000),
                      "heartbeat_ms": int(broker.heartbeat * 1000)}
-            self.wfile.write(b"retry: %d\n\n" % SSE_RETRY_MS + sse_event("hello", hello))
+            session.channel.send(b"retry: %d\n\n" % SSE_RETRY_MS + sse_event("hello", hello))
             broker.watcher.watch(sock, session)
             self._stream(session)
         except OSError:
@@ -1330,26 +1423,19 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         """
         broker = self.server.broker
         dispatcher = broker.dispatcher
-        last_write = time.monotonic()
+        channel = session.channel
         while True:
-            wait = max(0.0, last_write + broker.heartbeat - time.monotonic())
+            wait = max(0.0, channel.last_write + broker.heartbeat - time.monotonic())
             batch = dispatcher.wait_for_batch(session, wait)
-            if batch is not None:
-                # --durable: the lease is on disk before the worker sees the batch.
-                while dispatcher.durable and not dispatcher.wait_saved(batch.saved_seq, 1.0):
-                    if session.closed or dispatcher.stopping:
-                        return
-                session.send(batch_events(batch))
-                last_write = time.monotonic()
+            if batch is not None and deliver(dispatcher, session, batch, broker.heartbeat):
                 continue
-            if session.closed:
+            if session.closed or channel.broken:
                 return
             if dispatcher.stopping:
-                session.send(sse_event("bye", {"reason": "shutdown"}))
+                channel.send(sse_event("bye", {"reason": "shutdown"}))
                 return
-            if time.monotonic() - last_write >= broker.heartbeat:
-                session.send(SSE_PING)
-                last_write = time.monotonic()
+            if time.monotonic() - channel.last_write >= broker.heartbeat:
+                channel.send(SSE_PING)
 
     # -- POST /report ---------------------------------------------------------
 
@@ -1398,13 +1484,12 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(503, "the report is taken but not yet saved: the disk is "
                                       "failing (see /healthz)")
             if next_batch is not None:
-                dispatcher.disconnect(next_batch.session, "stream closed")
+                dispatcher.batch_not_written(next_batch.session, next_batch, "lease not saved")
             return
         if next_batch is not None:
-            try:
-                next_batch.session.send(batch_events(next_batch))
-            except OSError:
-                pass  # the stream is gone: the watcher ends its lease
+            # A failed write ends that stream and gives the batch back
+            # uncharged; the report itself is settled all the same.
+            deliver(dispatcher, next_batch.session, next_batch, None)
         self.send_json(200, result)
 
     # -- GET /stats, /metrics, /healthz, /dead, /events, / --------------------
@@ -1509,6 +1594,73 @@ def _shutdown_socket(sock):
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+class StreamChannel:
+    """A stream's connection: whole writes, one at a time, and once one
+    fails, none after it (a cut event must never be followed by a ping)."""
+
+    def __init__(self, sock, wfile):
+        self._sock = sock
+        self._wfile = wfile
+        self._write_lock = threading.Lock()  # the stream's thread and reports' threads write
+        self.broken = False
+        self.last_write = time.monotonic()
+
+    def send(self, data):
+        with self._write_lock:
+            if self.broken:
+                raise ConnectionAbortedError("the stream was cut")
+            try:
+                self._wfile.write(data)
+            except OSError:
+                self.broken = True
+                _shutdown_socket(self._sock)
+                raise
+            self.last_write = time.monotonic()
+
+    def peer_closed(self):
+        """Whether the client has closed its end (EOF, or an error, is readable)."""
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    def close(self):
+        """Cut the connection (the stream's thread then ends)."""
+        self.broken = True
+        _shutdown_socket(self._sock)
+
+
+def deliver(dispatcher, session, batch, heartbeat):
+    """Write a batch on its stream; its lease starts once the bytes are out.
+
+    With --durable the batch's lease is saved first; while that waits, the
+    stream still gets its pings (when `heartbeat` is given: the stream's
+    own thread). A client that has closed gets nothing, and a failed write
+    ends the stream: either way the batch goes back uncharged. True if
+    the batch was written.
+    """
+    channel = session.channel
+    try:
+        while dispatcher.durable and not dispatcher.wait_saved(
+                batch.saved_seq, min(1.0, heartbeat or 1.0)):
+            if session.closed or dispatcher.stopping:
+                return False  # (and the batch is back: ending the session or stopping did it)
+            if heartbeat is not None and time.monotonic() - channel.last_write >= heartbeat:
+                channel.send(SSE_PING)
+        if channel.peer_closed():
+            dispatcher.batch_not_written(session, batch, "stream closed")
+            return False
+        channel.send(batch_events(batch))
+    except OSError as error:
+        dispatcher.batch_not_written(session, batch, "write failed: %s" % (
+            error.strerror or type(error).__name__))
+        return False
+    dispatcher.batch_written(session, batch)
+    return True
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The dispatcher alone, under random connects, disconnects, reports and timeouts.
+"""The dispatcher alone, under random connects, disconnects, reports, writes and timeouts.
 
 A hypothesis state machine drives broker.Dispatcher with a fake clock and
-checks after every step that each message is in exactly one state (leased,
-waiting for a retry, done, dead), leased to at most one worker, never
-delivered more than max_attempts times, and that done and dead stay disjoint.
+checks after every step that each message is in exactly one state (assigned
+to a stream but not yet written, leased, waiting for a retry, done, dead),
+leased to at most one worker, charged an attempt only for a batch that was
+written, never delivered more than max_attempts times, never leased once the
+broker stops, and that done and dead stay disjoint.
 """
 
 import itertools
@@ -11,7 +13,7 @@ import itertools
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize,
-                                 invariant, rule)
+                                 invariant, multiple, rule)
 
 import broker
 
@@ -40,6 +42,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.leased_to = {}     # id -> session token, from the events
         self.deliveries = {}    # id -> number of leases seen
         self.total = total
+        self.stopped = False
         self.dispatcher = broker.Dispatcher(
             max_attempts=MAX_ATTEMPTS, lease_timeout=LEASE, total=total, seed=7,
             new_id=lambda: "m%06d" % next(counter), clock=self.clock, on_event=self.on_event,
@@ -49,6 +52,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         mid = message.id
         assert mid not in self.done and mid not in self.dead, (kind, mid)
         if kind == "lease":
+            assert not self.stopped, "%s leased after stop" % mid
             assert mid not in self.leased_to, "%s leased twice at once" % mid
             self.leased_to[mid] = session.token
             self.deliveries[mid] = self.deliveries.get(mid, 0) + 1
@@ -65,6 +69,9 @@ class DispatcherMachine(RuleBasedStateMachine):
     def connect(self, batchsize):
         session = self.dispatcher.connect(batchsize)
         self.dispatcher.dispatch_once()
+        if session is None:  # refused while stopping
+            assert self.stopped
+            return multiple()
         return session
 
     @rule(session=consumes(sessions))
@@ -97,6 +104,30 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert result["ignored"] == list(dict.fromkeys(foreign))
         self.dispatcher.dispatch_once()
 
+    @rule(session=sessions)
+    def batch_written(self, session):
+        if session.batch is not None:
+            self.dispatcher.batch_written(session, session.batch)
+        self.dispatcher.dispatch_once()
+
+    @rule(session=consumes(sessions))
+    def batch_write_fails(self, session):
+        batch = session.batch
+        if batch is None or batch.written:
+            return
+        assigned = dict(self.dispatcher.snapshot()["attempts"])
+        self.dispatcher.batch_not_written(session, batch, "write failed")
+        after = self.dispatcher.snapshot()
+        for mid in batch.messages:  # back, uncharged, unless given to another worker at once
+            assert after["attempts"][mid] == assigned[mid] - 1 or mid in after["assigned"]
+            assert mid not in after["leases"]
+
+    @rule()
+    def stop(self):
+        self.dispatcher.stop()
+        self.stopped = True
+        assert not self.dispatcher.snapshot()["assigned"]
+
     @rule(seconds=st.floats(0, 2 * LEASE))
     def time_passes(self, seconds):
         self.clock.now += seconds
@@ -108,20 +139,26 @@ class DispatcherMachine(RuleBasedStateMachine):
             return
         state = self.dispatcher.snapshot()
         leased = set(state["leases"])
+        assigned = set(state["assigned"])
         retrying = set(state["retry"])
         assert len(retrying) == len(state["retry"])
-        assert not (leased & retrying) and not (leased & self.done) and not (leased & self.dead)
+        assert not (leased & assigned)
+        for held in (leased, assigned):
+            assert not (held & retrying) and not (held & self.done) and not (held & self.dead)
         assert not (retrying & self.done) and not (retrying & self.dead)
         assert not (self.done & self.dead)
-        everything = leased | retrying | self.done | self.dead
+        everything = leased | assigned | retrying | self.done | self.dead
         assert len(everything) == self.dispatcher.generated
-        assert set(self.deliveries) == everything
+        assert set(self.deliveries) <= everything
         if self.total is not None:
             assert self.dispatcher.generated <= self.total
         assert leased == set(self.leased_to)
         for mid, (token, _number) in state["leases"].items():
             assert self.leased_to[mid] == token
-        assert all(1 <= n <= MAX_ATTEMPTS for n in state["attempts"].values())
+        for mid, attempts in state["attempts"].items():  # charged for written batches only
+            assert attempts == self.deliveries.get(mid, 0) + (mid in assigned) <= MAX_ATTEMPTS
+        if self.stopped:
+            assert not assigned
 
     @rule()
     def state_writer_saves(self):
@@ -132,8 +169,9 @@ class DispatcherMachine(RuleBasedStateMachine):
             if record is None:
                 assert message_id in self.done or message_id in self.dead
             else:
-                assert record["in_flight"] == (message_id in self.leased_to)
-                assert record["attempts"] == self.deliveries[message_id]
+                assigned = message_id in self.dispatcher.snapshot()["assigned"]
+                assert record["in_flight"] == (message_id in self.leased_to or assigned)
+                assert record["attempts"] == self.deliveries.get(message_id, 0) + assigned
         self.dispatcher.changes_written(changes, ok=True)
 
     @invariant()
@@ -150,7 +188,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         if not hasattr(self, "dispatcher"):
             return
         state = self.dispatcher.snapshot()
-        if state["free"]:
+        if state["free"] and not self.stopped:
             assert not state["retry"]
             assert self.total is not None and self.dispatcher.generated == self.total
 

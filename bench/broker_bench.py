@@ -207,11 +207,12 @@ def bare_ceiling(clients, seconds):
 
 # --- the broker run ------------------------------------------------------------------
 
-def start_broker(work, *flags):
-    """broker.py on a free port, logging to work/broker.log: (process, url, log path)."""
+def start_broker(work, *flags, root=ROOT):
+    """broker.py (of `root`) on a free port, logging to work/broker.log:
+    (process, url, log path)."""
     log_path = os.path.join(work, "broker.log")
     with open(log_path, "w") as log:
-        broker = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py"), "--port", "0",
+        broker = subprocess.Popen([sys.executable, os.path.join(root, "broker.py"), "--port", "0",
                                    "--db", os.path.join(work, "bench.db"), "--log-level", "INFO"]
                                   + [str(f) for f in flags], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20

@@ -1,0 +1,276 @@
+"""The broker's edges: stopping, bytes that never left, failed writes, poison batches.
+
+Each test names the rule it proves (PROTOCOL.md v1.1, "Leases", "Retries
+isolate a poison message", "Graceful stop"), against a real broker process
+where the rule crosses the wire.
+"""
+
+import json
+import resource
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+import broker
+from conftest import SSEClient
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "broker.db"
+
+
+def trace_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def fixed_ids():
+    counter = iter(range(10 ** 6))
+    return lambda: "m%05d" % next(counter)
+
+
+# --- no lease after stop ----------------------------------------------------------
+
+def test_once_the_stop_begins_a_closing_stream_s_messages_go_to_no_other_stream():
+    leases = []
+    dispatcher = broker.Dispatcher(total=1, new_id=fixed_ids(),
+                                   on_event=lambda kind, m, s: leases.append((kind, s.number)))
+    sessions = [dispatcher.connect(1) for _ in range(4)]
+    holder = sessions[0]
+    dispatcher.batch_written(holder, holder.batch)
+    dispatcher.stop()
+    for session in sessions:  # each stream closes as the broker stops
+        dispatcher.disconnect(session)
+        assert all(s.batch is None for s in sessions if s is not holder)
+    assert [kind for kind, _ in leases] == ["lease", "failed"]
+    assert dispatcher.snapshot()["retry"] == ["m00000"]
+    assert dispatcher.wait_for_batch(sessions[1], 0) is None
+
+
+def test_a_batch_assigned_but_not_written_when_the_stop_begins_goes_back_uncharged():
+    dispatcher = broker.Dispatcher(total=3, new_id=fixed_ids())
+    session = dispatcher.connect(3)
+    assert session.outbox is not None
+    dispatcher.stop()
+    assert dispatcher.wait_for_batch(session, 0) is None
+    state = dispatcher.snapshot()
+    assert state["retry"] == ["m00000", "m00001", "m00002"]
+    assert set(state["attempts"].values()) == {0}
+    assert dispatcher.stop_counts == (0, 3)
+
+
+def test_sigterm_with_one_message_and_four_streams_leases_it_once(processes, db, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    b = processes.broker(db, "--total", "1", "--heartbeat", "600", "--trace", trace)
+    streams = [b.stream(1) for _ in range(4)]
+    for stream in streams:
+        stream.hello()
+    holder = streams[0]
+    holder.batch()
+    b.signal(signal.SIGTERM)
+    assert b.wait() == 0
+    events = trace_lines(trace)
+    assert [e["event"] for e in events] == ["lease", "failed"]
+    for stream in streams:
+        stream.close()
+
+
+# --- no attempt for bytes that never left ---------------------------------------------
+
+def test_clients_gone_before_their_first_batch_are_charged_no_attempt(processes, db, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    b = processes.broker(db, "--heartbeat", "600", "--trace", trace, "--max-attempts", "1")
+    b.signal(signal.SIGSTOP)  # their requests wait in the listen queue meanwhile
+    try:
+        gone = []
+        for index in range(6):
+            conn = socket.create_connection((b.host, b.port), timeout=10)
+            conn.sendall(b"GET /task?batchsize=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+            if index % 2:  # half of them reset the connection, half close it
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            gone.append(conn)
+    finally:
+        b.signal(signal.SIGCONT)
+    for _ in range(3):  # (those that reset may be refused before they are streams)
+        b.wait_for_line(r"w\d+: stream closed")
+    honest = b.stream(10)
+    honest.hello()
+    number = int(b.wait_for_line(r"w\d+: connected from .*, batchsize 10").split(
+        ": connected")[0].rsplit("w", 1)[1])
+    batch = honest.batch()
+    assert {m["attempt"] for m in batch} == {1}
+    assert b.report(honest.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    stats = b.stats()
+    assert stats["dead"] == 0
+    honest.close()
+    b.stop()
+    leased = [e for e in trace_lines(trace) if e["event"] == "lease"]
+    assert {e["id"] for e in leased} >= {m["id"] for m in batch}
+    assert {e["worker"] for e in leased} == {number}  # the gone streams leased nothing
+
+
+def test_a_lease_waiting_to_be_saved_runs_no_clock_and_its_stream_gets_pings(processes, db):
+    b = processes.broker(db, "--durable", "--heartbeat", "0.3", "--lease-timeout", "1")
+    # The disk fails: no page past the two meta pages can be written, so
+    # the lease cannot be saved.
+    resource.prlimit(b.popen.pid, resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+    client = b.stream(5)
+    client.hello()
+    pings = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 3:  # three lease timeouts
+        item = client.next_item(timeout=5)
+        assert item == ("comment", " ping"), item  # no batch yet, and the stream lives
+        pings += 1
+    assert pings >= 5
+    resource.prlimit(b.popen.pid, resource.RLIMIT_FSIZE,
+                     (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    batch = client.batch(timeout=15)
+    assert {m["attempt"] for m in batch} == {1}
+    assert b.report(client.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    assert "lease expired" not in b.output()
+    client.close()
+
+
+# --- a failed write ends the stream at once ---------------------------------------------
+
+def test_a_next_batch_that_cannot_be_written_ends_the_stream_and_goes_back_uncharged(
+        processes, db):
+    b = processes.broker(db, "--read-timeout", "1", "--heartbeat", "600",
+                         "--max-batchsize", "1000", "--max-attempts", "1000")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect((b.host, b.port))
+    sock.sendall(b"GET /task?batchsize=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"event: msg" not in head:
+        head += sock.recv(4096)
+    token = json.loads(head.split(b"event: hello\ndata: ")[1].split(b"\n")[0])["worker"]
+    number = int(head.split(b'"batch":')[1].split(b",")[0])
+    # Report each batch without reading the stream: the next batches pile up
+    # in the socket buffers until one cannot be written within --read-timeout.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status, _h, body = b.request("POST", "/report?worker=%s&batch=%d" % (token, number),
+                                     b"[]")
+        if status != 200:
+            break  # the stream was cut: its token is gone
+        number += 1
+    assert status == 404, "the socket buffers never filled"
+    cut_number = int(b.wait_for_line(r"batch \d+ not delivered \(write failed").split(
+        "batch ")[1].split()[0])
+    assert cut_number == number  # the batch after the last report answered 200
+    # The stream ends right after the cut event: nothing follows it.
+    rest = head
+    sock.settimeout(5)  # (not at its lease's expiry, 10 s on)
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        rest += chunk
+    sock.close()
+    tail = rest[rest.rindex(b"\n\n") + 2:]
+    assert tail == b"" or b"event: msg\ndata: {".startswith(tail[:17]), tail[:100]
+    assert b": ping" not in tail
+    # The cut batch's messages come back with their attempt count unchanged.
+    client = b.stream(1000)
+    client.hello()
+    again = client.batch()
+    cut = [json.loads(line[6:]) for line in rest.split(b"\n")
+           if line.startswith(b"data: {") and b'"batch":%d,' % cut_number in line
+           and line.endswith(b"}")]
+    by_id = {m["id"]: m["attempt"] for m in again}
+    assert cut and all(by_id[m["id"]] == m["attempt"] for m in cut)
+    client.close()
+
+
+# --- retries isolate a poison message ------------------------------------------------
+
+def connect_written(dispatcher, batchsize):
+    """A new stream whose first batch (if any) was written in full."""
+    session = dispatcher.connect(batchsize)
+    if session.batch is not None:
+        dispatcher.batch_written(session, session.batch)
+    return session
+
+
+def batch_ids(session):
+    return [(m.id, m.attempts) for m in session.batch.messages.values()]
+
+
+def test_a_batch_whose_worker_died_is_retried_as_two_halves_each_a_batch_of_its_own():
+    dispatcher = broker.Dispatcher(new_id=fixed_ids())
+    first = connect_written(dispatcher, 4)
+    assert batch_ids(first) == [("m%05d" % i, 1) for i in range(4)]
+    dispatcher.disconnect(first)  # the worker died: one of the four may be why
+    assert dispatcher.snapshot()["halves"] == [["m00000", "m00001"], ["m00002", "m00003"]]
+    second, third = connect_written(dispatcher, 10), connect_written(dispatcher, 10)
+    assert batch_ids(second) == [("m00000", 2), ("m00001", 2)]  # alone: no new messages
+    assert batch_ids(third) == [("m00002", 2), ("m00003", 2)]
+    dispatcher.disconnect(second)  # it died again: split again
+    assert dispatcher.snapshot()["halves"] == [["m00000"], ["m00001"]]
+    fourth = connect_written(dispatcher, 10)
+    assert batch_ids(fourth) == [("m00000", 3)]
+    dispatcher.disconnect(fourth)  # the last attempt: dead, alone
+    fifth = connect_written(dispatcher, 10)
+    assert batch_ids(fifth) == [("m00001", 3)]
+    assert dispatcher.dead == 1
+
+
+def test_an_expired_lease_bisects_its_batch_too():
+    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+    dispatcher = broker.Dispatcher(new_id=fixed_ids(), clock=clock, lease_timeout=10)
+    hung = connect_written(dispatcher, 3)
+    clock.now = 11
+    dispatcher.dispatch_once()
+    assert hung.closed and hung.close_reason == "lease expired"
+    assert dispatcher.snapshot()["halves"] == [["m00000", "m00001"], ["m00002"]]
+
+
+def test_messages_a_live_worker_did_not_report_are_retried_as_in_v1_mixed_with_others():
+    dispatcher = broker.Dispatcher(new_id=fixed_ids())
+    worker = connect_written(dispatcher, 3)
+    _result, _seq, next_batch = dispatcher.report(worker.token, worker.batch.number,
+                                                  ["m00001"])
+    # m00000 and m00002 failed on their own: retries first, then new messages.
+    assert [(m.id, m.attempts) for m in next_batch.messages.values()] == [
+        ("m00000", 2), ("m00002", 2), ("m00003", 1)]
+    assert dispatcher.snapshot()["halves"] == []
+
+
+def test_halves_go_before_other_retries_and_a_large_half_is_given_in_parts():
+    dispatcher = broker.Dispatcher(new_id=fixed_ids())
+    reporter = connect_written(dispatcher, 2)            # m0, m1
+    died = connect_written(dispatcher, 6)                # m2..m7
+    dispatcher.disconnect(died)                          # halves m2..m4, m5..m7
+    dispatcher.report(reporter.token, reporter.batch.number, [])  # m0, m1 to retry
+    # The reporter was free again at once: it took the first half's first two.
+    assert [m.id for m in reporter.batch.messages.values()] == ["m00002", "m00003"]
+    small = connect_written(dispatcher, 2)
+    assert [m.id for m in small.batch.messages.values()] == ["m00004"]  # the rest of that half
+    big = connect_written(dispatcher, 10)
+    assert [m.id for m in big.batch.messages.values()] == ["m00005", "m00006", "m00007"]
+    last = connect_written(dispatcher, 10)
+    assert [m.id for m in last.batch.messages.values()][:2] == ["m00000", "m00001"]
+
+
+def test_a_written_batch_whose_stream_closes_before_any_report_is_bisected_on_the_wire(
+        processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    dying = b.stream(6)
+    dying.hello()
+    first = dying.batch()
+    dying.close()
+    b.wait_for_line(r"stream ended \(stream closed\) with batch %d" % first[0]["batch"])
+    taker = b.stream(10)
+    taker.hello()
+    half = taker.batch()
+    assert [(m["id"], m["attempt"], m["size"]) for m in half] == [
+        (m["id"], 2, 3) for m in first[:3]]
+    taker.close()
