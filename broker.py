@@ -44,7 +44,9 @@ import http.server
 import io
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import random
 import re
 import secrets
@@ -80,6 +82,11 @@ MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
 # Upper bounds (seconds) of the /metrics histogram of batch round trips.
 ROUND_TRIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DEFAULT_PROGRESS_EVERY = 10.0  # seconds between progress lines in the log
+# A thread of the broker that has not come round its loop for this long is
+# stuck (each comes round at least once a second): /healthz says so.
+STUCK_SECONDS = 10.0
+# At a stop, how long the state writer may go on trying to save what is left.
+STOP_SAVE_SECONDS = 10.0
 REQUEUE_BUCKET = b"requeue"
 # Request headers: at most this many lines of at most this many bytes (as
 # the standard library's own limits).
@@ -287,17 +294,20 @@ class Batch:
     and their `attempts` count this delivery), then written: its lease, and
     its clock, start only once its bytes are in the socket in full
     (`written`). A batch that could not be written never started: its
-    messages go back uncharged.
+    messages go back uncharged. While its bytes go out (`writing`), only its
+    writer may settle it: a stream that ends meanwhile leaves it to the
+    writer, who alone knows whether the bytes left.
     """
 
     __slots__ = ("number", "session", "messages", "deadline", "started", "saved_seq",
-                 "written", "half")
+                 "writing", "written", "half")
 
     def __init__(self, number, session, messages, half):
         self.number = number
         self.session = session
         self.messages = messages  # id -> Message, in delivery order
         self.half = half          # made of one half of a batch whose worker died
+        self.writing = False      # its bytes are going out now: its writer settles it
         self.written = False
         self.started = self.deadline = None  # the lease's, once written
         self.saved_seq = 0  # with --durable: written once this change is on disk
@@ -341,9 +351,11 @@ class Dispatcher:
     """All dispatch state, behind one lock.
 
     `_lock` guards every field below it: sessions, free workers, the retry
-    queue, leases, the dead letters not yet saved, and the counters. Every
-    method takes it; nothing does I/O while holding it, except the optional
-    trace (a buffered file write). Conditions on it:
+    queue and the halves, leases, the dead letters not yet saved, and the
+    counters. Every method takes it; nothing does I/O while holding it (log
+    records and trace lines are queued for writer threads; the one system
+    call is the shutdown() that cuts an expired lease's stream, which does
+    not block). Conditions on it:
 
     * `lease_to_watch`: wakes the dispatch loop; a lease was taken while none
       was in flight (the loop sleeps until the oldest lease's deadline), or
@@ -435,18 +447,25 @@ class Dispatcher:
         except ValueError:
             pass
         batch = session.batch
-        session.batch = session.outbox = None
-        if batch is not None:
-            if not batch.written:
-                self._give_back_locked(batch)
-            else:
-                del self._batches[batch.number]
-                survivors = [m for m in batch.messages.values()
-                             if not self._fail_locked(m, reason, session, queue=False)]
-                self._bisect_locked(survivors)
-                log.info("%s: stream ended (%s) with batch %d in flight: %d messages back "
-                         "in halves", session.name, reason, batch.number, len(survivors))
+        session.outbox = None
+        if batch is None or (batch.writing and not batch.written):
+            pass  # (a batch being written: batch_written() or batch_not_written() settles it)
+        elif not batch.written:
+            session.batch = None
+            self._give_back_locked(batch)
+        else:
+            self._end_lease_locked(session, batch, reason)
         session.batch_ready.notify_all()
+
+    def _end_lease_locked(self, session, batch, reason):
+        """The worker holding `batch` died or hung: each message failed this attempt."""
+        session.batch = None
+        del self._batches[batch.number]
+        survivors = [m for m in batch.messages.values()
+                     if not self._fail_locked(m, reason, session, queue=False)]
+        self._bisect_locked(survivors)
+        log.info("%s: stream ended (%s) with batch %d in flight: %d messages back in halves",
+                 session.name, reason, batch.number, len(survivors))
 
     def _bisect_locked(self, messages):
         """Retry the messages of a batch whose worker died or hung as two
@@ -578,11 +597,23 @@ class Dispatcher:
             batch, session.outbox = session.outbox, None
             return None if session.closed or self.stopping else batch
 
+    def begin_write(self, session, batch):
+        """The batch's bytes are about to go out; False if it is no longer
+        this stream's to write (the stream ended, or the broker stopped)."""
+        with self._lock:
+            if session.batch is not batch or session.closed or batch.written:
+                return False
+            batch.writing = True
+            return True
+
     def batch_written(self, session, batch):
         """The batch's bytes are in the socket in full: its lease starts now."""
         with self._lock:
             if session.batch is batch and not batch.written:
                 self._start_lease_locked(batch)
+                if session.closed:  # the stream ended while the bytes went out
+                    self._end_lease_locked(session, batch, session.close_reason)
+                    self._assign_locked()
 
     def _start_lease_locked(self, batch):
         batch.written = True
@@ -603,6 +634,10 @@ class Dispatcher:
             if session.batch is batch and not batch.written:
                 log.info("%s: batch %d not delivered (%s): %d messages back, uncharged",
                          session.name, batch.number, reason, len(batch.messages))
+                batch.writing = False
+                if session.closed:  # it ended meanwhile and left the batch to us
+                    session.batch = None
+                    self._give_back_locked(batch)
             if session.channel is not None:
                 session.channel.close()
             self._end_session_locked(session, reason)
@@ -713,9 +748,10 @@ class Dispatcher:
         self.changes_to_save.notify()
 
     def take_changes(self, timeout=None):
-        """Wait for changes to save, and take them all (None when stopping)."""
+        """Wait (up to `timeout`) for changes to save, and take them all; None
+        if there are none."""
         with self._lock:
-            if self._change_seq == self._saved_seq and not self.stopping:
+            if self._change_seq == self._saved_seq:
                 self.changes_to_save.wait(timeout)
             if self._change_seq == self._saved_seq:
                 return None
@@ -802,6 +838,19 @@ class Dispatcher:
         with self._lock:
             return self._change_seq - self._saved_seq
 
+    def unsaved_dead_letters(self):
+        with self._lock:
+            return self.dead - self.dead_saved
+
+    def unsettled(self):
+        """Messages generated (or requeued) and neither done nor dead."""
+        with self._lock:
+            return len(self._leases) + len(self._retry) + self._waiting_in_halves
+
+    def wake_writer(self):
+        with self._lock:
+            self.changes_to_save.notify_all()
+
     def stop(self):
         """Lease nothing more: batches assigned but not yet written go back
         uncharged, and every waiter wakes to see `stopping`."""
@@ -809,8 +858,8 @@ class Dispatcher:
             self.stopping = True
             self.stop_counts = (len(self._leases), len(self._retry) + self._waiting_in_halves)
             for session in self._sessions.values():
-                batch = session.batch
-                if batch is not None and not batch.written:
+                batch = session.batch  # (one being written is on the wire already)
+                if batch is not None and not batch.written and not batch.writing:
                     session.batch = session.outbox = None
                     self._give_back_locked(batch)
                     self.stop_counts = (self.stop_counts[0] - len(batch.messages),
@@ -926,6 +975,13 @@ def load_durable_state(db):
     return records, counters
 
 
+def count_pending(db):
+    """How many messages a --durable run left unsettled in `db`."""
+    with db.view() as tx:
+        pending = tx.bucket(PENDING_BUCKET)
+        return sum(1 for _ in pending.items()) if pending is not None else 0
+
+
 class StateWriter:
     """Saves what the dispatcher changed, all that is ready in one transaction.
 
@@ -942,19 +998,34 @@ class StateWriter:
         self.db = db
         self.error = None  # the last write's error, while it lasts
         self.commits = 0
+        self.beat = time.monotonic()  # the last turn of its loop (for /healthz)
+        self.saving_since = None      # when the commit under way began
+        # Set by Broker.stop once nothing more can change: save what is left,
+        # then end. Only this thread ever writes the db: a second writer
+        # could take an empty change set and count it all saved.
+        self.finish = threading.Event()
+        self.give_up = threading.Event()  # the stop's wait is over: end even if unsaved
         self.thread = threading.Thread(target=self.run, name="state-writer", daemon=True)
 
     def run(self):
         while True:
-            changes = self.dispatcher.take_changes()
+            self.beat = time.monotonic()
+            changes = self.dispatcher.take_changes(timeout=1.0)
             if changes is None:
-                if self.dispatcher.stopping:
+                if self.finish.is_set():
                     return
                 continue
             if not self.save(changes):
-                time.sleep(self.RETRY_SECONDS)
+                if self.give_up.wait(self.RETRY_SECONDS):
+                    return
+
+    def stuck_for(self):
+        """Seconds the commit under way has lasted (0 if none)."""
+        since = self.saving_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def save(self, changes):
+        self.saving_since = time.monotonic()
         try:
             with self.db.update() as tx:
                 if changes.dead_letters:
@@ -977,31 +1048,24 @@ class StateWriter:
                     state = tx.create_bucket_if_not_exists(STATE_BUCKET)
                     for key, value in zip(_COUNTER_KEYS, changes.counters):
                         state.put(key, b"%d" % value)
-        except (bbolt_lite.Error, OSError) as error:
+        except Exception as error:  # a disk error, or a bug: the changes are kept either way
+            self.saving_since = None
             if self.error is None:
                 log.error("cannot save %d dead letters and %d message states (%s); keeping "
                           "them in memory and retrying: %s", len(changes.dead_letters),
                           len(changes.pending),
                           ", ".join(m.id for m, _ in changes.dead_letters[:5]) or "no dead letters",
-                          error)
-            self.error = str(error)
+                          error, exc_info=not isinstance(error, (bbolt_lite.Error, OSError)))
+            self.error = "%s: %s" % (type(error).__name__, error)
             self.dispatcher.changes_written(changes, ok=False)
             return False
+        self.saving_since = None
         recovered, self.error = self.error is not None, None
         if recovered:
             log.info("saving works again")  # (after clearing the error /healthz reports)
         self.commits += 1
         self.dispatcher.changes_written(changes, ok=True)
         return True
-
-    def flush(self):
-        """Save what is left (at exit, after the writer thread stopped)."""
-        while True:
-            changes = self.dispatcher.take_changes(timeout=0)
-            if changes is None:
-                return True
-            if not self.save(changes):
-                return False
 
 
 # ---------------------------------------------------------------------------
@@ -1024,6 +1088,7 @@ class StreamWatcher:
         self._wakeup_r.setblocking(False)
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, None)
         self._stopping = False
+        self.beat = time.monotonic()
         self.thread = threading.Thread(target=self.run, name="stream-watcher", daemon=True)
 
     def watch(self, sock, session):
@@ -1039,6 +1104,7 @@ class StreamWatcher:
 
     def run(self):
         while not self._stopping:
+            self.beat = time.monotonic()  # (for /healthz)
             for key, _events in self._selector.select(timeout=1.0):
                 if key.data is None:
                     try:
@@ -1651,6 +1717,8 @@ def deliver(dispatcher, session, batch, heartbeat):
                 return False  # (and the batch is back: ending the session or stopping did it)
             if heartbeat is not None and time.monotonic() - channel.last_write >= heartbeat:
                 channel.send(SSE_PING)
+        if not dispatcher.begin_write(session, batch):
+            return False  # (and the batch is back: ending the session or stopping did it)
         if channel.peer_closed():
             dispatcher.batch_not_written(session, batch, "stream closed")
             return False
@@ -1805,21 +1873,82 @@ connect();
 class TraceFile:
     """JSON lines of every lease start and end, in the order they happened.
 
-    Appended to, a line at a time, so that runs of a restarted broker add up
-    and a crash loses nothing already written. `worker` is the stream's
-    number in this run (0: no stream, a failure found at a --durable start).
+    Appended to, so that runs of a restarted broker add up. `worker` is the
+    stream's number in this run (0: no stream, a failure found at a
+    --durable start). The dispatcher calls this under its lock, so a line is
+    only queued there; a thread of its own writes the lines, a batch at a
+    time. A write that fails (a full disk) is logged, shown by /healthz, and
+    tried again each second; the dispatcher never waits for this file.
     """
 
+    RETRY_SECONDS = 1.0
+    MAX_BACKLOG = 1_000_000  # lines kept while the file cannot be written; older ones dropped
+
     def __init__(self, path):
-        self._file = open(path, "a", buffering=1)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lines = queue.SimpleQueue()
+        self._unwritten = b""  # lines taken from the queue, not yet in the file
+        self._stopping = False
+        self.error = None      # the last write's error, while it lasts
+        self.dropped = 0       # lines lost for good (more than MAX_BACKLOG waited)
+        self.thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
 
     def __call__(self, kind, message, session):
-        self._file.write('{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"attempt":%d}\n'
-                         % (time.time(), os.getpid(), kind, message.id,
-                            session.number if session else 0, message.attempts))
+        self._lines.put('{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"attempt":%d,'
+                        '"period":%d}\n' % (time.time(), os.getpid(), kind, message.id,
+                                            session.number if session else 0, message.attempts,
+                                            message.period))
 
-    def close(self):
-        self._file.close()
+    def _run(self):
+        while True:
+            lines = []
+            try:
+                lines.append(self._lines.get(timeout=0.5))
+                while True:
+                    lines.append(self._lines.get_nowait())
+            except queue.Empty:
+                pass
+            if lines:
+                self._unwritten += "".join(lines).encode("ascii")
+                excess = self._unwritten.count(b"\n") - self.MAX_BACKLOG
+                if excess > 0:
+                    cut = 0
+                    for _ in range(excess):
+                        cut = self._unwritten.index(b"\n", cut) + 1
+                    self._unwritten = self._unwritten[cut:]
+                    self.dropped += excess
+            if self._unwritten and not self._write():
+                if self._stopping:
+                    return
+                time.sleep(self.RETRY_SECONDS)
+            elif self._stopping and self._lines.empty():
+                return
+
+    def _write(self):
+        try:
+            while self._unwritten:  # (a short write on a full disk leaves the rest)
+                written = os.write(self._fd, self._unwritten)
+                self._unwritten = self._unwritten[written:]
+        except OSError as error:
+            if self.error is None:
+                log.error("cannot write the trace file %s (%d lines kept, retrying): %s",
+                          self.path, self._unwritten.count(b"\n"), error)
+            self.error = str(error)
+            return False
+        if self.error is not None:
+            self.error = None
+            log.info("the trace file %s can be written again", self.path)
+        return True
+
+    def close(self, timeout):
+        """Write what is queued, waiting at most `timeout` s; returns how many
+        lines are not in the file (0 when all are)."""
+        self._stopping = True
+        self.thread.join(timeout)
+        unwritten = self.dropped + self._unwritten.count(b"\n") + self._lines.qsize()
+        os.close(self._fd)
+        return unwritten
 
 
 class Broker:
@@ -1855,11 +1984,13 @@ class Broker:
         self._no_streams = threading.Condition(self._streams_lock)
         self.stop_requested = threading.Event()
         self.workers = None  # the worker.py supervisor of --workers
-        self._threads = [
-            threading.Thread(target=self.dispatcher.run, name="dispatch", daemon=True),
-            self.state_writer.thread, self.watcher.thread,
-            threading.Thread(target=self.server.serve_forever, name="http", daemon=True),
-        ]
+        self.dispatch_thread = threading.Thread(target=self.dispatcher.run, name="dispatch",
+                                                daemon=True)
+        self._threads = [self.dispatch_thread, self.state_writer.thread, self.watcher.thread,
+                         threading.Thread(target=self.server.serve_forever, name="http",
+                                          daemon=True)]
+        if self.trace is not None:
+            self._threads.append(self.trace.thread)
 
     def _open_state(self):
         requeued = []
@@ -1922,10 +2053,26 @@ class Broker:
                 self._no_streams.notify_all()
 
     def health_problem(self):
-        if self.state_writer.error is not None:
-            return "the db cannot be written: " + self.state_writer.error
-        if not self._threads[0].is_alive() and not self.dispatcher.stopping:
-            return "the dispatch loop has stopped"
+        """Why the broker is not healthy (/healthz answers 503 with it), or None."""
+        writer, dispatcher = self.state_writer, self.dispatcher
+        if writer.error is not None:
+            return "the db cannot be written: " + writer.error
+        if self.trace is not None and self.trace.error is not None:
+            return "the trace file cannot be written: " + self.trace.error
+        if dispatcher.stopping:
+            return None
+        now = time.monotonic()
+        for name, thread, beat in (
+                ("dispatch loop", self.dispatch_thread, dispatcher.loop_beat),
+                ("stream watcher", self.watcher.thread, self.watcher.beat),
+                ("state writer", writer.thread, writer.beat)):
+            if not thread.is_alive():
+                return "the %s has stopped" % name
+            if name == "state writer" and writer.stuck_for() > STUCK_SECONDS:
+                return "the state writer is stuck in a commit for %.0f s" % writer.stuck_for()
+            if name != "state writer" or writer.saving_since is None:
+                if now - beat > STUCK_SECONDS:
+                    return "the %s is stuck (no turn for %.0f s)" % (name, now - beat)
         return None
 
     def run_until_stopped(self):
@@ -1979,10 +2126,13 @@ class Broker:
             self.workers.wait()
 
     def stop(self):
-        """Say bye on every stream, stop serving, save dead letters, close the db."""
-        dispatcher = self.dispatcher
+        """Lease nothing more, say bye on every stream, stop serving, save what
+        is left, close the db. Returns the exit status: 1 if anything that
+        should be on disk (dead letters, --durable states, trace lines) is not."""
+        dispatcher, writer = self.dispatcher, self.state_writer
         self.stop_requested.set()
         dispatcher.stop()
+        leased, waiting = dispatcher.stop_counts
         self.stop_workers()
         with self._streams_lock:
             deadline = time.monotonic() + 5.0
@@ -1991,21 +2141,41 @@ class Broker:
         self.server.shutdown()
         self.server.server_close()
         self.watcher.stop()
-        self._threads[1].join(5.0)
-        saved = self.state_writer.flush()
+        # Nothing changes any more: the writer saves what is left, alone.
+        writer.finish.set()
+        dispatcher.wake_writer()
+        writer.thread.join(STOP_SAVE_SECONDS)
+        writer.give_up.set()
+        writer.thread.join(1.0)
+        status = 0
+        if writer.thread.is_alive():
+            log.error("the state writer is stuck in a commit (for %.0f s): stopping without it",
+                      writer.stuck_for())
         unsaved = dispatcher.unsaved_changes()
-        if not saved or unsaved:
-            log.error("%d changes (dead letters%s) could not be saved", unsaved,
-                      ", message states" if dispatcher.durable else "")
-        self.db.close()
-        if self.trace:
-            self.trace.close()
+        if unsaved:
+            log.error("%d dead letters could not be saved (lost)%s", dispatcher.unsaved_dead_letters(),
+                      ", nor %d changes of message states" % unsaved if dispatcher.durable else "")
+            status = 1
+        pending = None
+        if not writer.thread.is_alive():
+            if dispatcher.durable:
+                pending = count_pending(self.db)
+            self.db.close()
+        if self.trace is not None:
+            unwritten = self.trace.close(5.0)
+            if unwritten:
+                log.error("%d trace lines could not be written to %s", unwritten, self.trace.path)
+                status = 1
         stats = dispatcher.stats()
-        log.info("stopped: %d generated, %d done, %d dead, %d in flight %s; %d db commits",
-                 stats["generated"], stats["done"], stats["dead"], stats["in_flight"],
-                 "left pending in the db" if dispatcher.durable else "lost",
-                 self.state_writer.commits)
-        return 0 if saved and not unsaved else 1
+        if dispatcher.durable:
+            left = "%s stay pending in the db" % ("?" if pending is None else pending)
+        else:
+            left = "%d unsettled messages lost (without --durable they live in memory only)" \
+                % dispatcher.unsettled()
+        log.info("stopped: %d generated, %d done, %d dead; when the stop began %d messages were "
+                 "leased and %d waiting for a retry; %s; %d db commits", stats["generated"],
+                 stats["done"], stats["dead"], leased, waiting, left, writer.commits)
+        return status
 
 
 def _positive_int(text):
@@ -2160,13 +2330,68 @@ def requeue_command(argv):
     return 0
 
 
+class _LogQueueHandler(logging.handlers.QueueHandler):
+    """Hands log records to the log writer's thread; never blocks.
+
+    Log lines are written by a thread of their own, so that no thread (above
+    all none holding the dispatcher's lock) ever waits on stderr: with stderr
+    on a pipe that nobody reads, dispatch goes on. Past MAX_QUEUED waiting
+    records, new ones are dropped and counted; the count is logged once the
+    writer catches up.
+    """
+
+    MAX_QUEUED = 10000
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.dropped = 0
+
+    def enqueue(self, record):
+        if self.queue.qsize() >= self.MAX_QUEUED:
+            self.dropped += 1
+            return
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            note = logging.LogRecord(log.name, logging.WARNING, __file__, 0,
+                                     "%d log lines dropped: the log's reader was not keeping up",
+                                     (dropped,), None)
+            self.queue.put_nowait(self.prepare(note))
+        self.queue.put_nowait(record)
+
+
+class _LogWriter(logging.handlers.QueueListener):
+    def stop(self, timeout):
+        """Write what is queued, waiting at most `timeout` s (stderr may be stuck)."""
+        self.enqueue_sentinel()
+        self._thread.join(timeout)
+
+
+def start_logging(level):
+    """Log lines go to stderr through a queue and a writer thread."""
+    records = queue.Queue()
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s broker: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [_LogQueueHandler(records)]
+    root.setLevel(level)
+    writer = _LogWriter(records, stderr)
+    writer.start()
+    return writer
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("dead", "requeue"):
         return (dead_command if argv[0] == "dead" else requeue_command)(argv[1:])
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s broker: %(message)s")
+    log_writer = start_logging(args.log_level)
+    try:
+        return run_broker(args)
+    finally:
+        log_writer.stop(timeout=5.0)
+
+
+def run_broker(args):
     try:
         broker = Broker(args)
     except bbolt_lite.DatabaseLockedError:

@@ -6,16 +6,20 @@ where the rule crosses the wire.
 """
 
 import json
+import os
+import re
 import resource
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
 
 import broker
-from conftest import SSEClient
+from conftest import HERE, SSEClient, http_request
 
 
 @pytest.fixture
@@ -274,3 +278,139 @@ def test_a_written_batch_whose_stream_closes_before_any_report_is_bisected_on_th
     assert [(m["id"], m["attempt"], m["size"]) for m in half] == [
         (m["id"], 2, 3) for m in first[:3]]
     taker.close()
+
+
+# --- no I/O under the dispatcher's lock ----------------------------------------------
+
+def test_a_stderr_nobody_reads_never_stops_dispatch(db):
+    b = subprocess.Popen([sys.executable, "broker.py", "--port", "0", "--db", str(db),
+                          "--log-level", "DEBUG", "--max-attempts", "1", "--heartbeat", "600"],
+                         cwd=HERE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = ""
+        while "listening on" not in line:
+            line = b.stderr.readline()
+            assert line, "the broker ended"
+        host, port = re.search(r"listening on http://([0-9.]+):(\d+)", line).groups()
+        # From here on nobody reads stderr: its pipe (64 KiB) fills at once.
+        client = SSEClient(host, int(port), "/task?batchsize=10")
+        client.hello()
+        for _ in range(300):  # 3000 dead letters: a log line each, and a request line each
+            batch = client.batch(timeout=5)
+            status, _h, _body = http_request(host, int(port), "POST", "/report?worker=%s&batch=%d"
+                                             % (client.token, batch[0]["batch"]), b"[]",
+                                             timeout=5)
+            assert status == 200
+        assert http_request(host, int(port), "GET", "/healthz")[0] == 200
+        client.close()
+    finally:
+        os.killpg(b.pid, signal.SIGKILL)
+        b.wait(10)
+
+
+def test_a_trace_file_that_cannot_be_written_never_stops_dispatch(processes, db):
+    b = processes.broker(db, "--total", "40", "--trace", "/dev/full", "--heartbeat", "600")
+    client = b.stream(10)
+    client.hello()
+    for number in range(4):
+        batch = client.batch()
+        if number == 3:  # (before the last report, which ends the run)
+            b.wait_for_line(r"ERROR.*cannot write the trace file /dev/full")
+            status, _h, body = b.request("GET", "/healthz")
+            assert status == 503 and "trace file cannot be written" in body
+        assert b.report(client.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    assert b.wait() == 1  # the run settled; the audit trail is incomplete, and it says so
+    assert re.search(r"ERROR.* trace lines could not be written to /dev/full", b.output())
+    assert "all 40 messages settled: 40 done, 0 dead" in b.output()
+
+
+def test_healthz_reports_a_thread_of_the_broker_that_died(processes, db):
+    b = processes.python("-c", "import sys, broker\n"
+                               "def broken(self): raise RuntimeError('injected fault')\n"
+                               "broker.StreamWatcher.run = broken\n"
+                               "sys.exit(broker.main(sys.argv[1:]))",
+                         "--port", "0", "--db", db)
+    line = b.wait_for_line(r"listening on http://")
+    host, port = re.search(r"listening on http://([0-9.]+):(\d+)", line).groups()
+    deadline = time.monotonic() + 10
+    status, body = 200, ""
+    while status == 200 and time.monotonic() < deadline:  # (the thread may not have run yet)
+        status, _h, body = http_request(host, int(port), "GET", "/healthz")
+    assert status == 503 and "the stream watcher has stopped" in body
+
+
+# --- a clean stop never hides lost dead letters --------------------------------------
+
+def test_a_stop_while_a_commit_hangs_exits_1_and_counts_the_dead_letters_not_saved(
+        processes, db, tmp_path):
+    trigger = tmp_path / "hang"
+    b = processes.python("-c", "import os, sys, time, bbolt_lite, broker\n"
+                               "sync = bbolt_lite._fdatasync\n"
+                               "def failing(fd):\n"
+                               "    if os.path.exists(%r):\n"
+                               "        time.sleep(30)\n"
+                               "        raise OSError(5, 'injected I/O error')\n"
+                               "    sync(fd)\n"
+                               "bbolt_lite._fdatasync = failing\n"
+                               "sys.exit(broker.main(sys.argv[1:]))" % str(trigger),
+                         "--port", "0", "--db", db, "--max-attempts", "1", "--heartbeat", "600")
+    line = b.wait_for_line(r"listening on http://")
+    host, port = re.search(r"listening on http://([0-9.]+):(\d+)", line).groups()
+    client = SSEClient(host, int(port), "/task?batchsize=3")
+    client.hello()
+    batch = client.batch()
+    trigger.touch()  # the disk hangs from now on
+    assert http_request(host, int(port), "POST", "/report?worker=%s&batch=%d" % (
+        client.token, batch[0]["batch"]), b"[]")[0] == 200
+    b.signal(signal.SIGTERM)
+    assert b.wait(timeout=40) == 1
+    output = b.output()
+    assert "the state writer is stuck in a commit" in output
+    assert re.search(r"ERROR.*[1-9]\d* dead letters could not be saved", output)
+    client.close()
+
+
+def test_an_unexpected_error_in_the_state_writer_keeps_its_changes_and_shows_in_healthz(
+        tmp_path):
+    import bbolt_lite
+    dispatcher = broker.Dispatcher(max_attempts=1, total=1,
+                                   new_id=iter(["not-ascii-\u00e9"]).__next__)
+    session = dispatcher.connect(1)
+    dispatcher.batch_written(session, session.batch)
+    dispatcher.report(session.token, session.batch.number, [])  # dead at once
+    with bbolt_lite.open(str(tmp_path / "x.db")) as db:
+        writer = broker.StateWriter(dispatcher, db)
+        assert writer.save(dispatcher.take_changes(timeout=0)) is False
+        assert writer.error.startswith("UnicodeEncodeError")
+        assert dispatcher.unsaved_dead_letters() == 1  # given back, not lost
+        changes = dispatcher.take_changes(timeout=0)
+        assert [m.id for m, _at in changes.dead_letters] == ["not-ascii-\u00e9"]
+
+
+# --- the stop line says what was lost --------------------------------------------------
+
+def test_the_stop_line_counts_the_leased_and_waiting_messages_it_loses(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--max-workers", "2")
+    holder = b.stream(3)
+    holder.hello()
+    holder.batch()
+    b.signal(signal.SIGTERM)
+    assert b.wait() == 0
+    assert re.search(r"when the stop began 3 messages were leased and 0 waiting for a retry; "
+                     r"3 unsettled messages lost", b.output())
+    holder.close()
+
+
+def test_the_stop_line_of_a_durable_broker_counts_what_stays_pending(processes, db):
+    b = processes.broker(db, "--durable", "--heartbeat", "600")
+    holder = b.stream(4)
+    holder.hello()
+    batch = holder.batch()
+    assert b.report(holder.token, batch[0]["batch"], [batch[0]["id"]])[0] == 200
+    holder.batch()  # three retries and one new message, leased
+    b.signal(signal.SIGTERM)
+    assert b.wait() == 0
+    assert re.search(r"when the stop began 4 messages were leased and 0 waiting for a retry; "
+                     r"4 stay pending in the db", b.output())
+    holder.close()
