@@ -278,13 +278,14 @@ def draw_period(rng):
 
 
 class Message:
-    __slots__ = ("id", "period", "attempts", "reason")
+    __slots__ = ("id", "period", "attempts", "reason", "requeued")
 
-    def __init__(self, message_id, period):
+    def __init__(self, message_id, period, requeued=False):
         self.id = message_id
         self.period = period
         self.attempts = 0      # deliveries so far
         self.reason = None     # why the last attempt failed
+        self.requeued = requeued  # a dead letter brought back: it stays in `requeue` until settled
 
 
 class Batch:
@@ -399,6 +400,7 @@ class Dispatcher:
         self._batches = collections.OrderedDict()  # number -> Batch in flight, oldest first
         self._dead_letters = []                   # (Message, failed_at) not yet saved
         self._unsaved = {}                        # --durable: id -> record, or None to delete
+        self._requeue_settled = []                # ids to delete from `requeue` (not --durable)
         self._change_seq = 0                      # changes made so far
         self._saved_seq = 0                       # changes on disk so far
         self._batch_number = 0
@@ -739,10 +741,13 @@ class Dispatcher:
             if state in ("done", "dead"):
                 self._unsaved[message.id] = None
             else:
-                self._unsaved[message.id] = {
-                    "id": message.id, "period": message.period, "attempts": message.attempts,
-                    "in_flight": state == "leased", "reason": message.reason}
-        elif state != "dead":
+                self._unsaved[message.id] = pending_record(message, state == "leased")
+        elif state == "done" and message.requeued:
+            self._requeue_settled.append(message.id)
+        elif state == "dead":
+            if message.requeued:
+                self._requeue_settled.append(message.id)
+        else:
             return
         self._change_seq += 1
         self.changes_to_save.notify()
@@ -756,8 +761,9 @@ class Dispatcher:
             if self._change_seq == self._saved_seq:
                 return None
             changes = Changes(self._change_seq, self._unsaved, self._dead_letters,
-                              (self.generated, self.done, self.dead) if self.durable else None)
-            self._unsaved, self._dead_letters = {}, []
+                              (self.generated, self.done, self.dead, self.requeued)
+                              if self.durable else None, self._requeue_settled)
+            self._unsaved, self._dead_letters, self._requeue_settled = {}, [], []
             return changes
 
     def changes_written(self, changes, ok):
@@ -771,6 +777,7 @@ class Dispatcher:
                 for message_id, record in changes.pending.items():
                     self._unsaved.setdefault(message_id, record)  # newer ones win
                 self._dead_letters[:0] = changes.dead_letters
+                self._requeue_settled[:0] = changes.requeue_settled
             self._notify_if_settled_locked()
 
     def wait_saved(self, seq, timeout):
@@ -784,15 +791,17 @@ class Dispatcher:
                 self.changes_saved.wait(remaining)
             return self._saved_seq >= seq
 
-    def requeue(self, records):
+    def requeue(self, records, counted=False):
         """Dead letters brought back by `broker.py requeue`: first in line,
-        with their attempts reset."""
+        with their attempts reset. (`counted`: the `requeued` counter that
+        restore() read counts them already.)"""
         with self._lock:
             for record in reversed(records):
-                message = Message(record["id"], record["period"])
+                message = Message(record["id"], record["period"], requeued=True)
                 self._retry.appendleft(message)
                 self._save_locked(message, "waiting")
-            self.requeued += len(records)
+            if not counted:
+                self.requeued += len(records)
             self._assign_locked()
 
     def restore(self, records, counters):
@@ -803,7 +812,7 @@ class Dispatcher:
         """
         with self._lock:
             if counters is not None:
-                self.generated, self.done, self.dead = counters
+                self.generated, self.done, self.dead, self.requeued = counters
                 self.dead_saved = self.dead
             for record in records:
                 message = Message(record["id"], record["period"])
@@ -932,16 +941,23 @@ class Dispatcher:
             }
 
 
+def pending_record(message, in_flight):
+    """A --durable message's record in the `pending` bucket."""
+    return {"id": message.id, "period": message.period, "attempts": message.attempts,
+            "in_flight": in_flight, "reason": message.reason}
+
+
 class Changes:
     """What the state writer takes in one go: all saved in one transaction."""
 
-    __slots__ = ("seq", "pending", "dead_letters", "counters")
+    __slots__ = ("seq", "pending", "dead_letters", "counters", "requeue_settled")
 
-    def __init__(self, seq, pending, dead_letters, counters):
+    def __init__(self, seq, pending, dead_letters, counters, requeue_settled):
         self.seq = seq                    # the last change included
         self.pending = pending            # --durable: id -> record, or None to delete
         self.dead_letters = dead_letters  # [(Message, failed_at)]
-        self.counters = counters          # --durable: (generated, done, dead)
+        self.counters = counters          # --durable: (generated, done, dead, requeued)
+        self.requeue_settled = requeue_settled  # ids settled again: out of `requeue`
 
 
 def _rfc3339_now():
@@ -956,11 +972,13 @@ def _rfc3339_now():
 # bucket `failed`:  id -> {"id", "period", "attempts", "reason", "failed_at"}
 # bucket `pending`: (--durable) id -> {"id", "period", "attempts", "in_flight", "reason"}
 #                   for every generated message not yet done or dead
-# bucket `state`:   (--durable) b"generated", b"done", b"dead" -> decimal counts
+# bucket `state`:   (--durable) b"generated", b"done", b"dead", b"requeued" -> decimal counts
+# bucket `requeue`: dead letters `broker.py requeue` brought back, as in `failed`;
+#                   without --durable each stays until it is settled again
 
 PENDING_BUCKET = b"pending"
 STATE_BUCKET = b"state"
-_COUNTER_KEYS = (b"generated", b"done", b"dead")
+_COUNTER_KEYS = (b"generated", b"done", b"dead", b"requeued")
 
 
 def load_durable_state(db):
@@ -1044,6 +1062,10 @@ class StateWriter:
                             pending.delete(message_id.encode("ascii"))
                         else:
                             pending.put(message_id.encode("ascii"), _compact_json(record).encode())
+                if changes.requeue_settled:
+                    requeue = tx.bucket(REQUEUE_BUCKET)
+                    for message_id in changes.requeue_settled if requeue is not None else ():
+                        requeue.delete(message_id.encode("ascii"))
                 if changes.counters is not None:
                     state = tx.create_bucket_if_not_exists(STATE_BUCKET)
                     for key, value in zip(_COUNTER_KEYS, changes.counters):
@@ -1993,39 +2015,50 @@ class Broker:
             self._threads.append(self.trace.thread)
 
     def _open_state(self):
+        """Take back what the db holds: requeued dead letters (first in line)
+        and, with --durable, the unsettled messages and counters of a run
+        before. A requeued dead letter leaves the db only once it is settled
+        again: without --durable it stays in `requeue` until it is done or
+        dead (then it leaves in the same commit); with --durable it moves to
+        `pending` here, in one transaction with the `requeued` counter."""
+        durable = self.args.durable
         requeued = []
         with self.db.update() as tx:
             tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
-            # Dead letters that `broker.py requeue` brought back: first in line.
             bucket = tx.bucket(REQUEUE_BUCKET)
             if bucket is not None:
                 requeued = [json.loads(value) for _key, value in bucket.items()]
-                if self.args.durable:  # they move to pending in this same transaction
+                if durable and requeued:
                     pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
                     for record in requeued:
-                        pending.put(record["id"].encode("ascii"), _compact_json(
-                            {"id": record["id"], "period": record["period"], "attempts": 0,
-                             "in_flight": False, "reason": None}).encode())
-                tx.delete_bucket(REQUEUE_BUCKET)
+                        message = Message(record["id"], record["period"])
+                        pending.put(message.id.encode("ascii"),
+                                    _compact_json(pending_record(message, False)).encode())
+                    state = tx.create_bucket_if_not_exists(STATE_BUCKET)
+                    state.put(b"requeued", b"%d" % (int(state.get(b"requeued") or b"0")
+                                                     + len(requeued)))
+                if durable:
+                    tx.delete_bucket(REQUEUE_BUCKET)
         records, counters = load_durable_state(self.db)
-        if requeued:
-            requeued_ids = {record["id"] for record in requeued}
-            records = [r for r in records if r["id"] not in requeued_ids]
-            self.dispatcher.requeue(requeued)
-            log.info("%d requeued dead letters go out first", len(requeued))
-        if not self.args.durable:
+        requeued_ids = {record["id"] for record in requeued}
+        records = [r for r in records if r["id"] not in requeued_ids]
+        if not durable:
             if records:
                 log.warning("%s holds %d unsettled messages of a --durable run: left as they "
                             "are (start with --durable to resume them)", self.args.db, len(records))
-            return
-        self.dispatcher.restore(records, counters)
-        if records or counters:
-            log.info("resuming from %s: %d unsettled messages, %d generated so far, "
-                     "%d done, %d dead", self.args.db, len(records),
-                     *(counters or (0, 0, 0)))
-        if counters and self.args.total is not None and counters[0] > self.args.total:
-            raise ValueError("%s has %d messages generated already, more than --total %d"
-                             % (self.args.db, counters[0], self.args.total))
+            self.dispatcher.requeue(requeued)
+        else:
+            self.dispatcher.restore(records, counters)
+            self.dispatcher.requeue(requeued, counted=True)
+            if records or counters:
+                log.info("resuming from %s: %d unsettled messages, %d generated so far, "
+                         "%d done, %d dead", self.args.db, len(records),
+                         *(counters or (0, 0, 0, 0))[:3])
+            if counters and self.args.total is not None and counters[0] > self.args.total:
+                raise ValueError("%s has %d messages generated already, more than --total %d"
+                                 % (self.args.db, counters[0], self.args.total))
+        if requeued:
+            log.info("%d requeued dead letters go out first", len(requeued))
 
     @property
     def url(self):

@@ -414,3 +414,91 @@ def test_the_stop_line_of_a_durable_broker_counts_what_stays_pending(processes, 
     assert re.search(r"when the stop began 4 messages were leased and 0 waiting for a retry; "
                      r"4 stay pending in the db", b.output())
     holder.close()
+
+
+# --- requeued dead letters are never lost ----------------------------------------------
+
+def read_buckets(db):
+    import bbolt_lite
+    with bbolt_lite.open(str(db), readonly=True, timeout=5) as store, store.view() as tx:
+        def bucket(name):
+            b = tx.bucket(name)
+            return {k.decode(): json.loads(v) for k, v in b.items()} if b else {}
+        state = tx.bucket(b"state")
+        counters = {k.decode(): int(v) for k, v in state.items()} if state else {}
+        return bucket(b"failed"), bucket(b"requeue"), bucket(b"pending"), counters
+
+
+def dead_letters_requeued(processes, db, count, *flags):
+    """A run whose `count` messages all die, then `broker.py requeue --all`."""
+    b = processes.broker(db, "--total", count, "--max-attempts", "1", *flags)
+    client = b.stream(count)
+    client.hello()
+    batch = client.batch()
+    assert b.report(client.token, batch[0]["batch"], [])[0] == 200
+    assert b.wait() == 0
+    client.close()
+    result = subprocess.run([sys.executable, "broker.py", "requeue", "--db", str(db), "--all"],
+                            cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return sorted(m["id"] for m in batch)
+
+
+def test_without_durable_requeued_dead_letters_stay_in_the_db_until_settled_again(
+        processes, db):
+    ids = dead_letters_requeued(processes, db, 20)
+    b = processes.broker(db, "--total", "0", "--heartbeat", "600")
+    b.wait_for_line(r"20 requeued dead letters go out first")
+    b.signal(signal.SIGTERM)  # a clean stop before any worker came
+    assert b.wait() == 0
+    failed, requeue, _pending, _counters = read_buckets(db)
+    assert sorted(requeue) == ids and failed == {}
+    # Settled again: 5 done, the rest dead again; each leaves `requeue` as it settles.
+    b = processes.broker(db, "--total", "0", "--max-attempts", "1", "--heartbeat", "600")
+    client = b.stream(20)
+    client.hello()
+    batch = client.batch()
+    done = [m["id"] for m in batch[:5]]
+    assert b.report(client.token, batch[0]["batch"], done)[0] == 200
+    assert b.wait() == 0
+    assert "all 20 messages settled: 5 done, 15 dead" in b.output()
+    failed, requeue, _pending, _counters = read_buckets(db)
+    assert requeue == {} and sorted(failed) == sorted(set(ids) - set(done))
+    client.close()
+
+
+def test_a_durable_run_killed_after_a_requeue_settles_its_total_when_restarted(processes, db):
+    ids = dead_letters_requeued(processes, db, 6, "--durable")
+    b = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
+    client = b.stream(6)
+    client.hello()
+    batch = client.batch()
+    assert sorted(m["id"] for m in batch) == ids
+    assert b.report(client.token, batch[0]["batch"], ids[:3])[0] == 200
+    b.signal(signal.SIGKILL)
+    b.wait()
+    client.close()
+    _failed, requeue, pending, counters = read_buckets(db)
+    assert requeue == {} and sorted(pending) == ids[3:] and counters["requeued"] == 6
+    again = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
+    client = again.stream(6)
+    client.hello()
+    rest = client.batch()
+    assert sorted(m["id"] for m in rest) == ids[3:]
+    assert again.report(client.token, rest[0]["batch"], ids[3:])[0] == 200
+    assert again.wait() == 0
+    assert "all 12 messages settled: 6 done, 6 dead" in again.output()
+    client.close()
+
+
+def test_a_clean_durable_run_after_a_requeue_settles(processes, db):
+    ids = dead_letters_requeued(processes, db, 4, "--durable")
+    b = processes.broker(db, "--durable", "--total", "4", "--heartbeat", "600")
+    client = b.stream(4)
+    client.hello()
+    batch = client.batch()
+    assert b.report(client.token, batch[0]["batch"], ids)[0] == 200
+    assert b.wait(timeout=20) == 0
+    failed, requeue, pending, _counters = read_buckets(db)
+    assert (failed, requeue, pending) == ({}, {}, {})
+    client.close()

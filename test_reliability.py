@@ -56,7 +56,7 @@ def test_durable_broker_killed_resumes_its_messages_counting_the_lost_lease_as_a
     _dead, pending, counters = read_db(db)
     assert set(pending) == {m["id"] for m in second}
     assert all(p["in_flight"] for p in pending.values())
-    assert counters == {"generated": 4, "done": 1, "dead": 0}
+    assert counters == {"generated": 4, "done": 1, "dead": 0, "requeued": 0}
 
     again = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
     assert "resuming from" in again.output()
@@ -69,7 +69,8 @@ def test_durable_broker_killed_resumes_its_messages_counting_the_lost_lease_as_a
     assert again.report(client.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
     assert again.wait() == 0
     dead, pending, counters = read_db(db)
-    assert (dead, pending, counters) == ({}, {}, {"generated": 6, "done": 6, "dead": 0})
+    assert (dead, pending, counters) == ({}, {}, {"generated": 6, "done": 6, "dead": 0,
+                                                  "requeued": 0})
 
 
 def test_durable_broker_killed_at_random_moments_settles_each_message_exactly_once(
@@ -103,7 +104,7 @@ def test_durable_broker_killed_at_random_moments_settles_each_message_exactly_on
     assert not set(acked) & set(dead), "a message is both done and dead"
     assert len(acked) + len(dead) == total
     assert pending == {} and counters == {"generated": total, "done": len(acked),
-                                          "dead": len(dead)}
+                                          "dead": len(dead), "requeued": 0}
     received = {i for c in clients for i, _attempt in c.received}
     assert received == set(acked) | set(dead)  # nothing sent was lost
     with bbolt_lite.open(str(db), readonly=True) as store:
