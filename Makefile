@@ -22,3 +22,4 @@ bench:
 	$(PYTHON) bench/broker_bench.py --fail 0.2 --no-ceiling
 	$(PYTHON) bench/soak.py --total 1000000
 	$(PYTHON) bench/worker_bench.py --total 5000 --processes 4 --time-scale 0
+	$(PYTHON) bench/poison.py --total 3000 --runs 2 --compare 0aed286

@@ -7,8 +7,10 @@ they became free. A worker streams ``GET /task?batchsize=N`` and reports the
 ids it finished with ``POST /report``. A message that is not reported is sent
 again, up to ``--max-attempts`` deliveries in all; after the last one fails it
 is written to the ``failed`` bucket of a bbolt file (``--db``) as a dead
-letter. A message is leased to one worker at a time, and a reported message
-is never sent again. The wire protocol is PROTOCOL.md.
+letter. A message is leased to one worker at a time, from the moment its
+batch is written in full, and a reported message is never sent again; a
+batch whose worker died is retried in halves, so that a message that kills
+its worker takes few others with it. The wire protocol is PROTOCOL.md.
 
 Run::
 

@@ -429,12 +429,17 @@ def read_buckets(db):
         return bucket(b"failed"), bucket(b"requeue"), bucket(b"pending"), counters
 
 
+def stream_batch(b, batchsize):
+    """A new stream on broker `b`, and its first batch."""
+    client = b.stream(batchsize)
+    client.hello()
+    return client, client.batch()
+
+
 def dead_letters_requeued(processes, db, count, *flags):
     """A run whose `count` messages all die, then `broker.py requeue --all`."""
     b = processes.broker(db, "--total", count, "--max-attempts", "1", *flags)
-    client = b.stream(count)
-    client.hello()
-    batch = client.batch()
+    client, batch = stream_batch(b, count)
     assert b.report(client.token, batch[0]["batch"], [])[0] == 200
     assert b.wait() == 0
     client.close()
@@ -455,9 +460,7 @@ def test_without_durable_requeued_dead_letters_stay_in_the_db_until_settled_agai
     assert sorted(requeue) == ids and failed == {}
     # Settled again: 5 done, the rest dead again; each leaves `requeue` as it settles.
     b = processes.broker(db, "--total", "0", "--max-attempts", "1", "--heartbeat", "600")
-    client = b.stream(20)
-    client.hello()
-    batch = client.batch()
+    client, batch = stream_batch(b, 20)
     done = [m["id"] for m in batch[:5]]
     assert b.report(client.token, batch[0]["batch"], done)[0] == 200
     assert b.wait() == 0
@@ -470,9 +473,7 @@ def test_without_durable_requeued_dead_letters_stay_in_the_db_until_settled_agai
 def test_a_durable_run_killed_after_a_requeue_settles_its_total_when_restarted(processes, db):
     ids = dead_letters_requeued(processes, db, 6, "--durable")
     b = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
-    client = b.stream(6)
-    client.hello()
-    batch = client.batch()
+    client, batch = stream_batch(b, 6)
     assert sorted(m["id"] for m in batch) == ids
     assert b.report(client.token, batch[0]["batch"], ids[:3])[0] == 200
     b.signal(signal.SIGKILL)
@@ -481,9 +482,7 @@ def test_a_durable_run_killed_after_a_requeue_settles_its_total_when_restarted(p
     _failed, requeue, pending, counters = read_buckets(db)
     assert requeue == {} and sorted(pending) == ids[3:] and counters["requeued"] == 6
     again = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
-    client = again.stream(6)
-    client.hello()
-    rest = client.batch()
+    client, rest = stream_batch(again, 6)
     assert sorted(m["id"] for m in rest) == ids[3:]
     assert again.report(client.token, rest[0]["batch"], ids[3:])[0] == 200
     assert again.wait() == 0
@@ -494,9 +493,7 @@ def test_a_durable_run_killed_after_a_requeue_settles_its_total_when_restarted(p
 def test_a_clean_durable_run_after_a_requeue_settles(processes, db):
     ids = dead_letters_requeued(processes, db, 4, "--durable")
     b = processes.broker(db, "--durable", "--total", "4", "--heartbeat", "600")
-    client = b.stream(4)
-    client.hello()
-    batch = client.batch()
+    client, batch = stream_batch(b, 4)
     assert b.report(client.token, batch[0]["batch"], ids)[0] == 200
     assert b.wait(timeout=20) == 0
     failed, requeue, pending, _counters = read_buckets(db)

@@ -371,6 +371,12 @@ def test_abandoning_a_stream_while_its_tasks_end_never_breaks_the_stream_thread(
         sys.setswitchinterval(switch)
 
 
+def hello_then_hold(index, stream):
+    """A fake broker's script: a stream that says hello, then nothing."""
+    stream.hello(batchsize=2)
+    stream.hold()
+
+
 def run_worker_with_fault(*args):
     """worker.py in a process of its own, with its SSE parser made to raise."""
     return ["-c", "import sys, worker\n"
@@ -381,11 +387,7 @@ def run_worker_with_fault(*args):
 
 def test_an_unexpected_error_in_the_stream_thread_exits_1_with_its_traceback(fake_broker,
                                                                            processes):
-    def script(index, stream):
-        stream.hello(batchsize=2)
-        stream.hold()
-
-    fake = fake_broker(script)
+    fake = fake_broker(hello_then_hold)
     w = processes.python(*run_worker_with_fault("--url", fake.url, "--batchsize", "2"))
     assert w.wait() == 1
     output = w.output()
@@ -395,11 +397,7 @@ def test_an_unexpected_error_in_the_stream_thread_exits_1_with_its_traceback(fak
 
 def test_processes_backs_off_restarting_a_worker_that_keeps_failing_at_once(fake_broker,
                                                                           processes):
-    def script(index, stream):
-        stream.hello(batchsize=2)
-        stream.hold()
-
-    fake = fake_broker(script)
+    fake = fake_broker(hello_then_hold)
     supervisor = processes.python(*run_worker_with_fault(
         "--url", fake.url, "--processes", "1", "--batchsize", "2"))
     supervisor.wait_for_line(r"worker 0 ended 4 times in a row .*: restarting it in 4\.0 s",
@@ -411,11 +409,7 @@ def test_processes_backs_off_restarting_a_worker_that_keeps_failing_at_once(fake
 
 
 def test_workers_stop_when_their_parent_pid_is_gone(fake_broker, processes):
-    def script(index, stream):
-        stream.hello(batchsize=2)
-        stream.hold()
-
-    fake = fake_broker(script)
+    fake = fake_broker(hello_then_hold)
     # A parent that is not this worker's: as if its broker had been killed.
     supervisor = processes.worker("--url", fake.url, "--processes", "2", "--batchsize", "2",
                                   "--parent-pid", "1")
