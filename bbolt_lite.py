@@ -463,11 +463,13 @@ class _Freelist:
     def __init__(self, ids=()):
         self.ids = sorted(ids)
         self.pending = {}
+        self.cache = set(self.ids)  # every id free or pending (freelist.go's cache)
 
     def copy(self):
         other = _Freelist()
         other.ids = list(self.ids)
         other.pending = {txid: list(ids) for txid, ids in self.pending.items()}
+        other.cache = set(self.cache)
         return other
 
     def count(self):
@@ -485,7 +487,11 @@ class _Freelist:
         """Take `n` contiguous free pages; return the first id, or 0 if none."""
         ids = self.ids
         if n == 1:
-            return ids.pop(0) if ids else 0
+            if not ids:
+                return 0
+            first = ids.pop(0)
+            self.cache.discard(first)
+            return first
         run_start = 0
         for i, pgid in enumerate(ids):
             if i == 0 or pgid != ids[i - 1] + 1:
@@ -493,13 +499,29 @@ class _Freelist:
             if i - run_start + 1 == n:
                 first = ids[run_start]
                 del ids[run_start:i + 1]
+                self.cache.difference_update(range(first, first + n))
                 return first
         return 0
 
     def free(self, txid, pgid, overflow):
+        """Pages that transaction `txid` stops using: pending until released."""
         _assert(pgid > 1, "cannot free meta page %d", pgid)
-        pending = self.pending.setdefault(txid, [])
-        pending.extend(range(pgid, pgid + overflow + 1))
+        span = range(pgid, pgid + overflow + 1)
+        for page in span:
+            _assert(page not in self.cache, "page %d already freed", page)
+        self.cache.update(span)
+        self.pending.setdefault(txid, []).extend(span)
+
+    def rollback(self, txid):
+        """Transaction `txid` did not commit: the pages it freed are in use again.
+
+        (Pages are allocated only while committing, and a failed commit puts
+        back the freelist it began with; so every page pending for `txid`
+        still belongs to the last committed tree.)
+        """
+        ids = self.pending.pop(txid, None)
+        if ids:
+            self.cache.difference_update(ids)
 
     def release(self, oldest_reader_txid):
         """Release pages freed by transactions no open reader predates."""
@@ -1270,6 +1292,7 @@ class Tx:
             db._sync()
         except BaseException:
             db._freelist = saved_freelist
+            db._freelist.rollback(self._meta.txid)
             self._close()
             raise
         with db._meta_lock:
@@ -1280,6 +1303,8 @@ class Tx:
     def rollback(self):
         """Drop the changes (for a read-only transaction: just close it)."""
         if not self._closed:
+            if self.writable:
+                self._db._freelist.rollback(self._meta.txid)
             self._close()
 
     def _close(self):

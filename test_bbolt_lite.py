@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import bbolt_lite
 from conftest import HERE, run_boltcheck
@@ -401,47 +401,83 @@ _operations = st.lists(st.one_of(
 ), max_size=25)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+class _Abort(Exception):
+    """Raised in a transaction that the property test aborts."""
+
+
+def _apply(tx, operations, model):
+    for op, name, k, v in operations:
+        bucket = tx.bucket(name)
+        if op == "create":
+            if bucket is None:
+                tx.create_bucket(name)
+                model[name] = {}
+        elif op == "drop":
+            if bucket is not None:
+                tx.delete_bucket(name)
+                del model[name]
+        elif bucket is None:
+            continue
+        elif op == "put":
+            bucket.put(k, v)
+            model[name][k] = v
+        elif op == "delete":
+            bucket.delete(k)
+            model[name].pop(k, None)
+        elif op == "bulk":  # many keys: splits, then merges
+            for i in range(k):
+                bucket.put(b"bulk%05d" % ((i * 7919 + v) % 1000), b"%d" % i)
+                model[name][b"bulk%05d" % ((i * 7919 + v) % 1000)] = b"%d" % i
+            for i in range(0, 1000, 3 if v % 2 else 1):
+                if v % 4 == 3:
+                    bucket.delete(b"bulk%05d" % i)
+                    model[name].pop(b"bulk%05d" % i, None)
+
+
+def _assert_matches(db, model):
+    assert db.check() == []
+    with db.view() as tx:
+        assert sorted(tx.buckets()) == sorted(model)
+        for name, content in model.items():
+            assert list(tx.bucket(name).items()) == sorted(content.items())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(transactions=st.lists(_operations, min_size=1, max_size=6), page_size=st.sampled_from([1024, 4096]))
-def test_matches_a_dict_model_across_transactions_and_reopens(tmp_path, transactions, page_size):
+@given(transactions=st.lists(st.tuples(_operations, st.sampled_from(["commit", "abort",
+                                                                     "reopen"])),
+                             min_size=1, max_size=6),
+       page_size=st.sampled_from([1024, 4096]))
+@example(transactions=[  # the shape that corrupted files: a bucket dropped in an aborted tx
+    ([("create", b"a", None, None), ("bulk", b"a", 300, 0)], "commit"),
+    ([("drop", b"a", None, None)], "abort"),
+    ([("create", b"b", None, None), ("bulk", b"b", 300, 1)], "commit")], page_size=1024)
+def test_matches_a_dict_model_across_transactions_aborts_and_reopens(tmp_path, transactions,
+                                                                     page_size):
+    """Any mix of operations, committed, or aborted (an exception in the
+    transaction) after any of them, with the file kept open or reopened."""
     path = str(tmp_path / ("model-%s.db" % os.urandom(8).hex()))  # hypothesis seeds `random`
     model = {}
-    for operations in transactions:
-        with bbolt_lite.open(path, page_size=page_size) as db:
-            with db.update() as tx:
-                for op, name, k, v in operations:
-                    bucket = tx.bucket(name)
-                    if op == "create":
-                        if bucket is None:
-                            tx.create_bucket(name)
-                            model[name] = {}
-                    elif op == "drop":
-                        if bucket is not None:
-                            tx.delete_bucket(name)
-                            del model[name]
-                    elif bucket is None:
-                        continue
-                    elif op == "put":
-                        bucket.put(k, v)
-                        model[name][k] = v
-                    elif op == "delete":
-                        bucket.delete(k)
-                        model[name].pop(k, None)
-                    elif op == "bulk":  # many keys: splits, then merges
-                        for i in range(k):
-                            bucket.put(b"bulk%05d" % ((i * 7919 + v) % 1000), b"%d" % i)
-                            model[name][b"bulk%05d" % ((i * 7919 + v) % 1000)] = b"%d" % i
-                        for i in range(0, 1000, 3 if v % 2 else 1):
-                            if v % 4 == 3:
-                                bucket.delete(b"bulk%05d" % i)
-                                model[name].pop(b"bulk%05d" % i, None)
-        with bbolt_lite.open(path) as db:
-            assert db.check() == []
-            with db.view() as tx:
-                assert sorted(tx.buckets()) == sorted(model)
-                for name, content in model.items():
-                    assert list(tx.bucket(name).items()) == sorted(content.items())
+    db = bbolt_lite.open(path, page_size=page_size)
+    try:
+        for operations, ending in transactions:
+            if ending == "reopen":
+                db.close()
+                db = bbolt_lite.open(path)
+            trial = {name: dict(content) for name, content in model.items()}
+            try:
+                with db.update() as tx:
+                    _apply(tx, operations, trial)
+                    if ending == "abort":
+                        raise _Abort()
+            except _Abort:
+                trial = model
+            model = trial
+            _assert_matches(db, model)
+    finally:
+        db.close()
+    with bbolt_lite.open(path) as db:
+        _assert_matches(db, model)
 
 
 # --- crash safety -----------------------------------------------------------
@@ -715,3 +751,49 @@ def test_files_written_by_go_read_exactly_and_stay_writable(tmp_path, boltcheck,
         expected = dump_records(db)
     go_check(boltcheck, path)
     assert go_dump(boltcheck, path) == expected
+
+
+# --- aborted transactions -----------------------------------------------------
+
+def _fill_bucket(tx, name, count=300):
+    bucket = tx.create_bucket(name)
+    for i in range(count):
+        bucket.put(b"key%05d" % i, bytes([i % 251]) * 40)
+
+
+@pytest.mark.parametrize("abort", ["exception", "rollback", "failed commit"])
+def test_pages_freed_by_an_aborted_transaction_are_not_reused(db_path, abort, monkeypatch):
+    with bbolt_lite.open(db_path, page_size=1024) as db:
+        with db.update() as tx:
+            _fill_bucket(tx, b"first")
+        if abort == "exception":
+            with pytest.raises(RuntimeError):
+                with db.update() as tx:
+                    tx.delete_bucket(b"first")
+                    raise RuntimeError("the caller gives up")
+        elif abort == "rollback":
+            tx = db.begin(writable=True)
+            tx.delete_bucket(b"first")
+            tx.rollback()
+        else:
+            def full_disk(*args):
+                raise OSError(28, "No space left on device")
+            with monkeypatch.context() as patch:
+                patch.setattr(db, "_write_pages", full_disk)
+                with pytest.raises(OSError):
+                    with db.update() as tx:
+                        tx.delete_bucket(b"first")
+        with db.update() as tx:
+            _fill_bucket(tx, b"second")
+        assert db.check() == []
+    with bbolt_lite.open(db_path) as db, db.view() as tx:
+        assert len(tx.bucket(b"first").keys()) == 300
+        assert len(tx.bucket(b"second").keys()) == 300
+
+
+def test_a_page_freed_twice_is_refused():
+    freelist = bbolt_lite._Freelist([5, 6])
+    freelist.free(10, 8, 0)
+    for pgid in (5, 8):
+        with pytest.raises(bbolt_lite.CorruptionError, match="page %d already freed" % pgid):
+            freelist.free(10, pgid, 0)
