@@ -1525,8 +1525,9 @@ class DB:
     def _load_meta(self):
         """The valid meta with the highest txid, and the page size.
 
-        Like bbolt, a damaged meta page is passed over for the other one; a
-        meta whose pages lie beyond the end of the file is damaged too.
+        Like bbolt, a damaged meta page (bad magic, version or checksum) is
+        passed over for the other one. A sound meta whose pages lie beyond the
+        end of the file means the file was truncated: refused, never passed over.
         """
         size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, PAGE_HEADER_SIZE + META_SIZE, 0)
@@ -1551,19 +1552,19 @@ class DB:
             if meta1.page_size == page_size:
                 candidates.append(meta1)
                 break
-        valid = []
-        for meta in candidates:
-            if meta.pgid * meta.page_size > size:
-                errors.append(InvalidError(
-                    "meta page %d: high-water mark %d needs %d bytes, the file has %d"
-                    % (meta.txid % 2, meta.pgid, meta.pgid * meta.page_size, size)))
-            else:
-                valid.append(meta)
-        if not valid:
+        if not candidates:
             if not errors:
                 raise InvalidError("%s: no meta page found" % self.path)
             raise errors[0]
-        best = max(valid, key=lambda meta: meta.txid)
+        best = max(candidates, key=lambda meta: meta.txid)
+        if best.pgid * best.page_size > size:
+            # A sound meta whose pages are missing: the file was cut short.
+            # Going back to the other meta would silently undo committed
+            # transactions, and the next commit would make that for good.
+            raise CorruptionError(
+                "%s is truncated: its last transaction (%d) needs %d pages of %d bytes "
+                "(%d bytes), the file has %d" % (self.path, best.txid, best.pgid,
+                                                 best.page_size, best.pgid * best.page_size, size))
         return best, best.page_size
 
     def _load_freelist(self):

@@ -797,3 +797,33 @@ def test_a_page_freed_twice_is_refused():
     for pgid in (5, 8):
         with pytest.raises(bbolt_lite.CorruptionError, match="page %d already freed" % pgid):
             freelist.free(10, pgid, 0)
+
+
+# --- a truncated file -----------------------------------------------------------
+
+def test_a_truncated_file_is_refused_never_opened_at_an_older_transaction(db_path):
+    with bbolt_lite.open(db_path) as db:
+        for start in range(0, 3000, 500):
+            with db.update() as tx:
+                bucket = tx.create_bucket_if_not_exists(b"keys")
+                for i in range(start, start + 500):
+                    bucket.put(b"%08d" % i, b"v" * 20)
+    size = os.path.getsize(db_path)
+    os.truncate(db_path, size // 2)
+    for readonly in (True, False):
+        with pytest.raises(bbolt_lite.CorruptionError, match="is truncated"):
+            bbolt_lite.open(db_path, readonly=readonly)
+    assert os.path.getsize(db_path) == size // 2  # and nothing was written to it
+
+
+def test_the_broker_refuses_a_truncated_db_naming_it(tmp_path):
+    path = str(tmp_path / "broker.db")
+    with bbolt_lite.open(path) as db, db.update() as tx:
+        bucket = tx.create_bucket(b"failed")
+        for i in range(2000):
+            bucket.put(b"%020d" % i, b"{}" * 20)
+    os.truncate(path, os.path.getsize(path) // 2)
+    result = subprocess.run([sys.executable, "broker.py", "--port", "0", "--db", path],
+                            cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "cannot use %s" % path in result.stderr and "truncated" in result.stderr
