@@ -212,6 +212,7 @@ BUCKET_LEAF_FLAG = 0x01
 NO_FREELIST = 0xFFFFFFFFFFFFFFFF
 FREELIST_COUNT_OVERFLOW = 0xFFFF
 MIN_PAGE_SIZE = 512
+MIN_NEW_PAGE_SIZE = 1024  # Go's bbolt cannot open a file of smaller pages: none is made
 MAX_PAGE_SIZE = 1 << 20
 # Pages 0, 1 (metas), 2 (freelist), 3 (root leaf) in a new file.
 NEW_FILE_PAGES = 4
@@ -1466,16 +1467,15 @@ class DB:
         self._cache_lock = threading.Lock()
         self._page_cache = collections.OrderedDict()  # pgid -> _Node, single pages only
         self._fd = -1
-        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        if not readonly:
+            _create_if_missing(self.path, page_size or _os_page_size(), mode)
+        flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
             self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), mode)
         except OSError as error:
             raise Error("cannot open %s: %s" % (self.path, error.strerror)) from error
         try:
             self._lock_file(timeout)
-            size = os.fstat(self._fd).st_size
-            if size == 0 and not readonly:
-                self._init_file(page_size or _os_page_size())
             self._meta, self.page_size = self._load_meta()
             self._freelist = self._load_freelist()
         except BaseException:
@@ -1512,15 +1512,6 @@ class DB:
                 raise DatabaseLockedError(
                     "%s is locked by another process (waited %.1f s)" % (self.path, timeout))
             time.sleep(0.05)
-
-    def _init_file(self, page_size):
-        pages = []
-        for txid in (0, 1):
-            pages.append(_Meta(page_size, 0, 3, 0, 2, NEW_FILE_PAGES, txid).to_page())
-        pages.append(_Freelist().to_bytes(2, 0, page_size))
-        pages.append(_Node.empty_leaf().to_bytes(3, 0, page_size))
-        os.pwrite(self._fd, b"".join(pages), 0)
-        self._sync()
 
     def _load_meta(self):
         """The valid meta with the highest txid, and the page size.
@@ -1631,10 +1622,10 @@ class DB:
             with self._cache_lock:
                 for covered in range(pgid, pgid + len(page) // page_size):
                     cache.pop(covered, None)
-            os.pwrite(self._fd, page, pgid * page_size)
+            _pwrite_all(self._fd, page, pgid * page_size)
 
     def _write_meta(self, meta):
-        os.pwrite(self._fd, meta.to_page(), (meta.txid % 2) * self.page_size)
+        _pwrite_all(self._fd, meta.to_page(), (meta.txid % 2) * self.page_size)
 
     def _sync(self):
         _fdatasync(self._fd)
@@ -1712,6 +1703,80 @@ def _os_page_size():
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _pwrite_all(fd, data, offset):
+    """Write all of `data` at `offset`: a short write (a full disk) is
+    continued, and one that writes nothing raises ENOSPC, never passes."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "no space left: %d bytes not written at offset %d"
+                          % (len(view), offset))
+        view = view[written:]
+        offset += written
+
+
+def _create_if_missing(path, page_size, mode):
+    """A new file, whole or not at all: its first pages (two metas, a
+    freelist, an empty root leaf) are written and synced under a temporary
+    name, then linked into place. A full disk leaves no half-made file that
+    would be refused ever after."""
+    try:
+        if os.stat(path).st_size > 0:
+            return
+        empty = True   # an empty file there (as `touch` makes): replaced
+    except FileNotFoundError:
+        empty = False
+    except OSError as error:
+        raise Error("cannot open %s: %s" % (path, error.strerror)) from error
+    if not MIN_NEW_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise InvalidError("page size %d: want a power of two in %d..%d"
+                           % (page_size, MIN_NEW_PAGE_SIZE, MAX_PAGE_SIZE))
+    pages = [_Meta(page_size, 0, 3, 0, 2, NEW_FILE_PAGES, txid).to_page() for txid in (0, 1)]
+    pages.append(_Freelist().to_bytes(2, 0, page_size))
+    pages.append(_Node.empty_leaf().to_bytes(3, 0, page_size))
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(folder, ".%s.%d.new" % (os.path.basename(path), os.getpid()))
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                     mode)
+    except OSError as error:
+        raise Error("cannot create %s: %s" % (path, error.strerror)) from error
+    try:
+        try:
+            _pwrite_all(fd, b"".join(pages), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if empty:
+            os.rename(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)  # (never over a file another process just made)
+            except FileExistsError:
+                pass
+        _sync_folder(folder)
+    finally:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+
+
+def _sync_folder(folder):
+    """Make a new name in `folder` durable (where the system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

@@ -827,3 +827,60 @@ def test_the_broker_refuses_a_truncated_db_naming_it(tmp_path):
                             cwd=HERE, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "cannot use %s" % path in result.stderr and "truncated" in result.stderr
+
+
+# --- a full disk --------------------------------------------------------------
+
+_FULL_DISK_CHILD = textwrap.dedent("""
+    import resource, sys, bbolt_lite
+    path, limit = sys.argv[1], int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    try:
+        with bbolt_lite.open(path, page_size=4096) as db, db.update() as tx:
+            bucket = tx.create_bucket_if_not_exists(b"big")
+            for i in range(200):
+                bucket.put(b"%08d" % i, b"x" * 500)
+    except OSError as error:
+        print("refused:", error)
+        sys.exit(0)
+    print("committed")
+""")
+
+
+def _full_disk(path, limit):
+    return subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, path, str(limit)],
+                          cwd=HERE, capture_output=True, text=True, timeout=60)
+
+
+def test_a_commit_that_does_not_fit_on_the_disk_raises_and_the_file_stays_sound(db_path):
+    with bbolt_lite.open(db_path, page_size=4096) as db, db.update() as tx:
+        tx.create_bucket(b"big").put(b"before", b"1")
+    # How large the file grows with the commit (on a copy, with room)...
+    rehearsal = db_path + ".copy"
+    with open(db_path, "rb") as source, open(rehearsal, "wb") as copy:
+        copy.write(source.read())
+    assert _full_disk(rehearsal, 1 << 40).stdout.startswith("committed")
+    grown = os.path.getsize(rehearsal)
+    # ...and room for all but the last 100 bytes: the last page's write is short.
+    result = _full_disk(db_path, grown - 100)
+    assert result.stdout.startswith("refused:"), result.stdout + result.stderr
+    with bbolt_lite.open(db_path) as db:
+        assert db.check() == []
+        with db.view() as tx:
+            assert tx.bucket(b"big").items() and list(tx.bucket(b"big").items()) == [
+                (b"before", b"1")]
+
+
+def test_a_new_file_on_a_full_disk_is_not_left_half_made(tmp_path):
+    path = str(tmp_path / "new.db")
+    result = _full_disk(path, 8192)  # two of its four first pages fit
+    assert result.stdout.startswith("refused:"), result.stdout + result.stderr
+    assert os.listdir(str(tmp_path)) == []
+    with bbolt_lite.open(path) as db:  # the disk has room again: all is well
+        assert db.check() == []
+
+
+def test_a_page_size_go_cannot_open_is_refused(tmp_path):
+    with pytest.raises(bbolt_lite.InvalidError, match="page size 512"):
+        bbolt_lite.open(str(tmp_path / "small.db"), page_size=512)
+    assert os.listdir(str(tmp_path)) == []
