@@ -983,16 +983,65 @@ STATE_BUCKET = b"state"
 _COUNTER_KEYS = (b"generated", b"done", b"dead", b"requeued")
 
 
-def load_durable_state(db):
-    """The pending records and counters a --durable run left in `db`."""
+class RecordError(ValueError):
+    """A record in the db that is not what the broker writes there."""
+
+
+def _is_int(value, low, high=None):
+    return type(value) is int and value >= low and (high is None or value <= high)
+
+
+def parse_record(bucket, key, raw):
+    """The record stored under `key` in `bucket` (failed, requeue or pending),
+    checked for the shape the broker writes; RecordError if it is not."""
+    where = "bucket %r, key %r" % (bucket.decode(), key.decode("utf-8", "replace"))
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RecordError("%s: not a JSON record" % where) from None
+    if not isinstance(record, dict):
+        raise RecordError("%s: not a JSON object" % where)
+    problems = []
+    if not isinstance(record.get("id"), str) or record["id"].encode("utf-8") != key:
+        problems.append("its id is not its key")
+    elif not XID_PATTERN.fullmatch(record["id"]):
+        problems.append("its id is not an xid")
+    if not _is_int(record.get("period"), MIN_PERIOD_MS, MAX_PERIOD_MS):
+        problems.append("period is not an integer in %d..%d" % (MIN_PERIOD_MS, MAX_PERIOD_MS))
+    if not _is_int(record.get("attempts"), 0):
+        problems.append("attempts is not a non-negative integer")
+    if record.get("reason") is not None and not isinstance(record["reason"], str):
+        problems.append("reason is not text")
+    if bucket == PENDING_BUCKET and not isinstance(record.get("in_flight"), bool):
+        problems.append("in_flight is not true or false")
+    if problems:
+        raise RecordError("%s: %s" % (where, "; ".join(problems)))
+    return record
+
+
+def load_state(db):
+    """What a broker starting on `db` takes back, every record checked
+    first (RecordError names the first bad one, and nothing is changed):
+    the requeued dead letters, the --durable pending records, and the
+    --durable counters (None if there are none)."""
     with db.view() as tx:
-        pending = tx.bucket(PENDING_BUCKET)
-        records = [json.loads(value) for _key, value in pending.items()] if pending else []
+        found = {}
+        for name in (REQUEUE_BUCKET, PENDING_BUCKET):
+            bucket = tx.bucket(name)
+            found[name] = [parse_record(name, key, value) for key, value in bucket.items()] \
+                if bucket is not None else []
         state = tx.bucket(STATE_BUCKET)
         counters = None
         if state is not None:
-            counters = tuple(int(state.get(key) or b"0") for key in _COUNTER_KEYS)
-    return records, counters
+            values = []
+            for key in _COUNTER_KEYS:
+                raw = state.get(key) or b"0"
+                if not re.fullmatch(rb"[0-9]{1,19}", raw):
+                    raise RecordError("bucket 'state', key %r: %r is not a count"
+                                      % (key.decode(), raw[:40]))
+                values.append(int(raw))
+            counters = tuple(values)
+    return found[REQUEUE_BUCKET], found[PENDING_BUCKET], counters
 
 
 def count_pending(db):
@@ -1629,7 +1678,8 @@ PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the toke
 
 def read_dead_letters(db, limit, after=""):
     """Up to `limit` dead letters with ids after `after`, oldest first (ids
-    sort by time); and whether there are more."""
+    sort by time); and whether there are more. A record that cannot be read
+    is shown as such: {"id": its key, "unreadable": why}."""
     letters = []
     with db.view() as tx:
         bucket = tx.bucket(DEAD_LETTER_BUCKET)
@@ -1639,7 +1689,10 @@ def read_dead_letters(db, limit, after=""):
         key, value = cursor.seek(after.encode("utf-8", "replace") + b"\0") if after \
             else cursor.first()
         while key is not None and len(letters) < limit:
-            letters.append(json.loads(value))
+            try:
+                letters.append(parse_record(DEAD_LETTER_BUCKET, key, value))
+            except RecordError as error:
+                letters.append({"id": key.decode("utf-8", "replace"), "unreadable": str(error)})
             key, value = cursor.next()
         return letters, key is not None
 
@@ -1894,6 +1947,10 @@ connect();
 # The broker: wiring, start and stop
 # ---------------------------------------------------------------------------
 
+class StartError(Exception):
+    """The broker cannot start; the message says why (exit status 2)."""
+
+
 class TraceFile:
     """JSON lines of every lease start and end, in the order they happened.
 
@@ -1910,7 +1967,12 @@ class TraceFile:
 
     def __init__(self, path):
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._created = not os.path.exists(path)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StartError("cannot open the trace file %s: %s" % (
+                path, error.strerror or error)) from None
         self._lines = queue.SimpleQueue()
         self._unwritten = b""  # lines taken from the queue, not yet in the file
         self._stopping = False
@@ -1965,6 +2027,12 @@ class TraceFile:
             log.info("the trace file %s can be written again", self.path)
         return True
 
+    def discard(self):
+        """A start that failed: close, and remove the file if this made it empty."""
+        os.close(self._fd)
+        if self._created and os.path.getsize(self.path) == 0:
+            os.unlink(self.path)
+
     def close(self, timeout):
         """Write what is queued, waiting at most `timeout` s; returns how many
         lines are not in the file (0 when all are)."""
@@ -1983,25 +2051,35 @@ class Broker:
         self.max_body = args.max_body
         self.read_timeout = args.read_timeout
         self.token = args.token or None
-        self.trace = TraceFile(args.trace) if args.trace else None
-        self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
-                                     lease_timeout=args.lease_timeout, total=args.total,
-                                     seed=args.seed, on_event=self.trace,
-                                     durable=args.durable, max_workers=args.max_workers)
-        # A small page cache: the broker mostly appends, and reads back little.
-        self.db = bbolt_lite.open(args.db, timeout=1.0, cache_pages=64)
+        # The port first, then the trace, then the db: a start that fails
+        # leaves no new file behind.
         try:
-            self._open_state()
+            self.server = BrokerHTTPServer((args.host, args.port), self)
+        except OSError as error:
+            raise StartError("cannot listen on %s:%d: %s" % (
+                args.host, args.port, error.strerror or error)) from None
+        self.trace = None
+        try:
+            if args.trace:
+                self.trace = TraceFile(args.trace)
+            self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
+                                         lease_timeout=args.lease_timeout, total=args.total,
+                                         seed=args.seed, on_event=self.trace,
+                                         durable=args.durable, max_workers=args.max_workers)
+            # A small page cache: the broker mostly appends, and reads back little.
+            self.db = bbolt_lite.open(args.db, timeout=1.0, cache_pages=64)
+            try:
+                self._open_state()
+            except BaseException:
+                self.db.close()
+                raise
         except BaseException:
-            self.db.close()
+            self.server.server_close()
+            if self.trace is not None:
+                self.trace.discard()
             raise
         self.state_writer = StateWriter(self.dispatcher, self.db)
         self.watcher = StreamWatcher(self.dispatcher)
-        try:
-            self.server = BrokerHTTPServer((args.host, args.port), self)
-        except BaseException:
-            self.db.close()
-            raise
         self._streams = 0
         self._streams_lock = threading.Lock()
         # Wakes stop(): the last stream has said bye.
@@ -2024,24 +2102,21 @@ class Broker:
         dead (then it leaves in the same commit); with --durable it moves to
         `pending` here, in one transaction with the `requeued` counter."""
         durable = self.args.durable
-        requeued = []
+        requeued, records, counters = load_state(self.db)
         with self.db.update() as tx:
             tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
-            bucket = tx.bucket(REQUEUE_BUCKET)
-            if bucket is not None:
-                requeued = [json.loads(value) for _key, value in bucket.items()]
-                if durable and requeued:
-                    pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
-                    for record in requeued:
-                        message = Message(record["id"], record["period"])
-                        pending.put(message.id.encode("ascii"),
-                                    _compact_json(pending_record(message, False)).encode())
-                    state = tx.create_bucket_if_not_exists(STATE_BUCKET)
-                    state.put(b"requeued", b"%d" % (int(state.get(b"requeued") or b"0")
-                                                     + len(requeued)))
-                if durable:
-                    tx.delete_bucket(REQUEUE_BUCKET)
-        records, counters = load_durable_state(self.db)
+            if durable and requeued:
+                pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
+                for record in requeued:
+                    message = Message(record["id"], record["period"])
+                    pending.put(message.id.encode("ascii"),
+                                _compact_json(pending_record(message, False)).encode())
+                state = tx.create_bucket_if_not_exists(STATE_BUCKET)
+                counters = counters or (0, 0, 0, 0)
+                counters = counters[:3] + (counters[3] + len(requeued),)
+                state.put(b"requeued", b"%d" % counters[3])
+            if durable and tx.bucket(REQUEUE_BUCKET) is not None:
+                tx.delete_bucket(REQUEUE_BUCKET)
         requeued_ids = {record["id"] for record in requeued}
         records = [r for r in records if r["id"] not in requeued_ids]
         if not durable:
@@ -2227,6 +2302,13 @@ def _non_negative_int(text):
     return value
 
 
+def _port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be in 0..65535")
+    return value
+
+
 def _positive_float(text):
     value = float(text)
     if not value > 0:
@@ -2246,7 +2328,7 @@ def parse_args(argv=None):
                "on the next start.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=_non_negative_int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
                         help="port to listen on; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--db", default=DEFAULT_DB,
                         help="bbolt file for dead letters, created if missing (default: %(default)s)")
@@ -2305,33 +2387,52 @@ def parse_args(argv=None):
 # Dead-letter tools: python broker.py dead|requeue --db FILE
 # ---------------------------------------------------------------------------
 
-def _tool_db(path):
-    """The db, opened for a tool: refused while a broker holds it."""
+class ToolError(Exception):
+    """What a dead-letter tool says before it exits 2."""
+
+
+def _tool_db(path, writable):
+    """The db, opened for a tool: refused while a broker holds it, and never
+    created or changed unless the tool must write (`requeue`)."""
     if not os.path.exists(path):
-        raise SystemExit("broker.py: %s: no such file" % path)
+        raise ToolError("%s: no such file" % path)
+    if os.path.isdir(path):
+        raise ToolError("%s: a folder, not a bbolt file" % path)
+    if os.path.getsize(path) == 0:
+        raise ToolError("%s: an empty file, not a bbolt file" % path)
     try:
-        return bbolt_lite.open(path, timeout=0.5)
+        return bbolt_lite.open(path, readonly=not writable, timeout=0.5)
     except bbolt_lite.DatabaseLockedError:
-        raise SystemExit("broker.py: %s is in use by a running broker: stop it first "
-                         "(dead letters can also be read live at GET /dead)" % path)
+        raise ToolError("%s is in use by a running broker: stop it first (dead letters can "
+                        "also be read live at GET /dead)" % path) from None
+    except (bbolt_lite.Error, OSError) as error:
+        raise ToolError("%s: cannot be read as a bbolt file: %s" % (
+            path, getattr(error, "strerror", None) or error)) from None
 
 
 def dead_command(argv):
     parser = argparse.ArgumentParser(prog="broker.py dead",
-                                     description="Print the dead letters as a table.")
+                                     description="Print the dead letters as a table (the db is "
+                                                 "only read).")
     parser.add_argument("--db", default=DEFAULT_DB, help="(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead")
     args = parser.parse_args(argv)
-    with _tool_db(args.db) as db:
-        letters, _more = read_dead_letters(db, 1 << 62)
+    with _tool_db(args.db, writable=False) as db:
+        try:
+            letters, _more = read_dead_letters(db, 1 << 62)
+        except bbolt_lite.Error as error:
+            raise ToolError("%s: cannot be read: %s" % (args.db, error)) from None
     if args.json:
         for letter in letters:
             print(_compact_json(letter))
         return 0
     print("%-20s %6s %8s  %-14s %s" % ("ID", "PERIOD", "ATTEMPTS", "REASON", "FAILED AT"))
     for letter in letters:
+        if "unreadable" in letter:
+            print("%-20s %s" % (letter["id"], letter["unreadable"]))
+            continue
         print("%-20s %6s %8s  %-14s %s" % (letter["id"], letter["period"], letter["attempts"],
-                                            letter["reason"], letter["failed_at"]))
+                                            letter.get("reason"), letter.get("failed_at")))
     print("%d dead letters" % len(letters))
     return 0
 
@@ -2347,15 +2448,19 @@ def requeue_command(argv):
     args = parser.parse_args(argv)
     if bool(args.ids) == args.all:
         parser.error("give dead letter ids, or --all")
-    with _tool_db(args.db) as db:
+    with _tool_db(args.db, writable=True) as db:
         with db.update() as tx:
             failed = tx.bucket(DEAD_LETTER_BUCKET)
             keys = [k for k, _v in failed.items()] if failed and args.all else \
                 [i.encode("utf-8") for i in args.ids]
             missing = [k.decode() for k in keys if failed is None or failed.get(k) is None]
             if missing:
-                raise SystemExit("broker.py: not dead letters in %s: %s" % (
-                    args.db, " ".join(missing)))
+                raise ToolError("not dead letters in %s: %s" % (args.db, " ".join(missing)))
+            for key in keys:
+                try:
+                    parse_record(DEAD_LETTER_BUCKET, key, failed.get(key))
+                except RecordError as error:
+                    raise ToolError("%s: cannot be requeued: %s" % (args.db, error)) from None
             requeue = tx.create_bucket_if_not_exists(REQUEUE_BUCKET)
             for key in keys:
                 requeue.put(key, failed.get(key))
@@ -2417,7 +2522,14 @@ def start_logging(level):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("dead", "requeue"):
-        return (dead_command if argv[0] == "dead" else requeue_command)(argv[1:])
+        # Killed by SIGPIPE like any Unix tool when the reader goes (| head):
+        # no BrokenPipeError traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        try:
+            return (dead_command if argv[0] == "dead" else requeue_command)(argv[1:])
+        except ToolError as error:
+            print("broker.py %s: %s" % (argv[0], error), file=sys.stderr)
+            return 2
     args = parse_args(argv)
     log_writer = start_logging(args.log_level)
     try:
@@ -2433,11 +2545,11 @@ def run_broker(args):
         log.error("%s is locked by another process: is another broker using it? "
                   "Give this one another --db.", args.db)
         return 2
-    except (bbolt_lite.Error, ValueError) as error:
-        log.error("cannot use %s: %s", args.db, error)
+    except StartError as error:
+        log.error("%s", error)
         return 2
-    except OSError as error:
-        log.error("cannot listen on %s:%d: %s", args.host, args.port, error.strerror or error)
+    except (bbolt_lite.Error, ValueError, OSError) as error:
+        log.error("cannot use %s: %s", args.db, getattr(error, "strerror", None) or error)
         return 2
 
     def on_signal(signum, _frame):

@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -219,3 +220,111 @@ def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
         browser.close()
     assert errors == []
     assert os.path.getsize(shot) > 1000
+
+
+# --- the tools never hurt a file ---------------------------------------------------------
+
+def broker_tool(*args):
+    return subprocess.run([sys.executable, "broker.py"] + [str(a) for a in args], cwd=HERE,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_dead_only_reads_and_answers_a_bad_file_with_one_line_and_exit_2(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    folder = tmp_path / "folder.db"
+    folder.mkdir()
+    text = tmp_path / "text.db"
+    text.write_bytes(b"not a bbolt file\n" * 1000)
+    for path, says in ((empty, "an empty file"), (folder, "a folder"),
+                       (text, "cannot be read as a bbolt file"),
+                       (tmp_path / "missing.db", "no such file")):
+        for command in ("dead", "requeue"):
+            extra = ["--all"] if command == "requeue" else []
+            result = broker_tool(command, "--db", path, *extra)
+            assert result.returncode == 2, (path, command, result.stderr)
+            assert says in result.stderr and "Traceback" not in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+    assert empty.stat().st_size == 0  # never turned into a database
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_dead_opens_the_db_read_only(processes, db, tmp_path):
+    b = processes.broker(db, "--total", "2", "--max-attempts", "1")
+    client = b.stream(2)
+    client.hello()
+    settle_batch(b, client, done_share=0)
+    assert b.wait() == 0
+    import bbolt_lite
+    before = db.read_bytes()
+    # Another reader holds the file's shared lock: a writer could not open it.
+    with bbolt_lite.open(str(db), readonly=True):
+        result = broker_tool("dead", "--db", db)
+    assert result.returncode == 0 and "2 dead letters" in result.stdout
+    assert db.read_bytes() == before
+
+
+def test_dead_into_a_closed_pipe_exits_quietly(processes, db):
+    b = processes.broker(db, "--total", "30", "--max-attempts", "1")
+    client = b.stream(30)
+    client.hello()
+    settle_batch(b, client, done_share=0)
+    assert b.wait() == 0
+    result = subprocess.run("%s broker.py dead --db %s | head -1" % (sys.executable, db),
+                            shell=True, cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert result.stdout.startswith("ID") and result.stderr == ""
+
+
+def test_dead_and_the_dead_endpoint_show_an_unreadable_record_and_go_on(processes, db):
+    import bbolt_lite
+    b = processes.broker(db, "--total", "1", "--max-attempts", "1")
+    client = b.stream(1)
+    client.hello()
+    settle_batch(b, client, done_share=0)
+    assert b.wait() == 0
+    with bbolt_lite.open(str(db)) as store, store.update() as tx:
+        tx.bucket(b"failed").put(b"00000000000000000000", b"{not json")
+    table = broker_tool("dead", "--db", db)
+    assert table.returncode == 0 and "not a JSON record" in table.stdout
+    assert "2 dead letters" in table.stdout
+    again = processes.broker(db, "--heartbeat", "600")
+    status, _h, body = again.request("GET", "/dead")
+    assert status == 200 and len(body["dead"]) == 2
+    assert "not a JSON record" in body["dead"][0]["unreadable"]
+
+
+@pytest.mark.parametrize("bucket,key,value,says", [
+    (b"pending", b"dc5a26lqmd2s0h2690l0", b'{"id":"dc5a26lqmd2s0h2690l0"}', "period"),
+    (b"pending", b"x", b"[1,2]", "not a JSON object"),
+    (b"requeue", b"dc5a26lqmd2s0h2690l0", b"{}", "its id is not its key"),
+    (b"state", b"dead", b"-3", "is not a count"),
+])
+def test_garbage_in_the_db_is_refused_at_start_naming_it_and_nothing_changes(
+        db, bucket, key, value, says):
+    import bbolt_lite
+    with bbolt_lite.open(str(db)) as store, store.update() as tx:
+        tx.create_bucket_if_not_exists(bucket).put(key, value)
+    before = db.read_bytes()
+    result = broker_tool("--port", "0", "--db", db, "--durable")
+    assert result.returncode == 2, result.stderr
+    assert "bucket %r" % bucket.decode() in result.stderr and says in result.stderr
+    assert "Traceback" not in result.stderr
+    assert db.read_bytes() == before
+
+
+def test_a_start_that_fails_leaves_no_new_file_and_says_why(tmp_path):
+    db = tmp_path / "new.db"
+    result = broker_tool("--port", "70000", "--db", db)
+    assert result.returncode == 2 and "must be in 0..65535" in result.stderr
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        result = broker_tool("--port", busy.getsockname()[1], "--db", db)
+    finally:
+        busy.close()
+    assert result.returncode == 2 and "cannot listen on" in result.stderr
+    result = broker_tool("--port", "0", "--db", db, "--trace", tmp_path / "no" / "trace.jsonl")
+    assert result.returncode == 2
+    assert "cannot open the trace file" in result.stderr and "No such file" in result.stderr
+    assert os.listdir(str(tmp_path)) == []
