@@ -1400,17 +1400,21 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_body(status, text.encode("utf-8"), content_type)
 
     def send_body(self, status, body, content_type, extra_headers=()):
-        """A whole response, status line to body, in one write."""
+        """A whole response, status line to body, in one write (HEAD: no body)."""
         self.log_request(status, len(body))
         headers = ["%s %d %s\r\n" % (self.protocol_version, status,
-                                      self.responses.get(status, ("",))[0]),
-                   "Content-Type: %s\r\n" % content_type,
-                   "Content-Length: %d\r\n" % len(body),
-                   "Cache-Control: no-store\r\n"]
+                                      self.responses.get(status, ("",))[0])]
+        if content_type is not None:
+            headers.append("Content-Type: %s\r\n" % content_type)
+        if status != 204:
+            headers.append("Content-Length: %d\r\n" % len(body))
+        headers.append("Cache-Control: no-store\r\n")
         headers += ["%s: %s\r\n" % header for header in extra_headers]
         if self.close_connection:
             headers.append("Connection: close\r\n")
         headers.append("\r\n")
+        if self.command == "HEAD":
+            body = b""
         self.wfile.write("".join(headers).encode("latin-1") + body)
 
     def start_event_stream(self):
@@ -1436,8 +1440,10 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _route(self, method):
         url = urllib.parse.urlsplit(self.path)
+        # (OPTIONS tells only which methods a path takes: a browser's
+        # preflight never carries the token.)
         if self.server.broker.token is not None and url.path not in PUBLIC_PATHS \
-                and not self._authorized(url):
+                and method != "OPTIONS" and not self._authorized(url):
             return
         handlers = self.ROUTES.get(url.path)
         if handlers is None:
@@ -1445,11 +1451,15 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # its body is not read
             self.send_error_json(404, "no such endpoint: %s" % url.path)
             return
-        handler = handlers.get(method)
-        if handler is None:
+        allowed = _allowed_methods(url.path, handlers)
+        if method == "OPTIONS":
+            self.send_body(204, b"", None, [("Allow", allowed)])
+            return
+        handler = handlers.get("GET" if method == "HEAD" else method)
+        if handler is None or (method == "HEAD" and url.path in STREAM_PATHS):
             self.close_connection = True
             self.send_error_json(405, "method %s not allowed on %s" % (method, url.path),
-                                 [("Allow", ", ".join(sorted(handlers)))])
+                                 [("Allow", allowed)])
             return
         try:
             query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
@@ -1510,6 +1520,9 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self):
         self._route("HEAD")
+
+    def do_OPTIONS(self):
+        self._route("OPTIONS")
 
     # -- GET /task: the work stream ------------------------------------------
 
@@ -1674,6 +1687,16 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the token
+STREAM_PATHS = ("/task", "/events")  # event streams: no HEAD
+
+
+def _allowed_methods(path, handlers):
+    """The Allow header of a path: its methods, HEAD where GET is not a
+    stream, and OPTIONS."""
+    methods = set(handlers) | {"OPTIONS"}
+    if "GET" in handlers and path not in STREAM_PATHS:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 def read_dead_letters(db, limit, after=""):

@@ -1,5 +1,6 @@
 """broker.py against PROTOCOL.md: a real broker process, spoken to over loopback."""
 
+import http.client
 import json
 import os
 import signal
@@ -301,11 +302,37 @@ def test_unknown_paths_are_404_and_wrong_methods_405_with_json_errors(processes,
     status, _, body = b.request("GET", "/nope")
     assert status == 404 and body["error"]
     status, headers, body = b.request("POST", "/task?batchsize=2", b"")
-    assert status == 405 and headers["Allow"] == "GET" and body["error"]
+    assert status == 405 and headers["Allow"] == "GET, OPTIONS" and body["error"]
     status, headers, body = b.request("GET", "/report?worker=x&batch=1")
-    assert status == 405 and headers["Allow"] == "POST"
-    status, _, body = b.request("DELETE", "/stats")
-    assert status == 405
+    assert status == 405 and headers["Allow"] == "OPTIONS, POST"
+    status, headers, body = b.request("DELETE", "/stats")
+    assert status == 405 and headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_head_answers_as_get_without_a_body_and_options_lists_the_methods(processes, db):
+    b = processes.broker(db, "--token", "secret")
+    auth = {"Authorization": "Bearer secret"}
+    for path in ("/healthz", "/stats", "/metrics", "/dead", "/"):
+        get_status, get_headers, _body = b.request("GET", path, headers=auth)
+        conn = http.client.HTTPConnection(b.host, b.port, timeout=10)
+        conn.request("HEAD", path, headers=auth)
+        head = conn.getresponse()
+        assert head.read() == b"" and head.status == get_status == 200, path
+        assert head.getheader("Content-Type") == get_headers["Content-Type"]
+        if path in ("/healthz", "/"):  # the same bytes each time
+            assert int(head.getheader("Content-Length")) == int(get_headers["Content-Length"])
+        conn.close()
+    conn = http.client.HTTPConnection(b.host, b.port, timeout=10)
+    conn.request("HEAD", "/task?batchsize=1", headers=auth)  # a stream has no HEAD
+    head = conn.getresponse()
+    assert head.status == 405 and head.getheader("Allow") == "GET, OPTIONS"
+    assert head.read() == b""
+    conn.close()
+    # OPTIONS needs no token (a browser's preflight carries none).
+    status, headers, body = b.request("OPTIONS", "/report")
+    assert status == 204 and headers["Allow"] == "OPTIONS, POST" and body == ""
+    status, headers, _body = b.request("OPTIONS", "/stats")
+    assert status == 204 and headers["Allow"] == "GET, HEAD, OPTIONS"
 
 
 def test_malformed_requests_get_an_error_and_the_broker_serves_on(processes, db):
