@@ -137,6 +137,10 @@ class IncompatibleValueError(Error):
     """A key was used as a bucket where it holds a value, or the other way."""
 
 
+class SequenceError(Error, ValueError):
+    """A bucket sequence outside Go's uint64 range."""
+
+
 class KeyRequiredError(Error):
     """A key must not be empty."""
 
@@ -837,15 +841,19 @@ class Bucket:
         self._delete_raw(name)
 
     def next_sequence(self):
-        """Increment and return this bucket's sequence (saved at commit)."""
+        """Increment and return this bucket's sequence (saved at commit); past
+        2**64 - 1 it wraps to 0, as Go's uint64 does."""
         self._writable_root()
-        self._sequence += 1
+        self._sequence = (self._sequence + 1) & _U64
         self._sequence_changed = True
         return self._sequence
 
     def set_sequence(self, value):
+        """Set this bucket's sequence: an integer in 0..2**64 - 1 (Go's uint64)."""
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64:
+            raise SequenceError("sequence %r: want an integer in 0..2**64-1" % (value,))
         self._writable_root()
-        self._sequence = int(value)
+        self._sequence = value
         self._sequence_changed = True
 
     # -- commit: rebalance and spill (bbolt node.go) -----------------------

@@ -884,3 +884,20 @@ def test_a_page_size_go_cannot_open_is_refused(tmp_path):
     with pytest.raises(bbolt_lite.InvalidError, match="page size 512"):
         bbolt_lite.open(str(tmp_path / "small.db"), page_size=512)
     assert os.listdir(str(tmp_path)) == []
+
+
+# --- sequences as Go's uint64 ---------------------------------------------------
+
+def test_next_sequence_wraps_to_0_past_2_64_and_out_of_range_values_are_refused(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            bucket = tx.create_bucket(b"seq")
+            bucket.set_sequence(2 ** 64 - 1)
+            assert bucket.next_sequence() == 0
+            assert bucket.next_sequence() == 1
+            for wrong in (2 ** 64, -1, 1.5, "3", True):
+                with pytest.raises(bbolt_lite.SequenceError):
+                    bucket.set_sequence(wrong)
+        with db.view() as tx:
+            assert tx.bucket(b"seq").sequence() == 1  # the commit was not lost
+        assert db.check() == []
