@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -390,12 +391,20 @@ def test_a_second_broker_on_the_same_db_refuses_clearly(processes, db):
     assert "locked by another process" in second.stderr
 
 
+BROKER_FLAGS = {"--help", "--host", "--port", "--db", "--max-attempts", "--lease-timeout",
+                "--heartbeat", "--max-batchsize", "--total", "--seed", "--durable",
+                "--max-workers", "--max-body", "--read-timeout", "--token", "--workers",
+                "--progress-every", "--trace", "--log-level"}
+
+
 def test_help_explains_every_flag():
     result = subprocess.run([sys.executable, "broker.py", "--help"], cwd=HERE,
                             capture_output=True, text=True, timeout=30)
-    for flag in ("--host", "--port", "--db", "--max-attempts", "--lease-timeout", "--heartbeat",
-                 "--max-batchsize", "--total", "--seed", "--log-level"):
-        assert flag in result.stdout
+    assert result.returncode == 0
+    options = re.findall(r"^  (?:-\w, )?(--[a-z][a-z-]*)", result.stdout, re.M)
+    assert set(options) == BROKER_FLAGS
+    for flag in BROKER_FLAGS - {"--help"}:  # and the module's docstring, the usage page
+        assert flag in broker.__doc__, flag
 
 
 # --- ids -------------------------------------------------------------------------
@@ -479,12 +488,17 @@ def test_a_sound_pypi_xid_package_is_used(monkeypatch):
     import types
     vendored = broker.XidGenerator()
 
+    made = []  # every id the package made
+
     class Sound:
         def string(self):
-            return vendored.new()
+            made.append(vendored.new())
+            return made[-1]
 
     monkeypatch.setitem(sys.modules, "xid", types.SimpleNamespace(Xid=Sound))
     new_id = broker.new_id_function()
-    assert new_id is not vendored.new and is_xid(new_id())
+    first = new_id()
+    assert first == made[-1] and is_xid(first)  # the package's id, not one of our own
+    assert new_id() == made[-1] != first
     monkeypatch.setitem(sys.modules, "xid", None)  # not installed
     assert broker._pypi_xid_generator() is None

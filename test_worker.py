@@ -186,6 +186,19 @@ def test_a_period_over_900_ends_the_worker_process_with_status_3(fake_broker, pr
     assert fake.reports == []
 
 
+def test_time_scale_lengthens_the_sleep_too(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.batch(1, [800])  # 8 s at --time-scale 10; 0.8 s if the scale were ignored
+        stream.hold()
+
+    fake = fake_broker(script)
+    processes.worker("--url", fake.url, "--batchsize", "2", "--time-scale", "10")
+    fake.wait_for(lambda: fake.streams)
+    with pytest.raises(AssertionError, match="timed out"):
+        fake.wait_for(lambda: fake.reports, timeout=3)  # (a slow machine only delays it more)
+
+
 def test_time_scale_shortens_the_sleep(fake_broker, processes):
     def script(index, stream):
         stream.hello(batchsize=2)
@@ -218,13 +231,19 @@ def test_a_lost_stream_abandons_its_batch_unreported_and_reconnects(fake_broker,
 
 
 def test_a_silent_stream_is_dead_after_three_heartbeats(fake_broker, processes):
+    hellos = []
+
     def script(index, stream):
         stream.hello(batchsize=2, heartbeat_ms=200)
+        hellos.append(time.monotonic())
         stream.hold()  # and say nothing more
 
     fake = fake_broker(script)
     processes.worker("--url", fake.url, "--batchsize", "2")
     fake.wait_for(lambda: len(fake.streams) >= 2)
+    reconnected_at = time.monotonic()  # (just after the second GET /task came)
+    # It gave up no sooner than three silent heartbeats (0.6 s) after hello.
+    assert reconnected_at - hellos[0] >= 0.6
 
 
 def test_a_report_is_retried_on_server_errors_and_dropped_on_409(fake_broker, processes):
@@ -311,15 +330,21 @@ def test_processes_restarts_each_worker_that_exits_and_sigterm_stops_them_all(fa
             os.kill(pid, 0)
 
 
+WORKER_FLAGS = {"--help", "--url", "--batchsize", "--time-scale", "--seed", "--token",
+                "--processes", "--parent-pid", "--log-level"}
+
+
 def test_help_explains_every_flag():
     import subprocess
     import sys
     from conftest import HERE
     result = subprocess.run([sys.executable, "worker.py", "--help"], cwd=HERE,
                             capture_output=True, text=True, timeout=30)
-    for flag in ("--url", "--batchsize", "--time-scale", "--seed", "--token", "--processes",
-                 "--parent-pid", "--log-level"):
-        assert flag in result.stdout
+    assert result.returncode == 0
+    options = re.findall(r"^  (?:-\w, )?(--[a-z][a-z-]*)", result.stdout, re.M)
+    assert set(options) == WORKER_FLAGS
+    for flag in WORKER_FLAGS - {"--help"}:  # and the module's docstring, the usage page
+        assert flag in worker.__doc__, flag
 
 
 # --- the worker's SSE parser -----------------------------------------------------------
