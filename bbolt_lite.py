@@ -38,7 +38,26 @@ Use as a command, after Go's ``bbolt`` tool::
 
 Errors are subclasses of ``bbolt_lite.Error``; a damaged file raises
 ``ChecksumError``, ``InvalidError``, ``VersionMismatchError`` or
-``CorruptionError``, naming the page and what was wrong.
+``CorruptionError``, naming the page and what was wrong. A file cut short (a
+sound meta whose pages are missing) is refused with ``CorruptionError``,
+never opened at an older transaction. A write that the disk takes only in
+part raises ``OSError`` (ENOSPC) and the commit does not happen; a new file
+is made whole under a temporary name, then linked into place.
+
+As Go's API, where a port from Go would notice (tested against Go with the
+same random operations): cursors move as cursor.go does (``next()`` past the
+end stays on the last key, ``seek()`` past the end then ``prev()`` gives the
+last key), ``Cursor.delete()``, a closed transaction raises
+``TxClosedError`` (a second ``rollback()`` included), ``put(k, None)`` stores
+an empty value as Go's nil does, a sequence is a uint64 (``next_sequence()``
+wraps to 0; ``set_sequence()`` outside 0..2**64-1 raises ``SequenceError``),
+a commit with no change still advances the transaction id, an aborted
+transaction gives back the pages it freed. Differences kept on purpose:
+values and keys are ``bytes`` copies, not slices of a memory map (so they
+stay valid after the transaction); the page size of a new file must be a
+power of two from 1024 (Go's own minimum in practice: it cannot open smaller
+pages); a read-only open never rebuilds a ``NoFreelistSync`` file's freelist
+(as Go), so ``info()`` counts no free pages there.
 """
 
 import array
@@ -62,7 +81,7 @@ __all__ = [
     "DatabaseReadOnlyError", "TxClosedError", "TxNotWritableError",
     "BucketExistsError", "BucketNotFoundError", "BucketNameRequiredError",
     "IncompatibleValueError", "KeyRequiredError", "KeyTooLargeError",
-    "ValueTooLargeError",
+    "ValueTooLargeError", "SequenceError",
 ]
 
 MAGIC = 0xED0CDAED
@@ -597,6 +616,7 @@ class Bucket:
     # -- reading ----------------------------------------------------------
 
     def _root_ref(self):
+        self.tx._check_open()
         if self._root_node is not None:
             return self._root_node
         if self._root == 0:
@@ -671,6 +691,7 @@ class Bucket:
 
     def bucket(self, name):
         """The nested bucket `name`, or None if there is none."""
+        self.tx._check_open()
         child = self._children.get(name)
         if child is not None:
             return child
@@ -775,10 +796,11 @@ class Bucket:
         return None
 
     def put(self, key, value):
-        """Set `key` to `value` (bytes-like), replacing any old value."""
+        """Set `key` to `value` (bytes-like; None is Go's nil, an empty
+        value), replacing any old value."""
         self.tx._check_writable()
         key = bytes(key)
-        value = bytes(value)
+        value = b"" if value is None else bytes(value)
         if not key:
             raise KeyRequiredError("key required")
         if len(key) > MAX_KEY_SIZE:
@@ -814,9 +836,11 @@ class Bucket:
             if flags & BUCKET_LEAF_FLAG:
                 raise BucketExistsError("bucket %r already exists" % name)
             raise IncompatibleValueError("%r holds a value, not a bucket" % name)
+        # As in Go, its root is a page until a write changes it (a cursor on
+        # it until then sees that page, not later writes).
         child = Bucket(self.tx, 0, 0, _Node.empty_leaf())
-        child._root_node = _Node.empty_leaf()
-        self._put_raw(name, child._inline_value(), BUCKET_LEAF_FLAG)
+        self._put_raw(name, BUCKET_HEADER.pack(0, 0) + _Node.empty_leaf().to_bytes(0, 0),
+                      BUCKET_LEAF_FLAG)
         self._children[name] = child
         return child
 
@@ -1050,105 +1074,131 @@ class Bucket:
 # ---------------------------------------------------------------------------
 
 class Cursor:
-    """Moves over a bucket's keys in byte order.
+    """Moves over a bucket's keys in byte order, as Go's bbolt Cursor does.
 
     Each move returns (key, value), value None for a nested bucket, or
-    (None, None) past either end. Changing the bucket while a cursor is on
-    it leaves the cursor undefined: collect keys first, then change.
+    (None, None) past either end. The moves follow cursor.go step for step,
+    so that code ported from Go behaves the same: `next()` past the last key
+    returns (None, None) and leaves the cursor on that last key (a `prev()`
+    then returns the key before it); `seek()` past the last key leaves the
+    cursor beyond it (a `prev()` then returns the last key: Go's
+    `Seek(x); Prev()` idiom); `prev()` before the first key leaves the
+    cursor nowhere (a `next()` then returns (None, None) too).
+
+    `delete()` removes the key the cursor is on. As in Go, whether a later
+    move sees the deletion depends on whether that leaf had been changed
+    earlier in the transaction (Go: materialised as a node): deleting while
+    moving forward from `first()` over an unchanged bucket visits every key.
     """
 
     def __init__(self, bucket):
         self.bucket = bucket
-        self._stack = []  # [node, index] from the root down to a leaf
+        self._stack = []  # [node, index] from the root down to a leaf (Go's elemRef)
 
-    def _descend(self, node, index, from_end):
-        """Push `node` and go down to a leaf along the first or last child."""
+    # -- cursor.go's moves, on the stack -------------------------------------
+
+    def _go_first(self):
+        """Down from the top of the stack along first children to a leaf."""
         stack = self._stack
-        stack.append([node, index])
-        while not node.is_leaf:
+        while not stack[-1][0].is_leaf:
             _assert(len(stack) < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)",
                     MAX_TREE_DEPTH)
-            node = self.bucket._child(node, stack[-1][1])
-            stack.append([node, len(node.keys) - 1 if from_end else 0])
+            node, index = stack[-1]
+            stack.append([self.bucket._child(node, index), 0])
 
-    def _current(self):
+    def _go_last(self):
+        """Down from the top of the stack along last children to a leaf."""
+        stack = self._stack
+        while not stack[-1][0].is_leaf:
+            _assert(len(stack) < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)",
+                    MAX_TREE_DEPTH)
+            node, index = stack[-1]
+            child = self.bucket._child(node, index)
+            stack.append([child, len(child.keys) - 1])
+
+    def _go_next(self):
+        """One key on, skipping empty leaves; False at the end (the stack is
+        then left as it was: on the last key, or past it after a seek)."""
+        stack = self._stack
+        while True:
+            level = len(stack) - 1
+            while level >= 0:
+                node, index = stack[level]
+                if index < len(node.keys) - 1:
+                    stack[level][1] = index + 1
+                    break
+                level -= 1
+            if level < 0:
+                return False
+            del stack[level + 1:]
+            self._go_first()
+            if stack[-1][0].keys:
+                return True
+
+    def _raw(self):
+        """(key, flags) where the cursor is, or (None, 0)."""
         if not self._stack:
             return None, 0
         node, index = self._stack[-1]
-        if index < 0 or index >= len(node.keys):
+        if not 0 <= index < len(node.keys):
             return None, 0
-        return node, index
+        return node.keys[index], node.flags[index]
 
     def _pair(self):
-        node, index = self._current()
-        if node is None:
+        if not self._stack:
+            return None, None
+        node, index = self._stack[-1]
+        if not 0 <= index < len(node.keys):
             return None, None
         if node.flags[index] & BUCKET_LEAF_FLAG:
             return node.keys[index], None
         return node.keys[index], node.values[index]
 
-    def _raw(self):
-        node, index = self._current()
-        if node is None:
-            return None, 0
-        return node.keys[index], node.flags[index]
+    def _check_open(self):
+        self.bucket.tx._check_open()
 
-    def _step(self, forward):
-        """Move one key; skip empty leaves. False when past the end."""
-        stack = self._stack
-        while True:
-            while stack:
-                node, index = stack[-1]
-                index += 1 if forward else -1
-                if 0 <= index < len(node.keys):
-                    stack[-1][1] = index
-                    break
-                stack.pop()
-            if not stack:
-                return False
-            node, index = stack.pop()
-            self._descend(node, index, not forward)
-            leaf, index = stack[-1]
-            if leaf.keys:
-                return True
-
-    def _seek_first(self, from_end):
-        self._stack = []
-        root = self.bucket._root_ref()
-        self._descend(root, len(root.keys) - 1 if from_end else 0, from_end)
-        if not self._stack[-1][0].keys:
-            self._step(not from_end)
+    # -- the API ---------------------------------------------------------------
 
     def first(self):
-        self._seek_first(False)
+        self._check_open()
+        root = self.bucket._root_ref()
+        self._stack = [[root, 0]]
+        self._go_first()
+        if not self._stack[-1][0].keys:
+            self._go_next()
         return self._pair()
 
     def last(self):
-        self._seek_first(True)
+        self._check_open()
+        root = self.bucket._root_ref()
+        self._stack = [[root, len(root.keys) - 1]]
+        self._go_last()
         return self._pair()
 
-    def _first_raw(self):
-        self._seek_first(False)
-        return self._raw()
-
-    def _next_raw(self):
-        self._step(True)
-        return self._raw()
-
     def next(self):
-        if not self._stack:
+        self._check_open()
+        if not self._go_next():
             return None, None
-        self._step(True)
         return self._pair()
 
     def prev(self):
-        if not self._stack:
+        self._check_open()
+        stack = self._stack
+        level = len(stack) - 1
+        while level >= 0:
+            if stack[level][1] > 0:
+                stack[level][1] -= 1
+                break
+            del stack[level:]
+            level -= 1
+        if not stack:
             return None, None
-        self._step(False)
+        self._go_last()
         return self._pair()
 
     def seek(self, key):
         """Move to `key`, or to the first key after it."""
+        self._check_open()
         key = bytes(key)
         self._stack = []
         node = self.bucket._root_ref()
@@ -1159,13 +1209,31 @@ class Cursor:
                     MAX_TREE_DEPTH)
             node = self.bucket._child(node, index)
         index = bisect.bisect_left(node.keys, key)
-        if index < len(node.keys):
-            self._stack.append([node, index])
-        else:
-            # Past this leaf's last key: the answer is the next leaf's first.
-            self._stack.append([node, len(node.keys) - 1])
-            self._step(True)
+        self._stack.append([node, index])
+        if index >= len(node.keys):
+            self._go_next()  # the next leaf's first key, if there is one
         return self._pair()
+
+    def delete(self):
+        """Delete the key the cursor is on (Go's Cursor.Delete)."""
+        self._check_open()
+        key, flags = self._raw()
+        if flags & BUCKET_LEAF_FLAG:
+            raise IncompatibleValueError("the cursor is on a bucket: use delete_bucket")
+        if key is None:
+            return
+        self.bucket.delete(key)
+
+    # -- for Bucket.keys() and friends ------------------------------------------
+
+    def _first_raw(self):
+        self.first()
+        return self._raw()
+
+    def _next_raw(self):
+        if not self._go_next():
+            return None, 0
+        return self._raw()
 
 
 # ---------------------------------------------------------------------------
@@ -1274,9 +1342,7 @@ class Tx:
         """Write the changes: pages, freelist, sync, meta, sync."""
         self._check_writable()
         db = self._db
-        if not self.root._changed():
-            self._close()
-            return
+        # (Even with nothing changed, as Go does: the txid moves on.)
         saved_freelist = db._freelist.copy()
         try:
             root = self.root
@@ -1310,11 +1376,12 @@ class Tx:
         self._close()
 
     def rollback(self):
-        """Drop the changes (for a read-only transaction: just close it)."""
-        if not self._closed:
-            if self.writable:
-                self._db._freelist.rollback(self._meta.txid)
-            self._close()
+        """Drop the changes (for a read-only transaction: just close it).
+        TxClosedError if the transaction has ended already, as in Go."""
+        self._check_open()
+        if self.writable:
+            self._db._freelist.rollback(self._meta.txid)
+        self._close()
 
     def _close(self):
         if self._closed:
@@ -1485,7 +1552,10 @@ class DB:
         try:
             self._lock_file(timeout)
             self._meta, self.page_size = self._load_meta()
-            self._freelist = self._load_freelist()
+            # Read-only, a NoFreelistSync file's freelist is not rebuilt (as in
+            # Go): no page is ever allocated.
+            self._freelist = _Freelist() if readonly and self._meta.freelist == NO_FREELIST \
+                else self._load_freelist()
         except BaseException:
             os.close(self._fd)
             self._fd = -1

@@ -901,3 +901,161 @@ def test_next_sequence_wraps_to_0_past_2_64_and_out_of_range_values_are_refused(
         with db.view() as tx:
             assert tx.bucket(b"seq").sequence() == 1  # the commit was not lost
         assert db.check() == []
+
+
+# --- against Go: the same random operations, compared step by step ----------------
+
+_GO_ERROR_NAMES = {
+    bbolt_lite.BucketExistsError: "bucket exists", bbolt_lite.BucketNotFoundError:
+    "bucket not found", bbolt_lite.BucketNameRequiredError: "bucket name required",
+    bbolt_lite.TxClosedError: "tx closed", bbolt_lite.TxNotWritableError: "tx not writable",
+    bbolt_lite.IncompatibleValueError: "incompatible value",
+    bbolt_lite.KeyRequiredError: "key required", bbolt_lite.KeyTooLargeError: "key too large",
+    bbolt_lite.ValueTooLargeError: "value too large",
+}
+
+
+def _hex(value):
+    return None if value is None else bytes(value).hex()
+
+
+def apply_ops_here(path, operations):
+    """What interop/boltcheck's `ops` does, done by bbolt_lite: one result each."""
+    results = []
+    with bbolt_lite.open(path) as db:
+        tx = None
+        cursors = {}
+        for op in operations:
+            result = {"k": None, "v": None, "err": None}
+            name = bytes.fromhex(op.get("bucket", ""))
+            try:
+                kind = op["op"]
+                if kind == "begin":
+                    tx = db.begin(writable=op.get("n") == 1)
+                    cursors = {}
+                elif kind == "commit":
+                    tx.commit()
+                elif kind == "rollback":
+                    tx.rollback()
+                elif kind == "create":
+                    tx.create_bucket(name)
+                elif kind == "drop":
+                    tx.delete_bucket(name)
+                    cursors.pop(op["bucket"], None)
+                else:
+                    bucket = tx.bucket(name)
+                    if bucket is None:
+                        raise bbolt_lite.BucketNotFoundError("no bucket")
+                    if kind.startswith("cursor_") and op["bucket"] not in cursors:
+                        cursors[op["bucket"]] = bucket.cursor()
+                    cursor = cursors.get(op["bucket"])
+                    key = bytes.fromhex(op.get("key", ""))
+                    if kind == "put":
+                        value = op.get("value")
+                        bucket.put(key, None if value is None else bytes.fromhex(value))
+                    elif kind == "delete":
+                        bucket.delete(key)
+                    elif kind == "get":
+                        result["v"] = _hex(bucket.get(key))
+                    elif kind == "next_sequence":
+                        result["n"] = bucket.next_sequence()
+                    elif kind == "set_sequence":
+                        bucket.set_sequence(op["n"])
+                    elif kind == "cursor_seek":
+                        result["k"], result["v"] = map(_hex, cursor.seek(key))
+                    elif kind == "cursor_delete":
+                        cursor.delete()
+                    else:
+                        move = {"cursor_first": cursor.first, "cursor_last": cursor.last,
+                                "cursor_next": cursor.next, "cursor_prev": cursor.prev}[kind]
+                        result["k"], result["v"] = map(_hex, move())
+            except tuple(_GO_ERROR_NAMES) as error:
+                result["err"] = _GO_ERROR_NAMES[type(error)]
+            results.append(result)
+        if tx is not None and not tx._closed:
+            tx.rollback()
+    return results
+
+
+def apply_ops_in_go(boltcheck, path, operations):
+    done = subprocess.run([boltcheck, "ops", path], capture_output=True, text=True, timeout=60,
+                          input="".join(json.dumps(op) + "\n" for op in operations))
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def random_transaction(rng):
+    """A transaction of random operations on two buckets, ended at random."""
+    writable = rng.random() < 0.85
+    ops = [{"op": "begin", "n": 1 if writable else 0}]
+    keys = [bytes([k]).hex() for k in b"abcdefghij"] + ["%04x" % rng.randrange(1 << 16)
+                                                          for _ in range(30)]
+    for _ in range(rng.randrange(1, 40)):
+        bucket = rng.choice(["61", "62"])
+        kind = rng.choice(["put"] * 6 + ["delete", "get", "create", "drop", "next_sequence",
+                                         "cursor_first", "cursor_last", "cursor_seek"]
+                          + ["cursor_next", "cursor_prev"] * 3)
+        op = {"op": kind, "bucket": bucket, "key": rng.choice(keys)}
+        if kind == "put":
+            size = rng.choice([0, 1, 8, 100, 400, 900])
+            op["value"] = None if rng.random() < 0.05 else os.urandom(size).hex()
+        ops.append(op)
+    ending = rng.random()
+    ops.append({"op": "commit" if writable and ending < 0.7 else "rollback"})
+    if ending > 0.9:
+        ops.append({"op": rng.choice(["rollback", "commit"])})  # on a closed transaction
+        ops.append({"op": "get", "bucket": "61", "key": "61"})
+    return ops
+
+
+def dump_in_go(boltcheck, path):
+    done = run_boltcheck(boltcheck, "dump", path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_operations_agree_with_go_step_by_step_and_alternating_writers(
+        tmp_path, boltcheck, seed):
+    """The same random operations (rollbacks, closed transactions, cursors at
+    both ends included) on three files: one written by Go, one by bbolt_lite,
+    and one by each in turn. Every operation's result must be Go's, and
+    after each transaction the three files hold the same and pass both
+    checkers."""
+    rng = random.Random(seed)
+    go_file, here_file, both_file = (str(tmp_path / name) for name in ("go.db", "here.db",
+                                                                       "both.db"))
+    for turn in range(8):
+        operations = random_transaction(rng)
+        from_go = apply_ops_in_go(boltcheck, go_file, operations)
+        from_here = apply_ops_here(here_file, operations)
+        for op, go_result, here_result in zip(operations, from_go, from_here):
+            assert here_result == go_result, (turn, op)
+        alternate = apply_ops_in_go if turn % 2 else (lambda _binary, *a: apply_ops_here(*a))
+        assert alternate(boltcheck, both_file, operations) == from_go, turn
+        expected = dump_in_go(boltcheck, go_file)
+        for path in (here_file, both_file):
+            assert dump_in_go(boltcheck, path) == expected, (turn, path)
+            assert run_boltcheck(boltcheck, "check", path).stdout.strip() == "OK"
+            with bbolt_lite.open(path, readonly=True) as db:
+                assert db.check() == []
+
+
+def test_deleting_with_a_cursor_while_moving_forward_agrees_with_go(tmp_path, boltcheck):
+    """Go's own test (TestCursor_Delete): delete every key below a bound
+    with First, Next and Delete; the cursor visits each key once."""
+    put = [{"op": "begin", "n": 1}, {"op": "create", "bucket": "77"}]
+    put += [{"op": "put", "bucket": "77", "key": "%016x" % i, "value": "00" * 100}
+            for i in range(1000)]
+    put.append({"op": "commit"})
+    sweep = [{"op": "begin", "n": 1}, {"op": "cursor_first", "bucket": "77"}]
+    for _ in range(500):
+        sweep += [{"op": "cursor_delete", "bucket": "77"}, {"op": "cursor_next", "bucket": "77"}]
+    sweep += [{"op": "commit"}, {"op": "begin", "n": 0}, {"op": "cursor_first", "bucket": "77"},
+              {"op": "rollback"}]
+    go_file, here_file = str(tmp_path / "go.db"), str(tmp_path / "here.db")
+    for operations in (put, sweep):
+        from_go = apply_ops_in_go(boltcheck, go_file, operations)
+        assert apply_ops_here(here_file, operations) == from_go
+    assert from_go[-2]["k"] == "%016x" % 500  # the first key left
+    assert dump_in_go(boltcheck, here_file) == dump_in_go(boltcheck, go_file)

@@ -8,9 +8,11 @@
 //	boltcheck write FILE SHAPE      write a file of a named shape (see shapes)
 //	boltcheck xid ID...             parse ids with xid.FromString, one JSON line each
 //	boltcheck bench FILE NSINGLE NBULK   time the work of bench/bbolt_bench.py
+//	boltcheck ops FILE              apply JSON-line operations from stdin (see ops)
 package main
 
 import (
+	"bufio"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -302,9 +304,157 @@ func bench(path string, nSingle, nBulk int) {
 	})
 }
 
+// An operation of the differential test, one JSON line on stdin, and its
+// result, one JSON line on stdout. Byte strings are hex; a missing key or
+// value is null. Errors are named as test_bbolt_interop.py names bbolt_lite's.
+type operation struct {
+	Op     string  `json:"op"`
+	Bucket string  `json:"bucket"`
+	Key    string  `json:"key"`
+	Value  *string `json:"value"`
+	N      uint64  `json:"n"`
+}
+
+type result struct {
+	K   *string `json:"k"`
+	V   *string `json:"v"`
+	N   *uint64 `json:"n,omitempty"`
+	Err *string `json:"err"`
+}
+
+var errorNames = map[error]string{
+	bolt.ErrBucketExists: "bucket exists", bolt.ErrBucketNotFound: "bucket not found",
+	bolt.ErrBucketNameRequired: "bucket name required", bolt.ErrTxClosed: "tx closed",
+	bolt.ErrTxNotWritable: "tx not writable", bolt.ErrIncompatibleValue: "incompatible value",
+	bolt.ErrKeyRequired: "key required", bolt.ErrKeyTooLarge: "key too large",
+	bolt.ErrValueTooLarge: "value too large",
+}
+
+func hexOrNil(b []byte) *string {
+	if b == nil {
+		return nil
+	}
+	s := hex.EncodeToString(b)
+	return &s
+}
+
+func unhex(s string) []byte {
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		fail("bad hex %q", s)
+	}
+	return b
+}
+
+// ops applies operations to one open file: begin (writable or not),
+// commit, rollback, and on a top-level bucket of the transaction: create,
+// drop, put, delete, get, next_sequence, set_sequence, and a cursor per
+// bucket (first, last, next, prev, seek, cursor_delete).
+func ops(path string) {
+	db := openDB(path, nil)
+	defer db.Close()
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<26)
+	out := json.NewEncoder(os.Stdout)
+	var tx *bolt.Tx
+	cursors := map[string]*bolt.Cursor{}
+	for in.Scan() {
+		var op operation
+		if err := json.Unmarshal(in.Bytes(), &op); err != nil {
+			fail("bad operation %q: %v", in.Text(), err)
+		}
+		var r result
+		var err error
+		name := unhex(op.Bucket)
+		closed := tx == nil || tx.DB() == nil // (Go panics on a closed tx's buckets)
+		pair := func(k, v []byte) { r.K, r.V = hexOrNil(k), hexOrNil(v) }
+		switch op.Op {
+		case "begin":
+			tx, err = db.Begin(op.N == 1)
+			cursors = map[string]*bolt.Cursor{}
+		case "commit":
+			err = tx.Commit()
+		case "rollback":
+			err = tx.Rollback()
+		default:
+			if closed {
+				err = bolt.ErrTxClosed
+				break
+			}
+			if op.Op == "create" {
+				_, err = tx.CreateBucket(name)
+				break
+			}
+			if op.Op == "drop" {
+				if err = tx.DeleteBucket(name); err == nil {
+					delete(cursors, op.Bucket)
+				}
+				break
+			}
+			b := tx.Bucket(name)
+			if b == nil {
+				err = bolt.ErrBucketNotFound
+				break
+			}
+			c := cursors[op.Bucket]
+			if c == nil && len(op.Op) > 7 && op.Op[:7] == "cursor_" {
+				c = b.Cursor()
+				cursors[op.Bucket] = c
+			}
+			switch op.Op {
+			case "put":
+				value := []byte{}
+				if op.Value != nil {
+					value = unhex(*op.Value)
+				}
+				err = b.Put(unhex(op.Key), value)
+			case "delete":
+				err = b.Delete(unhex(op.Key))
+			case "get":
+				pair(nil, b.Get(unhex(op.Key)))
+			case "next_sequence":
+				var n uint64
+				n, err = b.NextSequence()
+				if err == nil {
+					r.N = &n
+				}
+			case "set_sequence":
+				err = b.SetSequence(op.N)
+			case "cursor_first":
+				pair(c.First())
+			case "cursor_last":
+				pair(c.Last())
+			case "cursor_next":
+				pair(c.Next())
+			case "cursor_prev":
+				pair(c.Prev())
+			case "cursor_seek":
+				pair(c.Seek(unhex(op.Key)))
+			case "cursor_delete":
+				err = c.Delete()
+			default:
+				fail("unknown operation %q", op.Op)
+			}
+		}
+		if err != nil {
+			name, known := errorNames[err]
+			if !known {
+				name = err.Error()
+			}
+			r.Err = &name
+		}
+		if err := out.Encode(r); err != nil {
+			fail("write: %v", err)
+		}
+	}
+	if tx != nil && tx.DB() != nil {
+		tx.Rollback() // (or Close would wait for it for ever)
+	}
+}
+
 func main() {
 	if len(os.Args) < 3 {
-		fail("usage: boltcheck check|dump|write|xid|bench ARGS")
+		fail("usage: boltcheck check|dump|write|xid|bench|ops ARGS")
 	}
 	switch os.Args[1] {
 	case "check":
@@ -318,6 +468,8 @@ func main() {
 		write(os.Args[2], os.Args[3])
 	case "xid":
 		parseXids(os.Args[2:])
+	case "ops":
+		ops(os.Args[2])
 	case "bench":
 		if len(os.Args) != 5 {
 			fail("usage: boltcheck bench FILE NSINGLE NBULK")
