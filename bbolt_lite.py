@@ -52,7 +52,8 @@ last key), ``Cursor.delete()``, a closed transaction raises
 an empty value as Go's nil does, a sequence is a uint64 (``next_sequence()``
 wraps to 0; ``set_sequence()`` outside 0..2**64-1 raises ``SequenceError``),
 a commit with no change still advances the transaction id, an aborted
-transaction gives back the pages it freed. Differences kept on purpose:
+transaction gives back the pages it freed, and ``Bucket.stats()`` counts as
+Go's ``Stats()`` (its fields, in snake_case). Differences kept on purpose:
 values and keys are ``bytes`` copies, not slices of a memory map (so they
 stay valid after the transaction); the page size of a new file must be a
 power of two from 1024 (Go's own minimum in practice: it cannot open smaller
@@ -720,35 +721,49 @@ class Bucket:
         return self._sequence
 
     def stats(self):
-        """Counts of this bucket's tree: keys, buckets, pages, depth."""
-        counts = {"keys": 0, "buckets": 0, "inline_buckets": 0, "branch_pages": 0,
-                  "leaf_pages": 0, "overflow_pages": 0, "depth": 0}
-        self._count(counts, 1)
-        return counts
-
-    def _count(self, counts, depth):
-        counts["depth"] = max(counts["depth"], depth)
-        stack = [(self._root_ref(), 1)]
+        """Go's Bucket.Stats(), field for field, with Go's names in snake_case
+        (KeyN: key_n, ...): this bucket's committed pages and, added in, its
+        nested buckets'. As in Go, key_n counts nested buckets' names too,
+        bucket_n counts this bucket, and depth adds the deepest nested one's."""
+        page_size = self.tx._db.page_size
+        own = dict.fromkeys(STATS_FIELDS, 0)
+        nested = dict.fromkeys(STATS_FIELDS, 0)
+        own["bucket_n"] = 1
+        inline = self._root == 0
+        if inline:
+            own["inline_bucket_n"] = 1
+        stack = [(self._root_ref(), 0)]
         while stack:
-            node, level = stack.pop()
-            counts["depth"] = max(counts["depth"], depth + level - 1)
-            _assert(level < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)", MAX_TREE_DEPTH)
-            if self._root != 0 or node is not self._inline_page:
-                counts["leaf_pages" if node.is_leaf else "branch_pages"] += 1
-                counts["overflow_pages"] += node.overflow
+            node, depth = stack.pop()
+            _assert(depth < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)", MAX_TREE_DEPTH)
+            own["depth"] = max(own["depth"], depth + 1)
+            count = len(node.keys)
             if node.is_leaf:
+                own["key_n"] += count
+                used = PAGE_HEADER_SIZE
+                if count:
+                    used += ELEMENT_SIZE * count + sum(map(len, node.keys)) + \
+                        sum(map(len, node.values))
+                if inline:
+                    own["inline_bucket_inuse"] += used
+                    continue
+                own["leaf_page_n"] += 1
+                own["leaf_inuse"] += used
+                own["leaf_overflow_n"] += node.overflow
                 for i, key in enumerate(node.keys):
                     if node.flags[i] & BUCKET_LEAF_FLAG:
-                        counts["buckets"] += 1
-                        child = self.bucket(key)
-                        if child._root == 0:
-                            counts["inline_buckets"] += 1
-                        child._count(counts, depth + level)
-                    else:
-                        counts["keys"] += 1
+                        _add_stats(nested, self.bucket(key).stats())
             else:
-                for i in range(len(node.keys)):
-                    stack.append((self._child(node, i), level + 1))
+                own["branch_page_n"] += 1
+                own["branch_inuse"] += PAGE_HEADER_SIZE + ELEMENT_SIZE * count + \
+                    sum(map(len, node.keys))
+                own["branch_overflow_n"] += node.overflow
+                stack.extend((self._child(node, i), depth + 1) for i in range(count))
+        own["branch_alloc"] = (own["branch_page_n"] + own["branch_overflow_n"]) * page_size
+        own["leaf_alloc"] = (own["leaf_page_n"] + own["leaf_overflow_n"]) * page_size
+        own["depth"] += nested["depth"]
+        _add_stats(own, nested)
+        return own
 
     # -- writing ----------------------------------------------------------
 
@@ -1072,6 +1087,20 @@ class Bucket:
 # ---------------------------------------------------------------------------
 # Cursor (bbolt cursor.go)
 # ---------------------------------------------------------------------------
+
+STATS_FIELDS = ("branch_page_n", "branch_overflow_n", "leaf_page_n", "leaf_overflow_n",
+                "key_n", "depth", "branch_alloc", "branch_inuse", "leaf_alloc", "leaf_inuse",
+                "bucket_n", "inline_bucket_n", "inline_bucket_inuse")
+
+
+def _add_stats(total, other):
+    """Go's BucketStats.Add: sums, but the deeper depth."""
+    for field in STATS_FIELDS:
+        if field == "depth":
+            total[field] = max(total[field], other[field])
+        else:
+            total[field] += other[field]
+
 
 class Cursor:
     """Moves over a bucket's keys in byte order, as Go's bbolt Cursor does.

@@ -235,7 +235,7 @@ def test_large_values_use_overflow_pages(db_path):
             b.put(b"mid", b"m" * 10000)
         with db.view() as tx:
             assert tx.bucket(b"b").get(b"big") == big
-            assert tx.bucket(b"b").stats()["overflow_pages"] >= 256
+            assert tx.bucket(b"b").stats()["leaf_overflow_n"] >= 256
         assert db.check() == []
 
 
@@ -381,7 +381,9 @@ def test_command_line_check_dump_get(db_path):
     assert cli("get", db_path, "failed", "nope").returncode == 1
     assert "Page size: " in cli("info", db_path).stdout
     assert "leaf" in cli("pages", db_path).stdout
-    assert "keys=2 buckets=1" in cli("stats", db_path).stdout  # counted recursively, as bbolt does
+    # Counted as Go's Bucket.Stats() counts: nested buckets' names are keys too.
+    assert "key_n=3 depth=2" in cli("stats", db_path).stdout
+    assert "bucket_n=2 inline_bucket_n=1" in cli("stats", db_path).stdout
     assert cli("frobnicate", db_path).returncode == 2
     missing = cli("check", db_path + ".missing")
     assert missing.returncode == 2 and "no such file" in missing.stderr
@@ -961,6 +963,8 @@ def apply_ops_here(path, operations):
                         result["n"] = bucket.next_sequence()
                     elif kind == "set_sequence":
                         bucket.set_sequence(op["n"])
+                    elif kind == "stats":
+                        result["stats"] = bucket.stats()
                     elif kind == "cursor_seek":
                         result["k"], result["v"] = map(_hex, cursor.seek(key))
                     elif kind == "cursor_delete":
@@ -1002,6 +1006,9 @@ def random_transaction(rng):
         ops.append(op)
     ending = rng.random()
     ops.append({"op": "commit" if writable and ending < 0.7 else "rollback"})
+    # What the committed file holds, counted as Go's Bucket.Stats() counts it.
+    ops += [{"op": "begin", "n": 0}, {"op": "stats", "bucket": "61"},
+            {"op": "stats", "bucket": "62"}, {"op": "rollback"}]
     if ending > 0.9:
         ops.append({"op": rng.choice(["rollback", "commit"])})  # on a closed transaction
         ops.append({"op": "get", "bucket": "61", "key": "61"})
@@ -1059,3 +1066,17 @@ def test_deleting_with_a_cursor_while_moving_forward_agrees_with_go(tmp_path, bo
         assert apply_ops_here(here_file, operations) == from_go
     assert from_go[-2]["k"] == "%016x" % 500  # the first key left
     assert dump_in_go(boltcheck, here_file) == dump_in_go(boltcheck, go_file)
+
+
+@pytest.mark.parametrize("shape,names", [("nested", ["top"]), ("inline", ["empty", "key-00000003"]),
+                                         ("many", None)])
+def test_stats_of_nested_and_inline_buckets_are_go_s(tmp_path, boltcheck, shape, names):
+    path = str(tmp_path / "go.db")
+    assert run_boltcheck(boltcheck, "write", path, shape).returncode == 0
+    with bbolt_lite.open(path, readonly=True) as db, db.view() as tx:
+        names = names or [name.decode() for name in tx.buckets()]
+    operations = [{"op": "begin", "n": 0}] + [
+        {"op": "stats", "bucket": name.encode().hex()} for name in names] + [{"op": "rollback"}]
+    from_go = apply_ops_in_go(boltcheck, path, operations)
+    assert all(result["stats"] for result in from_go[1:-1])
+    assert apply_ops_here(path, operations) == from_go

@@ -316,10 +316,11 @@ type operation struct {
 }
 
 type result struct {
-	K   *string `json:"k"`
-	V   *string `json:"v"`
-	N   *uint64 `json:"n,omitempty"`
-	Err *string `json:"err"`
+	K     *string        `json:"k"`
+	V     *string        `json:"v"`
+	N     *uint64        `json:"n,omitempty"`
+	Stats map[string]int `json:"stats,omitempty"`
+	Err   *string        `json:"err"`
 }
 
 var errorNames = map[error]string{
@@ -420,6 +421,17 @@ func ops(path string) {
 				}
 			case "set_sequence":
 				err = b.SetSequence(op.N)
+			case "stats":
+				st := b.Stats()
+				r.Stats = map[string]int{
+					"branch_page_n": st.BranchPageN, "branch_overflow_n": st.BranchOverflowN,
+					"leaf_page_n": st.LeafPageN, "leaf_overflow_n": st.LeafOverflowN,
+					"key_n": st.KeyN, "depth": st.Depth, "branch_alloc": st.BranchAlloc,
+					"branch_inuse": st.BranchInuse, "leaf_alloc": st.LeafAlloc,
+					"leaf_inuse": st.LeafInuse, "bucket_n": st.BucketN,
+					"inline_bucket_n": st.InlineBucketN,
+					"inline_bucket_inuse": st.InlineBucketInuse,
+				}
 			case "cursor_first":
 				pair(c.First())
 			case "cursor_last":
