@@ -1080,3 +1080,26 @@ def test_stats_of_nested_and_inline_buckets_are_go_s(tmp_path, boltcheck, shape,
     from_go = apply_ops_in_go(boltcheck, path, operations)
     assert all(result["stats"] for result in from_go[1:-1])
     assert apply_ops_here(path, operations) == from_go
+
+
+def test_an_empty_commit_advances_the_txid_as_go_s_does(db_path):
+    with bbolt_lite.open(db_path) as db:
+        before = db.info()["txid"]
+        with db.update():
+            pass
+        assert db.info()["txid"] == before + 1
+
+
+def test_a_read_only_open_of_a_nofreelistsync_file_does_not_rebuild_its_freelist(
+        tmp_path, boltcheck, monkeypatch):
+    path = str(tmp_path / "go.db")
+    assert run_boltcheck(boltcheck, "write", path, "nofreelistsync").returncode == 0
+
+    def rebuild(self):
+        raise AssertionError("the freelist was rebuilt")
+
+    monkeypatch.setattr(bbolt_lite.DB, "_load_freelist", rebuild)
+    with bbolt_lite.open(path, readonly=True) as db, db.view() as tx:
+        assert tx.buckets()
+    with pytest.raises(AssertionError, match="rebuilt"):  # a writer needs it, as in Go
+        bbolt_lite.open(path)
