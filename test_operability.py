@@ -224,6 +224,15 @@ def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
 
 # --- the tools never hurt a file ---------------------------------------------------------
 
+def dead_letters_made(processes, db, count):
+    """A --total run whose `count` messages all end dead."""
+    b = processes.broker(db, "--total", count, "--max-attempts", "1")
+    client = b.stream(count)
+    client.hello()
+    settle_batch(b, client, done_share=0)
+    assert b.wait() == 0
+
+
 def broker_tool(*args):
     return subprocess.run([sys.executable, "broker.py"] + [str(a) for a in args], cwd=HERE,
                           capture_output=True, text=True, timeout=30)
@@ -250,11 +259,7 @@ def test_dead_only_reads_and_answers_a_bad_file_with_one_line_and_exit_2(tmp_pat
 
 
 def test_dead_opens_the_db_read_only(processes, db, tmp_path):
-    b = processes.broker(db, "--total", "2", "--max-attempts", "1")
-    client = b.stream(2)
-    client.hello()
-    settle_batch(b, client, done_share=0)
-    assert b.wait() == 0
+    dead_letters_made(processes, db, 2)
     import bbolt_lite
     before = db.read_bytes()
     # Another reader holds the file's shared lock: a writer could not open it.
@@ -265,11 +270,7 @@ def test_dead_opens_the_db_read_only(processes, db, tmp_path):
 
 
 def test_dead_into_a_closed_pipe_exits_quietly(processes, db):
-    b = processes.broker(db, "--total", "30", "--max-attempts", "1")
-    client = b.stream(30)
-    client.hello()
-    settle_batch(b, client, done_share=0)
-    assert b.wait() == 0
+    dead_letters_made(processes, db, 30)
     result = subprocess.run("%s broker.py dead --db %s | head -1" % (sys.executable, db),
                             shell=True, cwd=HERE, capture_output=True, text=True, timeout=30)
     assert result.stdout.startswith("ID") and result.stderr == ""
@@ -277,11 +278,7 @@ def test_dead_into_a_closed_pipe_exits_quietly(processes, db):
 
 def test_dead_and_the_dead_endpoint_show_an_unreadable_record_and_go_on(processes, db):
     import bbolt_lite
-    b = processes.broker(db, "--total", "1", "--max-attempts", "1")
-    client = b.stream(1)
-    client.hello()
-    settle_batch(b, client, done_share=0)
-    assert b.wait() == 0
+    dead_letters_made(processes, db, 1)
     with bbolt_lite.open(str(db)) as store, store.update() as tx:
         tx.bucket(b"failed").put(b"00000000000000000000", b"{not json")
     table = broker_tool("dead", "--db", db)
