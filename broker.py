@@ -20,8 +20,9 @@ Run::
 Flags (``python broker.py --help`` says more): where to listen and store
 (--host, --port, --db), the rules (--max-attempts, --lease-timeout,
 --heartbeat, --max-batchsize, --total, --seed, --durable), limits and access
-(--max-workers, --max-body, --read-timeout, --token), and running and
-watching (--workers, --progress-every, --trace, --log-level). Subcommands
+(--max-workers, --max-body, --read-timeout, --token, --cors-origin), and
+running and watching (--workers, --progress-every, --trace, --log-level).
+Subcommands
 ``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
 letters of a stopped broker's db.
 
@@ -532,7 +533,7 @@ class Dispatcher:
                         session.name, batch.number, now - batch.started)
             # Close the stream first, then offer the messages again.
             if session.channel is not None:
-                session.channel.close()
+                session.channel.close(reason="lease expired")
             self._end_session_locked(session, "lease expired")
 
     def _can_give_locked(self):
@@ -1409,9 +1410,11 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if status != 204:
             headers.append("Content-Length: %d\r\n" % len(body))
         headers.append("Cache-Control: no-store\r\n")
-        headers += ["%s: %s\r\n" % header for header in extra_headers]
+        headers += ["%s: %s\r\n" % header for header in list(extra_headers) + self.cors_headers()]
         if self.close_connection:
             headers.append("Connection: close\r\n")
+        elif self.request_version == "HTTP/1.0":  # kept open only when asked: say so
+            headers.append("Connection: keep-alive\r\n")
         headers.append("\r\n")
         if self.command == "HEAD":
             body = b""
@@ -1423,8 +1426,36 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Accel-Buffering", "no")
+        for name, value in self.cors_headers():
+            self.send_header(name, value)
         self.send_header("Connection", "close")
         self.end_headers()
+
+    def cors_headers(self):
+        """The CORS headers of an answer (none without --cors-origin, or for a
+        request from an origin it does not allow)."""
+        allowed = self.server.broker.cors_origins
+        if not allowed:
+            return []
+        headers = getattr(self, "headers", None)
+        origin = headers.get("Origin") if headers is not None else None
+        if not origin or (origin not in allowed and "*" not in allowed):
+            return []
+        headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        if self.command == "OPTIONS":  # the preflight
+            headers += [("Access-Control-Allow-Methods", "GET, POST"),
+                        ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                        ("Access-Control-Max-Age", "600")]
+        return headers
+
+    def foreign_origin(self):
+        """The Origin of a request from another origin that --cors-origin does
+        not allow (its page could not read the answer), or None."""
+        origin = self.headers.get("Origin")
+        if not origin or self.cors_headers():
+            return None
+        own = {"http://" + self.headers.get("Host", ""), "https://" + self.headers.get("Host", "")}
+        return None if origin in own else origin
 
     def send_error_json(self, status, message, extra_headers=()):
         self.send_json(status, {"error": message}, extra_headers)
@@ -1538,6 +1569,10 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(400, "batchsize must be an integer in 1..%d" % limit)
             return
         batchsize = int(values[0])
+        foreign = self.foreign_origin()
+        if foreign is not None:  # its page could not read the stream: give it no batch
+            self.send_error_json(403, "origin %s is not allowed (see --cors-origin)" % foreign)
+            return
         dispatcher = broker.dispatcher
         session = dispatcher.connect(batchsize)
         if session is None:
@@ -1794,8 +1829,18 @@ class StreamChannel:
         except OSError:
             return True
 
-    def close(self):
-        """Cut the connection (the stream's thread then ends)."""
+    def close(self, reason=None):
+        """Cut the connection (the stream's thread then ends); with a
+        `reason`, say `bye` first where the socket still takes it. (Called
+        under the dispatcher's lock: the bye is sent only if no write is under
+        way, and without blocking; a cut bye is an event the client drops.)"""
+        if reason is not None and not self.broken and self._write_lock.acquire(blocking=False):
+            try:
+                self._sock.send(sse_event("bye", {"reason": reason}), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            finally:
+                self._write_lock.release()
         self.broken = True
         _shutdown_socket(self._sock)
 
@@ -2074,6 +2119,7 @@ class Broker:
         self.max_body = args.max_body
         self.read_timeout = args.read_timeout
         self.token = args.token or None
+        self.cors_origins = tuple(args.cors_origin or ())
         # The port first, then the trace, then the db: a start that fails
         # leaves no new file behind.
         try:
@@ -2388,6 +2434,12 @@ def parse_args(argv=None):
     parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' on every endpoint but "
                              "/healthz (default: $BROKER_TOKEN; unset: no authentication)")
+    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        help="let pages of ORIGIN (e.g. https://app.example:8443; repeat the "
+                             "flag for more; * for any) be workers and read the endpoints: "
+                             "answers carry Access-Control-Allow-Origin, and the preflight "
+                             "allows GET, POST and the Authorization and Content-Type headers "
+                             "(default: none; a stream from another origin is refused with 403)")
     parser.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                         help="also run worker.py --processes N (from this folder) against this "
                              "broker, and stop it on exit: the whole system in one command")

@@ -13,7 +13,7 @@ import pytest
 
 import bbolt_lite
 import broker
-from conftest import HERE, run_boltcheck
+from conftest import HERE, SSEClient, run_boltcheck
 
 
 @pytest.fixture
@@ -210,7 +210,9 @@ def test_lease_timeout_closes_the_stream_first_then_offers_the_messages_again(pr
     [m] = slow.batch()
     other = b.stream(1)
     other.hello()
-    assert slow.next_item(timeout=10) is None  # the broker closed the slow stream
+    # The broker said why, then closed the slow stream.
+    assert slow.next_event(timeout=10) == ("bye", {"reason": "lease expired"})
+    assert slow.next_item(timeout=10) is None
     [again] = other.batch()
     assert (again["id"], again["attempt"]) == (m["id"], 2)
     assert b.report(slow.token, m["batch"], [m["id"]])[0] == 404  # its token died
@@ -393,7 +395,8 @@ def test_a_second_broker_on_the_same_db_refuses_clearly(processes, db):
 
 BROKER_FLAGS = {"--help", "--host", "--port", "--db", "--max-attempts", "--lease-timeout",
                 "--heartbeat", "--max-batchsize", "--total", "--seed", "--durable",
-                "--max-workers", "--max-body", "--read-timeout", "--token", "--workers",
+                "--max-workers", "--max-body", "--read-timeout", "--token", "--cors-origin",
+                "--workers",
                 "--progress-every", "--trace", "--log-level"}
 
 
@@ -502,3 +505,59 @@ def test_a_sound_pypi_xid_package_is_used(monkeypatch):
     assert new_id() == made[-1] != first
     monkeypatch.setitem(sys.modules, "xid", None)  # not installed
     assert broker._pypi_xid_generator() is None
+
+
+# --- transport: HTTP/1.0 keep-alive, CORS ---------------------------------------------
+
+def exchange(conn, request):
+    """Send one request on an open connection; its answer's head and body."""
+    conn.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _sep, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head.decode("latin-1"), body
+
+
+def test_an_http_1_0_keep_alive_request_is_answered_keep_alive_and_kept_open(processes, db):
+    b = processes.broker(db)
+    conn = socket.create_connection((b.host, b.port), timeout=10)
+    for _ in range(3):  # as ab -k does: one connection, many requests
+        head, body = exchange(conn, b"GET /stats HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert head.startswith("HTTP/1.1 200") and "Connection: keep-alive" in head
+        assert json.loads(body)["generated"] >= 0
+    head, _body = exchange(conn, b"GET /stats HTTP/1.0\r\n\r\n")  # no keep-alive: closed
+    assert "Connection: close" in head
+    assert conn.recv(10) == b""
+    conn.close()
+
+
+def test_cors_only_for_the_origins_given_with_preflight(processes, db):
+    page = "http://127.0.0.1:9999"
+    b = processes.broker(db, "--cors-origin", page, "--heartbeat", "600")
+    status, headers, _ = b.request("OPTIONS", "/report", headers={
+        "Origin": page, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == page
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type"
+    assert headers["Vary"] == "Origin"
+    stream = SSEClient(b.host, b.port, "/task?batchsize=1", headers="Origin: %s\r\n" % page)
+    assert stream.status == 200 and stream.headers["access-control-allow-origin"] == page
+    stream.close()
+    # Another origin: no CORS headers, and its stream is refused before any batch.
+    status, headers, _ = b.request("GET", "/stats", headers={"Origin": "http://evil.test"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    refused = SSEClient(b.host, b.port, "/task?batchsize=1",
+                        headers="Origin: http://evil.test\r\n")
+    assert refused.status == 403
+    assert b.stats()["dispatched"] <= 1  # the refused one took nothing
+
+
+def test_without_cors_origin_there_are_no_cors_headers(processes, db):
+    b = processes.broker(db)
+    status, headers, _ = b.request("GET", "/stats", headers={"Origin": "http://127.0.0.1:9999"})
+    assert status == 200 and not any(h.startswith("Access-Control") for h in headers)
