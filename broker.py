@@ -1421,15 +1421,25 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write("".join(headers).encode("latin-1") + body)
 
     def start_event_stream(self):
-        """The 200 of an event stream: it lasts as long as the connection."""
+        """The 200 of an event stream, and its StreamChannel.
+
+        On HTTP/1.1 the stream is chunked, one chunk per write (PROTOCOL.md
+        v1.1): clients that read a body in fixed-size blocks (urllib3, and
+        the SSE clients built on it) get each event as it is written. On
+        HTTP/1.0 it is close-delimited. Either way the connection ends with
+        the stream."""
+        chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Accel-Buffering", "no")
         for name, value in self.cors_headers():
             self.send_header(name, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
+        return StreamChannel(self.connection, self.wfile, chunked)
 
     def cors_headers(self):
         """The CORS headers of an answer (none without --cors-origin, or for a
@@ -1582,12 +1592,11 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         self.close_connection = True
         sock = self.connection
-        session.channel = StreamChannel(sock, self.wfile)
         log.info("%s: connected from %s, batchsize %d", session.name,
                  self.client_address[0], batchsize)
         broker.stream_opened()
         try:
-            self.start_event_stream()
+            session.channel = self.start_event_stream()
             hello = {"worker": session.token, "batchsize": batchsize,
                      "lease_ms": int(dispatcher.lease_timeout * 1000),
                      "heartbeat_ms": int(broker.heartbeat * 1000)}
@@ -1619,7 +1628,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             if session.closed or channel.broken:
                 return
             if dispatcher.stopping:
-                channel.send(sse_event("bye", {"reason": "shutdown"}))
+                channel.send(sse_event("bye", {"reason": "shutdown"}), last=True)
                 return
             if time.monotonic() - channel.last_write >= broker.heartbeat:
                 channel.send(SSE_PING)
@@ -1707,13 +1716,13 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         """The dashboard's own event stream: a `stats` event every second."""
         broker = self.server.broker
         self.close_connection = True
-        self.start_event_stream()
-        self.wfile.write(b"retry: %d\n\n" % SSE_RETRY_MS)
+        channel = self.start_event_stream()
+        channel.send(b"retry: %d\n\n" % SSE_RETRY_MS)
         while not broker.dispatcher.stopping:
-            self.wfile.write(sse_event("stats", broker.dispatcher.dashboard()))
+            channel.send(sse_event("stats", broker.dispatcher.dashboard()))
             if broker.stop_requested.wait(1.0):
                 break
-        self.wfile.write(sse_event("bye", {"reason": "shutdown"}))
+        channel.send(sse_event("bye", {"reason": "shutdown"}), last=True)
 
     def handle_healthz(self, query):
         problem = self.server.broker.health_problem()
@@ -1801,14 +1810,23 @@ class StreamChannel:
     """A stream's connection: whole writes, one at a time, and once one
     fails, none after it (a cut event must never be followed by a ping)."""
 
-    def __init__(self, sock, wfile):
+    def __init__(self, sock, wfile, chunked):
         self._sock = sock
         self._wfile = wfile
+        self._chunked = chunked  # HTTP/1.1: Transfer-Encoding: chunked, a chunk per write
         self._write_lock = threading.Lock()  # the stream's thread and reports' threads write
         self.broken = False
         self.last_write = time.monotonic()
 
-    def send(self, data):
+    def _frame(self, data, last=False):
+        """`data` as it goes on the wire: one chunk (and the last, empty one)."""
+        if not self._chunked:
+            return data
+        return b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
+
+    def send(self, data, last=False):
+        """Write `data` whole; `last`: the broker ends the stream after it."""
+        data = self._frame(data, last)
         with self._write_lock:
             if self.broken:
                 raise ConnectionAbortedError("the stream was cut")
@@ -1819,6 +1837,8 @@ class StreamChannel:
                 _shutdown_socket(self._sock)
                 raise
             self.last_write = time.monotonic()
+            if last:
+                self.broken = True  # (ended: nothing may follow the last chunk)
 
     def peer_closed(self):
         """Whether the client has closed its end (EOF, or an error, is readable)."""
@@ -1836,7 +1856,8 @@ class StreamChannel:
         way, and without blocking; a cut bye is an event the client drops.)"""
         if reason is not None and not self.broken and self._write_lock.acquire(blocking=False):
             try:
-                self._sock.send(sse_event("bye", {"reason": reason}), socket.MSG_DONTWAIT)
+                self._sock.send(self._frame(sse_event("bye", {"reason": reason}), last=True),
+                                socket.MSG_DONTWAIT)
             except OSError:
                 pass
             finally:

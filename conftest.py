@@ -277,8 +277,40 @@ class StrictSSEParser:
         return [event]
 
 
+class Dechunker:
+    """Transfer-Encoding: chunked, read strictly (RFC 9112, 7.1): feed it the
+    bytes off the wire, get the body's bytes. `ended` once the last chunk came."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.ended = False
+
+    def feed(self, data):
+        self.buffer += data
+        body = b""
+        while not self.ended:
+            line_end = self.buffer.find(b"\r\n")
+            if line_end < 0:
+                break
+            size_text = self.buffer[:line_end]
+            assert re.fullmatch(rb"[0-9a-f]+", size_text), "bad chunk size %r" % size_text[:20]
+            size = int(size_text, 16)
+            start = line_end + 2
+            if len(self.buffer) < start + size + 2:
+                break
+            assert self.buffer[start + size:start + size + 2] == b"\r\n", "chunk not ended by CRLF"
+            body += self.buffer[start:start + size]
+            self.buffer = self.buffer[start + size + 2:]
+            self.ended = size == 0
+        assert not (self.ended and self.buffer), "bytes after the last chunk: %r" % self.buffer[:40]
+        return body
+
+
 class SSEClient:
-    """GET a stream over a raw socket; read events with the strict parser."""
+    """GET a stream over a raw socket; read events with the strict parser.
+
+    `raw` is the stream's body (de-chunked when the answer is chunked);
+    `wire` is every byte that came after the head, as it came."""
 
     def __init__(self, host, port, path, timeout=10, headers=""):
         self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -297,12 +329,15 @@ class SSEClient:
         for line in lines[1:]:
             name, _colon, value = line.partition(":")
             self.headers[name.strip().lower()] = value.strip()
-        self.raw = rest
+        self.wire = rest
+        self.dechunker = Dechunker() if self.headers.get("transfer-encoding") == "chunked" \
+            else None
+        self.raw = self.dechunker.feed(rest) if self.dechunker and self.status == 200 else rest
         self.parser = StrictSSEParser()
         self.items = collections.deque()
         self.closed = False
         if self.status == 200:
-            self.items.extend(self.parser.feed(rest))
+            self.items.extend(self.parser.feed(self.raw))
         else:
             length = int(self.headers.get("content-length", "0"))
             while len(self.raw) < length:
@@ -331,6 +366,9 @@ class SSEClient:
             if not chunk:
                 self.closed = True
                 continue
+            self.wire += chunk
+            if self.dechunker is not None:
+                chunk = self.dechunker.feed(chunk)
             self.raw += chunk
             self.items.extend(self.parser.feed(chunk))
         return self.items.popleft()

@@ -53,6 +53,37 @@ def test_stream_starts_with_retry_then_hello_and_protocol_headers(processes, db)
     client.close()
 
 
+def test_an_http_1_1_stream_is_chunked_a_chunk_per_write_and_ends_with_the_last_chunk(
+        processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    client = b.stream(3)
+    assert client.headers["transfer-encoding"] == "chunked"
+    client.hello()
+    batch = client.batch()
+    # The whole batch is one chunk: its size line, then exactly its events.
+    events = b"".join(b'event: msg\ndata: {"id":"%s","period":%d,"attempt":1,"batch":%d,'
+                      b'"size":3}\n\n' % (m["id"].encode(), m["period"], m["batch"])
+                      for m in batch)
+    assert (b"\r\n%x\r\n" % len(events)) + events + b"\r\n" in client.wire
+    b.signal(signal.SIGTERM)
+    assert client.next_event() == ("bye", {"reason": "shutdown"})
+    assert client.next_item() is None and client.dechunker.ended  # the last chunk, then EOF
+    client.close()
+
+
+def test_an_http_1_0_stream_is_close_delimited(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    conn = socket.create_connection((b.host, b.port), timeout=10)
+    conn.sendall(b"GET /task?batchsize=2 HTTP/1.0\r\n\r\n")
+    data = b""
+    while b"event: msg" not in data:
+        data += conn.recv(65536)
+    head, _sep, body = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert body.startswith(b"retry: 2000\n\nevent: hello\n")
+    conn.close()
+
+
 def test_each_message_is_one_msg_event_of_compact_json_with_attempt_batch_and_size(processes, db):
     b = processes.broker(db)
     client = b.stream(5)

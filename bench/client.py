@@ -93,6 +93,9 @@ class Client:
             if not head.startswith(b"HTTP/1.1 200"):
                 stop.wait(0.2)
                 return
+            chunks = _Chunks() if b"transfer-encoding: chunked" in head.lower() else None
+            if chunks is not None:
+                buffer = chunks.feed(buffer)
             token = None
             batch = []
             sent_report_at = None
@@ -135,7 +138,7 @@ class Client:
                                 seconds, nanoseconds = _TIMESPEC.unpack_from(data)
                                 self.arrivals.append(seconds + nanoseconds / 1e9 - sent_wall)
                     sent_report_at = None
-                buffer += chunk
+                buffer += chunk if chunks is None else chunks.feed(chunk)
         finally:
             sock.close()
 
@@ -221,6 +224,30 @@ class KeepAlive:
 
     def close(self):
         self.sock.close()
+
+
+class _Chunks:
+    """Transfer-Encoding: chunked, undone: feed the wire, get the body."""
+
+    def __init__(self):
+        self.wire = b""
+
+    def feed(self, data):
+        wire = self.wire + data
+        body = []
+        position = 0
+        while True:
+            line_end = wire.find(b"\r\n", position)
+            if line_end < 0:
+                break
+            size = int(wire[position:line_end], 16)
+            end = line_end + 2 + size
+            if size == 0 or len(wire) < end + 2:
+                break
+            body.append(wire[line_end + 2:end])
+            position = end + 2
+        self.wire = wire[position:]
+        return b"".join(body)
 
 
 def _parse_event(raw):
