@@ -745,10 +745,8 @@ class Dispatcher:
                 self._unsaved[message.id] = None
             else:
                 self._unsaved[message.id] = pending_record(message, state == "leased")
-        elif state == "done" and message.requeued:
-            self._requeue_settled.append(message.id)
-        elif state == "dead":
-            if message.requeued:
+        elif state == "dead" or (state == "done" and message.requeued):
+            if message.requeued:  # settled again: it leaves `requeue` in the same commit
                 self._requeue_settled.append(message.id)
         else:
             return
@@ -868,14 +866,12 @@ class Dispatcher:
         uncharged, and every waiter wakes to see `stopping`."""
         with self._lock:
             self.stopping = True
-            self.stop_counts = (len(self._leases), len(self._retry) + self._waiting_in_halves)
             for session in self._sessions.values():
                 batch = session.batch  # (one being written is on the wire already)
                 if batch is not None and not batch.written and not batch.writing:
                     session.batch = session.outbox = None
                     self._give_back_locked(batch)
-                    self.stop_counts = (self.stop_counts[0] - len(batch.messages),
-                                        self.stop_counts[1] + len(batch.messages))
+            self.stop_counts = (len(self._leases), len(self._retry) + self._waiting_in_halves)
             self.lease_to_watch.notify_all()
             self.changes_to_save.notify_all()
             self.changes_saved.notify_all()
@@ -2086,7 +2082,8 @@ class TraceFile:
                 pass
             if lines:
                 self._unwritten += "".join(lines).encode("ascii")
-                excess = self._unwritten.count(b"\n") - self.MAX_BACKLOG
+                # (Lines pile up only while writes fail: counted only then.)
+                excess = self._unwritten.count(b"\n") - self.MAX_BACKLOG if self.error else 0
                 if excess > 0:
                     cut = 0
                     for _ in range(excess):
@@ -2262,17 +2259,16 @@ class Broker:
         if dispatcher.stopping:
             return None
         now = time.monotonic()
+        # Each comes round its loop at least once a second (the state writer
+        # between commits): a thread that has not for STUCK_SECONDS is stuck.
         for name, thread, beat in (
                 ("dispatch loop", self.dispatch_thread, dispatcher.loop_beat),
                 ("stream watcher", self.watcher.thread, self.watcher.beat),
                 ("state writer", writer.thread, writer.beat)):
             if not thread.is_alive():
                 return "the %s has stopped" % name
-            if name == "state writer" and writer.stuck_for() > STUCK_SECONDS:
-                return "the state writer is stuck in a commit for %.0f s" % writer.stuck_for()
-            if name != "state writer" or writer.saving_since is None:
-                if now - beat > STUCK_SECONDS:
-                    return "the %s is stuck (no turn for %.0f s)" % (name, now - beat)
+            if now - beat > STUCK_SECONDS:
+                return "the %s is stuck (no turn for %.0f s)" % (name, now - beat)
         return None
 
     def run_until_stopped(self):
