@@ -5,7 +5,10 @@ prometheus_client skip without them, unless REQUIRE_INTEROP=1 is set (as
 .ci/run does): then a missing one fails them.
 """
 
+import contextlib
 import os
+import random
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRE_INTEROP = os.environ.get("REQUIRE_INTEROP") == "1"
 sys.path.insert(0, os.path.join(HERE, "interop"))
-from boltcheck_build import GoMissing, build_boltcheck  # noqa: E402
+from gobuild import GoMissing, build as build_go  # noqa: E402
 
 
 def skip_or_fail(reason):
@@ -28,9 +31,42 @@ def skip_or_fail(reason):
 def boltcheck(tmp_path_factory):
     """Path of the Go helper built from interop/boltcheck against real bbolt and xid."""
     try:
-        return build_boltcheck(tmp_path_factory.mktemp("go"))
+        return build_go("boltcheck", tmp_path_factory.mktemp("go"))
     except GoMissing as missing:
         skip_or_fail(str(missing))
+
+
+def safe_seed(count, limit=800):
+    """A broker --seed whose first `count` periods are all <= `limit` (800: no
+    task fails; 900: no task ends its worker)."""
+    import broker
+    seed = 0
+    while True:
+        rng = random.Random(seed)
+        if all(broker.draw_period(rng) <= limit for _ in range(count)):
+            return seed
+        seed += 1
+
+
+@contextlib.contextmanager
+def headless_chromium():
+    """Debian's chromium driven by Playwright: yields the browser, closed after."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if chromium is None or sync_playwright is None:
+        skip_or_fail("no chromium (apt-get install chromium) or playwright "
+                     "(pip install playwright)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def run_boltcheck(binary, *args, timeout=120):

@@ -1,21 +1,29 @@
 """Clients nobody here wrote, each used as its own documentation shows, as workers
 of a real broker: at least 20 batches received and reported 200, well within
-the lease timeout.
+the lease timeout. README.md's "Tested clients" shows each one, and its
+Python examples are run here as written.
 
-Each third-party client is a test-only dependency (requirements-test.txt);
-curl and ab (apache2-utils) are Debian's. A missing one skips, unless
+The Python clients are test-only dependencies (requirements-test.txt); curl,
+ab (apache2-utils), chromium and Go are Debian's. A missing one skips, unless
 REQUIRE_INTEROP=1 (as .ci/run sets) makes that a failure.
 """
 
+import asyncio
+import http.server
+import importlib
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
+import urllib.parse
 
 import pytest
 
-from conftest import skip_or_fail
+from conftest import HERE, GoMissing, build_go, headless_chromium, safe_seed, skip_or_fail
 
 BATCHES = 20
 
@@ -27,7 +35,7 @@ def db(tmp_path):
 
 def need(module):
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         skip_or_fail("%s is not installed (pip install -r requirements-test.txt)" % module)
 
@@ -145,3 +153,253 @@ def test_ab_keep_alive_has_no_failed_request(processes, db):
             # /stats's figures change with each request. None failed otherwise.
             assert failed.group(1) == "0" or (failed.group(2), failed.group(3),
                                                failed.group(5)) == ("0", "0", "0"), done.stdout
+
+
+def test_aiohttp_with_aiohttp_sse_client(processes, db):
+    need("aiohttp")
+    sse_client = need("aiohttp_sse_client.client")
+    b = processes.broker(db, "--heartbeat", "600")
+    started = time.monotonic()
+
+    async def run():
+        # As aiohttp-sse-client's README: `async with EventSource(url)`, then `async for`;
+        # the reports go through the session it was given.
+        import aiohttp
+        async with aiohttp.ClientSession() as session:
+            async with sse_client.EventSource(b.url + "/task?batchsize=4",
+                                              session=session) as source:
+                token, batch, statuses = None, [], []
+                async for event in source:
+                    message = json.loads(event.data)
+                    if event.type == "hello":
+                        token = message["worker"]
+                    elif event.type == "msg":
+                        batch.append(message["id"])
+                        if len(batch) == message["size"]:
+                            async with session.post(
+                                    b.url + "/report", json=batch,
+                                    params={"worker": token, "batch": message["batch"]}) as r:
+                                statuses.append(r.status)
+                            batch = []
+                            if len(statuses) == BATCHES:
+                                return statuses
+        return statuses
+
+    statuses = asyncio.run(asyncio.wait_for(run(), 30))
+    assert statuses == [200] * BATCHES
+    assert time.monotonic() - started < 5
+
+
+# A page of another origin as a worker: its EventSource takes the batches, its
+# fetch() reports them with Content-Type: application/json (a request that
+# needs a preflight). What it saw is left in window.seen for the test to read.
+WORKER_PAGE = b"""<!doctype html>
+<meta charset="utf-8">
+<title>a worker page of another origin</title>
+<script>
+const broker = new URLSearchParams(location.search).get("broker");
+const seen = window.seen = {messages: 0, statuses: [], closed: false};
+const source = new EventSource(broker + "/task?batchsize=4");
+let token = null, batch = [];
+source.addEventListener("hello", e => { token = JSON.parse(e.data).worker; });
+source.addEventListener("msg", async e => {
+  const m = JSON.parse(e.data);
+  seen.messages++;
+  batch.push(m.id);
+  if (batch.length < m.size) return;
+  const ids = batch; batch = [];
+  const answer = await fetch(broker + "/report?worker=" + token + "&batch=" + m.batch,
+    {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(ids)});
+  seen.statuses.push(answer.status);
+  if (seen.statuses.length >= %d) source.close();
+});
+source.onerror = () => { if (source.readyState === EventSource.CLOSED) seen.closed = true; };
+</script>
+""" % BATCHES
+
+
+@pytest.fixture
+def page_origin():
+    """A second local HTTP server, of another origin than the broker's: it
+    serves WORKER_PAGE at /; yields its origin."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(WORKER_PAGE)))
+            self.end_headers()
+            self.wfile.write(WORKER_PAGE)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield "http://127.0.0.1:%d" % server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def open_worker_page(browser, origin, broker_url):
+    page = browser.new_page()
+    page.goto("%s/?broker=%s" % (origin, urllib.parse.quote(broker_url, safe="")))
+    return page
+
+
+def test_a_page_of_another_origin_is_a_worker_with_cors_origin(processes, db, page_origin):
+    b = processes.broker(db, "--heartbeat", "600", "--cors-origin", page_origin)
+    started = time.monotonic()
+    with headless_chromium() as browser:
+        page = open_worker_page(browser, page_origin, b.url)
+        page.wait_for_function("window.seen && window.seen.statuses.length >= %d" % BATCHES,
+                               timeout=20000)
+        seen = page.evaluate("window.seen")
+    assert seen["statuses"][:BATCHES] == [200] * BATCHES
+    assert time.monotonic() - started < 10
+
+
+def test_the_same_page_is_refused_without_cors_origin_and_costs_no_attempt(
+        processes, db, page_origin):
+    b = processes.broker(db, "--heartbeat", "600")
+    with headless_chromium() as browser:
+        page = open_worker_page(browser, page_origin, b.url)
+        page.wait_for_function("window.seen && window.seen.closed", timeout=20000)
+        seen = page.evaluate("window.seen")
+    assert seen["messages"] == 0 and seen["statuses"] == []
+    stats = b.stats()
+    assert stats["dispatched"] == 0 and stats["workers"] == 0, stats  # refused before a batch
+
+
+def test_a_go_net_http_worker(processes, db, tmp_path):
+    try:
+        goworker = build_go("goworker", tmp_path)
+    except GoMissing as missing:
+        skip_or_fail(str(missing))
+    b = processes.broker(db, "--heartbeat", "600")
+    started = time.monotonic()
+    done = subprocess.run([goworker, b.url, str(BATCHES), "4"], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert re.findall(r"^batch \d+: (\d+)$", done.stdout, re.M) == ["200"] * BATCHES
+    assert time.monotonic() - started < 5
+
+
+class Relay:
+    """A TCP relay in front of the broker that keeps each answer's head (status
+    line and headers); with `http10`, it turns each request into HTTP/1.0 on
+    its way, as an HTTP/1.0 proxy would, so the broker answers as to HTTP/1.0."""
+
+    def __init__(self, broker_port, http10):
+        self.broker_port, self.http10 = broker_port, http10
+        self.heads = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+            for source, sink, request in ((client, upstream, True), (upstream, client, False)):
+                thread = threading.Thread(target=self._pipe, args=(source, sink, request),
+                                          daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def _pipe(self, source, sink, request):
+        head = b""  # the request's or the answer's head, held until it is whole
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if head is not None:
+                    head += data
+                    if b"\r\n\r\n" not in head:
+                        continue
+                    if request and self.http10:
+                        head = re.sub(rb"^([A-Z]+ \S+) HTTP/1\.1\r\n", rb"\1 HTTP/1.0\r\n", head)
+                    elif not request:
+                        self.heads.append(head.split(b"\r\n\r\n")[0].decode("latin-1"))
+                    data, head = head, None
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stream_heads(self):
+        return [h for h in self.heads if "text/event-stream" in h]
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("http10", [False, True], ids=["http11-chunked", "http10-close-delimited"])
+def test_worker_py_reads_a_chunked_stream_and_a_close_delimited_one(processes, db, http10):
+    b = processes.broker(db, "--heartbeat", "600", "--total", 2 * BATCHES,
+                         "--seed", safe_seed(2 * BATCHES))
+    relay = Relay(b.port, http10)
+    try:
+        w = processes.worker("--url", relay.url, "--batchsize", "2", "--time-scale", "0.01")
+        assert b.wait() == 0  # all done by the worker; the broker said bye and left
+        assert "%d done, 0 dead" % (2 * BATCHES) in b.output()
+        reports = [line for line in w.output().splitlines()
+                   if re.search(r"batch \d+: \d+ messages, \d+ done", line)]
+        assert len(reports) == BATCHES, w.output()
+        heads = relay.stream_heads()
+        assert heads, relay.heads
+        for head in heads:  # (the status line says what the broker speaks: HTTP/1.1)
+            assert head.startswith("HTTP/1.1 200 ")
+            assert ("Transfer-Encoding: chunked" in head) is not http10, head
+        assert w.popen.poll() is None
+    finally:
+        relay.close()
+
+
+def readme_examples():
+    """The Python examples of README.md's "Tested clients", as written there."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n## Tested clients\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
+
+
+def imported(code):
+    """The top-level modules an example imports."""
+    names = []
+    for line in re.findall(r"^(?:import|from) ([\w., ]+?)(?: import .*)?$", code, re.M):
+        names += [name.strip().split(".")[0] for name in line.split(",")]
+    return names
+
+
+def test_the_readme_has_an_example_for_each_python_client():
+    assert [imported(code) for code in readme_examples()] == [
+        ["json", "requests", "sseclient"], ["httpx", "httpx_sse"],
+        ["asyncio", "json", "aiohttp", "aiohttp_sse_client"]]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["sseclient-py", "httpx-sse",
+                                                  "aiohttp-sse-client"])
+def test_the_readme_examples_run_as_written(processes, db, index):
+    code = readme_examples()[index]
+    for module in imported(code):
+        need(module)
+    total = 4 * BATCHES
+    b = processes.broker(db, "--heartbeat", "600", "--total", total)
+    code = code.replace('url = "http://127.0.0.1:8080"', "url = %r" % b.url)
+    assert "url = %r" % b.url in code
+    example = processes.python("-c", code)
+    assert example.wait(60) == 0, example.output()
+    assert b.wait() == 0
+    assert "%d done, 0 dead" % total in b.output()  # every batch reported, in time

@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import HERE, SSEClient, skip_or_fail
+from conftest import HERE, SSEClient, headless_chromium, skip_or_fail
 
 
 @pytest.fixture
@@ -181,31 +180,11 @@ def test_the_dashboard_page_and_its_event_stream(processes, db):
     events.close()
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
-    chromium = _chromium()
-    playwright = None
-    try:
-        from playwright.sync_api import sync_playwright as playwright
-    except ImportError:
-        pass
-    if chromium is None or playwright is None:
-        skip_or_fail("no chromium (apt-get install chromium) or playwright "
-                     "(pip install playwright)")
     b = processes.broker(db, "--workers", "2", "--heartbeat", "5")
     errors = []
     shot = os.environ.get("DASHBOARD_SCREENSHOT") or str(tmp_path / "dashboard.png")
-    with playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+    with headless_chromium() as browser:
         page = browser.new_page()
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -217,7 +196,6 @@ def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
             arg=first, timeout=20000)
         page.wait_for_selector("#workers tr", timeout=15000)
         page.screenshot(path=shot, full_page=True)
-        browser.close()
     assert errors == []
     assert os.path.getsize(shot) > 1000
 

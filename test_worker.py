@@ -3,7 +3,6 @@
 import http.server
 import json
 import os
-import random
 import re
 import signal
 import threading
@@ -12,9 +11,8 @@ import urllib.parse
 
 import pytest
 
-import broker
 import worker
-from conftest import PROCESS_TIMEOUT
+from conftest import PROCESS_TIMEOUT, safe_seed
 
 
 class FakeBroker:
@@ -274,16 +272,6 @@ def test_the_default_batchsize_is_random_in_2_to_10(fake_broker, processes):
     assert all(2 <= s <= 10 for s in sizes) and len(set(sizes)) > 1
     for w in workers:
         w.stop()
-
-
-def safe_seed(count):
-    """A broker --seed whose first `count` periods are all <= 800 (no task fails)."""
-    seed = 0
-    while True:
-        rng = random.Random(seed)
-        if all(broker.draw_period(rng) <= 800 for _ in range(count)):
-            return seed
-        seed += 1
 
 
 def test_the_worker_reconnects_after_a_broker_restart(processes, tmp_path):

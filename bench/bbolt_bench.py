@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "interop"))
 
 import bbolt_lite  # noqa: E402
-from boltcheck_build import build_boltcheck  # noqa: E402
+from gobuild import build as build_go  # noqa: E402
 
 
 def key(i):
@@ -86,7 +86,7 @@ def main():
     parser.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
-        helper = build_boltcheck(work)
+        helper = build_go("boltcheck", work)
         go_db, py_db = os.path.join(work, "go.db"), os.path.join(work, "py.db")
         result = subprocess.run([helper, "bench", go_db, str(args.single), str(args.bulk)],
                                 capture_output=True, text=True, check=True, timeout=600)

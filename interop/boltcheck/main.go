@@ -429,7 +429,7 @@ func ops(path string) {
 					"key_n": st.KeyN, "depth": st.Depth, "branch_alloc": st.BranchAlloc,
 					"branch_inuse": st.BranchInuse, "leaf_alloc": st.LeafAlloc,
 					"leaf_inuse": st.LeafInuse, "bucket_n": st.BucketN,
-					"inline_bucket_n": st.InlineBucketN,
+					"inline_bucket_n":     st.InlineBucketN,
 					"inline_bucket_inuse": st.InlineBucketInuse,
 				}
 			case "cursor_first":

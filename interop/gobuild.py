@@ -1,8 +1,9 @@
-"""Build the Go helper (interop/boltcheck) against Debian's bbolt and rs/xid.
+"""Build the Go helpers of interop/ offline, in GOPATH mode.
 
-GOPATH mode and no module proxy: it works offline, with the Go packages that
-`apt-get install golang-go golang-github-coreos-bbolt-dev
-golang-github-rs-xid-dev` puts under /usr/share/gocode.
+`boltcheck` drives Debian's bbolt and rs/xid (the Go packages that `apt-get
+install golang-go golang-github-coreos-bbolt-dev golang-github-rs-xid-dev`
+puts under /usr/share/gocode); `goworker` needs only Go's standard library.
+No module proxy is asked for anything.
 """
 
 import os
@@ -12,19 +13,19 @@ import subprocess
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GOPATH = os.environ.get("INTEROP_GOPATH", "/usr/share/gocode")
-GO_PACKAGES = ("go.etcd.io/bbolt", "github.com/rs/xid")
+GO_PACKAGES = {"boltcheck": ("go.etcd.io/bbolt", "github.com/rs/xid"), "goworker": ()}
 
 
 class GoMissing(Exception):
     """No Go toolchain, or the Go packages are not installed."""
 
 
-def build_boltcheck(out_dir):
-    """Build the helper into `out_dir`; return its path."""
+def build(command, out_dir):
+    """Build interop/<command> into `out_dir`; return the binary's path."""
     go = shutil.which("go")
     if go is None:
         raise GoMissing("no Go toolchain (apt-get install golang-go)")
-    for package in GO_PACKAGES:
+    for package in GO_PACKAGES[command]:
         if not os.path.isdir(os.path.join(GOPATH, "src", package)):
             raise GoMissing("Go package %s missing under %s (apt-get install "
                             "golang-github-coreos-bbolt-dev golang-github-rs-xid-dev)"
@@ -32,9 +33,10 @@ def build_boltcheck(out_dir):
     out_dir = str(out_dir)
     env = dict(os.environ, GOPATH=GOPATH, GO111MODULE="off", GOFLAGS="",
                GOCACHE=os.path.join(out_dir, "cache"), GOPROXY="off", CGO_ENABLED="0")
-    binary = os.path.join(out_dir, "boltcheck")
-    result = subprocess.run([go, "build", "-o", binary, "./interop/boltcheck"], cwd=ROOT,
+    binary = os.path.join(out_dir, command)
+    result = subprocess.run([go, "build", "-o", binary, "./interop/" + command], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        raise RuntimeError("building the Go helper failed:\n" + result.stderr)
+        raise RuntimeError("building interop/%s failed:\n%s" % (command, result.stderr))
     return binary
+
