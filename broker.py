@@ -21,8 +21,10 @@ Flags (``python broker.py --help`` says more): where to listen and store
 (--host, --port, --db), the rules (--max-attempts, --lease-timeout,
 --heartbeat, --max-batchsize, --total, --seed, --durable), limits and access
 (--max-workers, --max-body, --read-timeout, --token, --cors-origin), and
-running and watching (--workers, --progress-every, --trace, --log-level).
-Subcommands
+running and watching (--workers, --progress-every, --trace, --log-level,
+--drain-timeout). SIGTERM, SIGINT or SIGHUP stop it gracefully: it leases
+nothing more and lets busy workers report, up to --drain-timeout; a second
+signal stops it at once. Subcommands
 ``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
 letters of a stopped broker's db.
 
@@ -281,7 +283,7 @@ def draw_period(rng):
 
 
 class Message:
-    __slots__ = ("id", "period", "attempts", "reason", "requeued")
+    __slots__ = ("id", "period", "attempts", "reason", "requeued", "batch")
 
     def __init__(self, message_id, period, requeued=False):
         self.id = message_id
@@ -289,6 +291,7 @@ class Message:
         self.attempts = 0      # deliveries so far
         self.reason = None     # why the last attempt failed
         self.requeued = requeued  # a dead letter brought back: it stays in `requeue` until settled
+        self.batch = 0         # the number of its last batch (0: none in this run)
 
 
 class Batch:
@@ -321,7 +324,8 @@ class Session:
     """One worker's stream: its token, its batch in flight, its outbox."""
 
     __slots__ = ("token", "number", "batchsize", "batch", "outbox", "closed",
-                 "close_reason", "channel", "batch_ready", "connected_at", "batches_done")
+                 "close_reason", "channel", "batch_ready", "connected_at", "batches_done",
+                 "leaving")
 
     def __init__(self, token, number, batchsize, lock, now):
         self.token = token
@@ -337,6 +341,7 @@ class Session:
         self.batch_ready = threading.Condition(lock)
         self.connected_at = now
         self.batches_done = 0
+        self.leaving = False            # its worker reported its last batch (`last=1`)
 
     @property
     def name(self):
@@ -409,6 +414,7 @@ class Dispatcher:
         self._batch_number = 0
         self._session_number = 0
         self.stopping = False
+        self.draining = False  # give out nothing more; busy workers may still report
         self.started_at = self.loop_beat = clock()  # loop_beat: the dispatch loop's last turn
         self.stop_counts = None  # (leased, waiting for a retry) when stop() began
         self.generated = self.dispatched = self.done = self.dead = self.dead_saved = 0
@@ -421,9 +427,9 @@ class Dispatcher:
     # -- workers come and go ---------------------------------------------
 
     def connect(self, batchsize):
-        """A new stream: a free worker. None while stopping or full."""
+        """A new stream: a free worker. None while draining, stopping or full."""
         with self._lock:
-            if self.stopping:
+            if self.stopping or self.draining:
                 return None
             if self.max_workers is not None and len(self._sessions) >= self.max_workers:
                 return None
@@ -466,6 +472,8 @@ class Dispatcher:
         """The worker holding `batch` died or hung: each message failed this attempt."""
         session.batch = None
         del self._batches[batch.number]
+        if self.draining:
+            self.progress.notify_all()
         survivors = [m for m in batch.messages.values()
                      if not self._fail_locked(m, reason, session, queue=False)]
         self._bisect_locked(survivors)
@@ -537,8 +545,9 @@ class Dispatcher:
             self._end_session_locked(session, "lease expired")
 
     def _can_give_locked(self):
-        return not self.stopping and (bool(self._halves) or bool(self._retry) or
-                                      self.total is None or self.generated < self.total)
+        return not (self.stopping or self.draining) and (
+            bool(self._halves) or bool(self._retry) or
+            self.total is None or self.generated < self.total)
 
     def _assign_locked(self, caller=None):
         """Give batches to free workers while there are messages (none once
@@ -584,6 +593,7 @@ class Dispatcher:
 
     def _reserve_locked(self, batch, message):
         message.attempts += 1
+        message.batch = batch.number
         batch.messages[message.id] = message
         self._leases[message.id] = batch
         self._save_locked(message, "leased")
@@ -591,16 +601,34 @@ class Dispatcher:
     # -- stream writers ---------------------------------------------------
 
     def wait_for_batch(self, session, timeout):
-        """The batch to write on this stream, or None (closed, stopping, timeout)."""
+        """The batch to write on this stream, or None (closed, stopping, timeout,
+        or the stream is to end: see `stream_ends`)."""
         with self._lock:
             deadline = self._clock() + timeout
-            while session.outbox is None and not session.closed and not self.stopping:
+            while session.outbox is None and not session.closed and not self.stopping \
+                    and not self._stream_ends_locked(session):
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
                 session.batch_ready.wait(remaining)
             batch, session.outbox = session.outbox, None
             return None if session.closed or self.stopping else batch
+
+    def stream_ends(self, session):
+        """Why this stream is to say bye and end now, or None: the broker
+        stops or drains and the worker holds no batch (`shutdown`), or its
+        worker reported its last batch (`last batch reported`)."""
+        with self._lock:
+            return self._stream_ends_locked(session)
+
+    def _stream_ends_locked(self, session):
+        if self.stopping:
+            return "shutdown"
+        if session.batch is not None:
+            return None
+        if self.draining:
+            return "shutdown"
+        return "last batch reported" if session.leaving else None
 
     def begin_write(self, session, batch):
         """The batch's bytes are about to go out; False if it is no longer
@@ -650,8 +678,9 @@ class Dispatcher:
 
     # -- reports ------------------------------------------------------------
 
-    def report(self, token, batch_number, ids):
+    def report(self, token, batch_number, ids, last=False):
         """Settle a worker's batch: `ids` done, the rest failed this attempt.
+        `last`: the worker takes no next batch; its stream ends.
 
         Returns (the answer, the change to wait for with --durable, and the
         worker's next batch, for the caller to write on its stream, or None).
@@ -694,8 +723,14 @@ class Dispatcher:
             session.batch = session.outbox = None
             del self._batches[batch.number]
             session.batches_done += 1
-            self._free_workers.append(session)
-            next_batch = self._assign_locked(caller=session)
+            next_batch = None
+            if last or self.draining:
+                session.leaving = session.leaving or last
+                session.batch_ready.notify()  # its writer says bye and ends the stream
+                self.progress.notify_all()    # (a drain waits for the last reports)
+            else:
+                self._free_workers.append(session)
+                next_batch = self._assign_locked(caller=session)
             self._notify_if_settled_locked()
             result = {"batch": batch.number, "done": len(done_ids), "retried": retried,
                       "dead": dead, "ignored": ignored}
@@ -861,16 +896,51 @@ class Dispatcher:
         with self._lock:
             self.changes_to_save.notify_all()
 
+    def drain(self):
+        """The first step of a graceful stop: give out nothing more (batches
+        assigned but not yet written go back uncharged), end the streams of
+        free workers, and let busy ones report. Returns (batches, messages)
+        leased or being written now."""
+        with self._lock:
+            self.draining = True
+            self._take_back_unwritten_locked()
+            self._free_workers.clear()
+            for session in self._sessions.values():
+                session.batch_ready.notify_all()
+            busy = [s.batch for s in self._sessions.values() if s.batch is not None]
+            return len(busy), sum(len(b.messages) for b in busy)
+
+    def wait_drained(self, timeout):
+        """Wait (up to `timeout`) until no worker holds a batch; True then."""
+        with self._lock:
+            deadline = self._clock() + timeout
+            while not self._drained_locked():
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return False
+                self.progress.wait(remaining)
+            return True
+
+    def _drained_locked(self):
+        return not any(s.batch is not None for s in self._sessions.values())
+
+    def busy_workers(self):
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.batch is not None)
+
+    def _take_back_unwritten_locked(self):
+        for session in self._sessions.values():
+            batch = session.batch  # (one being written is on the wire already)
+            if batch is not None and not batch.written and not batch.writing:
+                session.batch = session.outbox = None
+                self._give_back_locked(batch)
+
     def stop(self):
         """Lease nothing more: batches assigned but not yet written go back
         uncharged, and every waiter wakes to see `stopping`."""
         with self._lock:
             self.stopping = True
-            for session in self._sessions.values():
-                batch = session.batch  # (one being written is on the wire already)
-                if batch is not None and not batch.written and not batch.writing:
-                    session.batch = session.outbox = None
-                    self._give_back_locked(batch)
+            self._take_back_unwritten_locked()
             self.stop_counts = (len(self._leases), len(self._retry) + self._waiting_in_halves)
             self.lease_to_watch.notify_all()
             self.changes_to_save.notify_all()
@@ -1582,7 +1652,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         dispatcher = broker.dispatcher
         session = dispatcher.connect(batchsize)
         if session is None:
-            reason = "the broker is shutting down" if dispatcher.stopping else \
+            reason = "the broker is shutting down" if dispatcher.stopping or \
+                dispatcher.draining else \
                 "too many workers connected (--max-workers %d)" % dispatcher.max_workers
             self.send_error_json(503, reason, [("Retry-After", "2")])
             return
@@ -1623,8 +1694,9 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                 continue
             if session.closed or channel.broken:
                 return
-            if dispatcher.stopping:
-                channel.send(sse_event("bye", {"reason": "shutdown"}), last=True)
+            reason = dispatcher.stream_ends(session)
+            if reason is not None:
+                channel.send(sse_event("bye", {"reason": reason}), last=True)
                 return
             if time.monotonic() - channel.last_write >= broker.heartbeat:
                 channel.send(SSE_PING)
@@ -1658,6 +1730,10 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if len(batches) != 1 or not re.fullmatch(r"[0-9]{1,18}", batches[0]):
             self.send_error_json(400, "batch must be given once, as a non-negative integer")
             return
+        last = query.get("last", ["0"])
+        if last not in (["0"], ["1"]):
+            self.send_error_json(400, "last must be 0 or 1")
+            return
         try:
             ids = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -1667,7 +1743,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         dispatcher = self.server.broker.dispatcher
         try:
-            result, seq, next_batch = dispatcher.report(tokens[0], int(batches[0]), ids)
+            result, seq, next_batch = dispatcher.report(tokens[0], int(batches[0]), ids,
+                                                        last=last == ["1"])
         except ReportError as error:
             self.send_error_json(error.status, str(error))
             return
@@ -1714,9 +1791,9 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         channel = self.start_event_stream()
         channel.send(b"retry: %d\n\n" % SSE_RETRY_MS)
-        while not broker.dispatcher.stopping:
+        while not broker.dispatcher.stopping:  # (through a drain: it shows the drain)
             channel.send(sse_event("stats", broker.dispatcher.dashboard()))
-            if broker.stop_requested.wait(1.0):
+            if broker.stopping.wait(1.0):
                 break
         channel.send(sse_event("bye", {"reason": "shutdown"}), last=True)
 
@@ -2066,10 +2143,13 @@ class TraceFile:
         self.thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
 
     def __call__(self, kind, message, session):
-        self._lines.put('{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"attempt":%d,'
-                        '"period":%d}\n' % (time.time(), os.getpid(), kind, message.id,
-                                            session.number if session else 0, message.attempts,
-                                            message.period))
+        line = '{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"batch":%d,"attempt":%d,' \
+            '"period":%d' % (time.time(), os.getpid(), kind, message.id,
+                             session.number if session else 0, message.batch, message.attempts,
+                             message.period)
+        if kind in ("failed", "dead"):
+            line += ',"reason":"%s"' % message.reason
+        self._lines.put(line + "}\n")
 
     def _run(self):
         while True:
@@ -2171,7 +2251,9 @@ class Broker:
         self._streams_lock = threading.Lock()
         # Wakes stop(): the last stream has said bye.
         self._no_streams = threading.Condition(self._streams_lock)
-        self.stop_requested = threading.Event()
+        self.stop_requested = threading.Event()  # the first signal: drain, then stop
+        self.stop_now = threading.Event()        # a second signal: no more drain
+        self.stopping = threading.Event()        # the drain is over: streams end now
         self.workers = None  # the worker.py supervisor of --workers
         self.dispatch_thread = threading.Thread(target=self.dispatcher.run, name="dispatch",
                                                 daemon=True)
@@ -2308,25 +2390,64 @@ class Broker:
                    "--parent-pid", str(os.getpid()),  # they stop if this broker is killed
                    "--log-level", self.args.log_level]
         env = dict(os.environ, BROKER_TOKEN=self.token) if self.token else None
-        self.workers = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+        # A session of its own: Ctrl-C in the terminal reaches the broker
+        # alone, which passes it on when its drain begins (see drain()).
+        self.workers = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
         log.info("started worker.py --processes %d (pid %d)", count, self.workers.pid)
 
     def stop_workers(self):
-        if self.workers is None or self.workers.poll() is not None:
+        """The drain told the workers to stop (they finish and report first):
+        wait for them; a second SIGTERM stops them at once, then SIGKILL."""
+        if self.workers is None:
             return
-        self.workers.terminate()
         try:
-            self.workers.wait(15)
+            self.workers.wait(5.0)
+            return
+        except subprocess.TimeoutExpired:
+            self.workers.terminate()
+        try:
+            self.workers.wait(10.0)
         except subprocess.TimeoutExpired:
             self.workers.kill()
             self.workers.wait()
 
+    def drain(self):
+        """Lease nothing more and let busy workers report, for up to
+        --drain-timeout s, or until a second signal (`stop_now`)."""
+        batches, messages = self.dispatcher.drain()
+        if self.workers is not None and self.workers.poll() is None:
+            self.workers.send_signal(signal.SIGTERM)  # they finish their batches first
+        timeout = self.args.drain_timeout
+        if timeout is None:
+            timeout = self.args.lease_timeout
+        if not batches or not timeout or self.stop_now.is_set():
+            return
+        log.info("draining: waiting up to %.1f s for %d busy workers to report %d messages "
+                 "(a second signal stops at once)", timeout, batches, messages)
+        started = time.monotonic()
+        deadline = started + timeout
+        while not self.stop_now.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("drain timeout: %d busy workers had not reported after %.1f s",
+                            self.dispatcher.busy_workers(), timeout)
+                return
+            # (Short waits: a signal handler cannot wake this wait.)
+            if self.dispatcher.wait_drained(min(remaining, 0.1)):
+                log.info("drained in %.2f s: every busy worker reported",
+                         time.monotonic() - started)
+                return
+
     def stop(self):
-        """Lease nothing more, say bye on every stream, stop serving, save what
-        is left, close the db. Returns the exit status: 1 if anything that
-        should be on disk (dead letters, --durable states, trace lines) is not."""
+        """Drain (lease nothing more and let busy workers report), then say bye
+        on every stream, stop serving, save what is left, close the db.
+        Returns the exit status: 1 if anything that should be on disk (dead
+        letters, --durable states, trace lines) is not."""
         dispatcher, writer = self.dispatcher, self.state_writer
         self.stop_requested.set()
+        self.drain()
+        self.stopping.set()
         dispatcher.stop()
         leased, waiting = dispatcher.stop_counts
         self.stop_workers()
@@ -2368,7 +2489,7 @@ class Broker:
         else:
             left = "%d unsettled messages lost (without --durable they live in memory only)" \
                 % dispatcher.unsettled()
-        log.info("stopped: %d generated, %d done, %d dead; when the stop began %d messages were "
+        log.info("stopped: %d generated, %d done, %d dead; when it stopped %d messages were "
                  "leased and %d waiting for a retry; %s; %d db commits", stats["generated"],
                  stats["done"], stats["dead"], leased, waiting, left, writer.commits)
         return status
@@ -2392,6 +2513,13 @@ def _port(text):
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("must be in 0..65535")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -2425,6 +2553,12 @@ def parse_args(argv=None):
                         metavar="SECONDS",
                         help="a batch not reported within this time fails, and its worker's "
                              "stream is closed (default: %(default)s)")
+    parser.add_argument("--drain-timeout", type=_non_negative_float, default=None,
+                        metavar="SECONDS",
+                        help="on SIGTERM/SIGINT/SIGHUP, lease nothing more and wait this long "
+                             "for busy workers to report before closing their streams; a "
+                             "second signal stops at once; 0: no drain (default: the lease "
+                             "timeout)")
     parser.add_argument("--heartbeat", type=_positive_float, default=DEFAULT_HEARTBEAT,
                         metavar="SECONDS",
                         help="write ': ping' on idle streams this often (default: %(default)s)")
@@ -2645,11 +2779,15 @@ def run_broker(args):
         return 2
 
     def on_signal(signum, _frame):
-        log.info("%s: stopping", signal.Signals(signum).name)
-        broker.stop_requested.set()
+        if broker.stop_requested.is_set():
+            log.info("%s again: stopping now", signal.Signals(signum).name)
+            broker.stop_now.set()
+        else:
+            log.info("%s: stopping (a second signal stops at once)", signal.Signals(signum).name)
+            broker.stop_requested.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: a closed terminal)
+        signal.signal(signum, on_signal)
     broker.start()
     if args.workers:
         broker.start_workers(args.workers)

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,7 +66,9 @@ def test_an_http_1_1_stream_is_chunked_a_chunk_per_write_and_ends_with_the_last_
                       b'"size":3}\n\n' % (m["id"].encode(), m["period"], m["batch"])
                       for m in batch)
     assert (b"\r\n%x\r\n" % len(events)) + events + b"\r\n" in client.wire
-    b.signal(signal.SIGTERM)
+    b.signal(signal.SIGTERM)  # a drain: the report is still taken, then bye
+    b.wait_for_line(r"draining: waiting")
+    assert b.report(client.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
     assert client.next_event() == ("bye", {"reason": "shutdown"})
     assert client.next_item() is None and client.dechunker.ended  # the last chunk, then EOF
     client.close()
@@ -401,19 +404,82 @@ def test_healthz_says_ok(processes, db):
     assert b.request("GET", "/healthz")[::2] == (200, "ok\n")
 
 
-def test_sigterm_says_bye_on_every_stream_and_exits_0_with_the_db_closed(processes, db):
+def test_sigterm_drains_busy_workers_report_then_every_stream_gets_bye_and_it_exits_0(
+        processes, db):
     b = processes.broker(db, "--heartbeat", "600")
-    clients = [b.stream(2) for _ in range(3)]
-    for c in clients:
+    busy = [b.stream(2) for _ in range(3)]
+    batches = []
+    for c in busy:
         c.hello()
-        c.batch()
+        batches.append(c.batch())
+    free = b.stream(2)
+    free.hello()
+    free_batch = free.batch()
+    assert b.report(free.token, free_batch[0]["batch"], [])[0] == 200  # all failed: retried
+    free.batch()  # its next batch: the two retries
     b.signal(signal.SIGTERM)
-    for c in clients:
-        assert c.next_event() == ("bye", {"reason": "shutdown"})
+    b.wait_for_line(r"draining: waiting up to 10\.0 s for 4 busy workers to report 8 messages")
+    status, _headers, body = b.request("GET", "/task?batchsize=2")
+    assert status == 503 and "shutting down" in body["error"]  # no new stream while draining
+    for c, batch in zip(busy, batches):
+        assert b.report(c.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+        assert c.next_event() == ("bye", {"reason": "shutdown"})  # and no next batch
         assert c.next_item() is None
+    assert b.popen.poll() is None  # one worker is still busy
+    free.close()  # its stream ends: its lease with it
     assert b.wait() == 0
+    assert re.search(r"drained in [0-9.]+ s", b.output())
+    assert re.search(r"6 done, 0 dead; when it stopped 0 messages were leased and 2 waiting",
+                     b.output())
     with bbolt_lite.open(str(db), timeout=1) as store:  # the lock was released
         assert store.check() == []
+
+
+def test_a_last_report_gets_no_next_batch_and_its_stream_ends_with_bye(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    client = b.stream(2)
+    client.hello()
+    batch = client.batch()
+    ids = json.dumps([m["id"] for m in batch]).encode()
+    path = "/report?worker=%s&batch=%d" % (client.token, batch[0]["batch"])
+    assert b.request("POST", path + "&last=yes", ids)[0] == 400
+    status, _headers, answer = b.request("POST", path + "&last=1", ids)
+    assert status == 200 and answer["done"] == 2
+    assert client.next_event() == ("bye", {"reason": "last batch reported"})
+    assert client.next_item() is None
+    assert b.stats()["dispatched"] == 2  # nothing more was sent
+
+
+def test_a_second_signal_ends_the_drain_at_once(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--drain-timeout", "60")
+    holder = b.stream(2)
+    holder.hello()
+    holder.batch()
+    b.signal(signal.SIGTERM)
+    b.wait_for_line(r"draining: waiting up to 60\.0 s for 1 busy workers")
+    b.signal(signal.SIGINT)
+    assert holder.next_event(timeout=5) == ("bye", {"reason": "shutdown"})
+    assert b.wait(10) == 0
+    assert "SIGINT again: stopping now" in b.output()
+    assert "when it stopped 2 messages were leased" in b.output()
+
+
+def test_the_drain_ends_after_drain_timeout_and_a_free_stream_ends_at_once(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--drain-timeout", "0.5")
+    holder, free = b.stream(2), b.stream(2)
+    holder.hello()
+    holder.batch()
+    free.hello()
+    batch = free.batch()
+    assert b.report(free.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    free.batch()
+    started = time.monotonic()
+    b.signal(signal.SIGHUP)  # as SIGTERM
+    b.wait_for_line(r"SIGHUP: stopping")
+    assert holder.next_event(timeout=5) == ("bye", {"reason": "shutdown"})
+    assert b.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert "drain timeout: 2 busy workers had not reported after 0.5 s" in b.output()
 
 
 def test_a_second_broker_on_the_same_db_refuses_clearly(processes, db):
@@ -427,6 +493,7 @@ def test_a_second_broker_on_the_same_db_refuses_clearly(processes, db):
 BROKER_FLAGS = {"--help", "--host", "--port", "--db", "--max-attempts", "--lease-timeout",
                 "--heartbeat", "--max-batchsize", "--total", "--seed", "--durable",
                 "--max-workers", "--max-body", "--read-timeout", "--token", "--cors-origin",
+                "--drain-timeout",
                 "--workers",
                 "--progress-every", "--trace", "--log-level"}
 

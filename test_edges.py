@@ -391,19 +391,19 @@ def test_an_unexpected_error_in_the_state_writer_keeps_its_changes_and_shows_in_
 # --- the stop line says what was lost --------------------------------------------------
 
 def test_the_stop_line_counts_the_leased_and_waiting_messages_it_loses(processes, db):
-    b = processes.broker(db, "--heartbeat", "600", "--max-workers", "2")
+    b = processes.broker(db, "--heartbeat", "600", "--max-workers", "2", "--drain-timeout", "0")
     holder = b.stream(3)
     holder.hello()
     holder.batch()
     b.signal(signal.SIGTERM)
     assert b.wait() == 0
-    assert re.search(r"when the stop began 3 messages were leased and 0 waiting for a retry; "
+    assert re.search(r"when it stopped 3 messages were leased and 0 waiting for a retry; "
                      r"3 unsettled messages lost", b.output())
     holder.close()
 
 
 def test_the_stop_line_of_a_durable_broker_counts_what_stays_pending(processes, db):
-    b = processes.broker(db, "--durable", "--heartbeat", "600")
+    b = processes.broker(db, "--durable", "--heartbeat", "600", "--drain-timeout", "0")
     holder = b.stream(4)
     holder.hello()
     batch = holder.batch()
@@ -411,7 +411,7 @@ def test_the_stop_line_of_a_durable_broker_counts_what_stays_pending(processes, 
     holder.batch()  # three retries and one new message, leased
     b.signal(signal.SIGTERM)
     assert b.wait() == 0
-    assert re.search(r"when the stop began 4 messages were leased and 0 waiting for a retry; "
+    assert re.search(r"when it stopped 4 messages were leased and 0 waiting for a retry; "
                      r"4 stay pending in the db", b.output())
     holder.close()
 

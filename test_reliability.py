@@ -111,6 +111,68 @@ def test_durable_broker_killed_at_random_moments_settles_each_message_exactly_on
         assert store.check() == []
 
 
+def test_a_durable_broker_restarted_five_times_under_real_workers_charges_no_busy_batch(
+        processes, db, tmp_path):
+    """Each SIGTERM drains: the batches in hand when it came are reported, and
+    none of their messages is charged an attempt; nothing is lost."""
+    total, trace = 3000, tmp_path / "trace.jsonl"
+    flags = ["--durable", "--total", total, "--trace", trace, "--seed", 7, "--heartbeat", 2,
+             "--progress-every", 0.5]
+    b = processes.broker(db, *flags)
+    workers = processes.worker("--url", b.url, "--processes", 4, "--time-scale", 0.1)
+    signals = []  # (broker pid, when the signal was sent)
+    for _ in range(5):
+        b.wait_for_line(r"progress: .* [1-9]\d* in flight", timeout=30)  # workers are busy
+        signals.append((b.popen.pid, time.time()))
+        b.signal(signal.SIGTERM)
+        assert b.wait() == 0, b.output()
+        assert "drain timeout" not in b.output()
+        b = processes.broker(db, *flags, port=b.port)
+    assert b.wait(120) == 0, b.output()
+    workers.stop()
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+
+    # Charged for nothing: a failure for a stream that ended ("stream closed",
+    # "lease expired") only ever hits a batch whose worker ended by the rules
+    # (a message in it has period > 900); no lease is left over at a restart.
+    batches = {}
+    for e in events:
+        batches.setdefault((e["pid"], e["batch"]), set()).add(e["period"])
+    for e in events:
+        if e["event"] in ("failed", "dead") and e["reason"] != "not reported":
+            assert e["worker"] != 0, e  # left leased by a stop, failed at the next start
+            assert max(batches[e["pid"], e["batch"]]) > 900, e
+    # The messages in a batch when a signal came, whose tasks succeed: each was done by
+    # that same broker, on that attempt.
+    in_hand = 0
+    for pid, signalled in signals:
+        run = [e for e in events if e["pid"] == pid]
+        state = {}
+        for e in run:
+            if e["t"] <= signalled:
+                state[e["id"]] = e
+        for message_id, e in state.items():
+            if e["event"] != "lease" or max(batches[pid, e["batch"]]) > 800:
+                continue
+            after = [x for x in run if x["id"] == message_id and x["t"] > signalled]
+            assert [x["event"] for x in after] == ["done"], (e, after)
+            in_hand += 1
+    assert in_hand > 0
+    print("%d messages in hand at %d signals: all done by the same broker, none charged"
+          % (in_hand, len(signals)))
+
+    # Nothing lost: every message settled once, the dead ones in the db.
+    settled = {}
+    for e in events:
+        if e["event"] in ("done", "dead"):
+            assert e["id"] not in settled, e
+            settled[e["id"]] = e["event"]
+    assert len(settled) == total
+    dead, pending, counters = read_db(db)
+    assert set(dead) == {i for i, how in settled.items() if how == "dead"}
+    assert pending == {} and counters["generated"] == total
+
+
 def test_without_durable_a_restart_leaves_earlier_pending_records_alone(processes, db):
     b = processes.broker(db, "--durable", "--heartbeat", "600")
     client = b.stream(2)

@@ -318,6 +318,83 @@ def test_processes_restarts_each_worker_that_exits_and_sigterm_stops_them_all(fa
             os.kill(pid, 0)
 
 
+# --- a graceful stop ---------------------------------------------------------------
+
+def test_a_first_sigterm_finishes_and_reports_the_batch_in_hand_then_exits_0(fake_broker,
+                                                                             processes):
+    sent = {}
+
+    def script(index, stream):
+        stream.hello(batchsize=3)
+        if index == 0:
+            sent["ids"] = stream.batch(1, [700, 700, 850])
+        stream.hold()
+
+    fake = fake_broker(script)
+    w = processes.worker("--url", fake.url, "--batchsize", "3", "--log-level", "DEBUG")
+    w.wait_for_line(r"batch 1: starting message id-1-2")  # in hand: two tasks sleep 0.7 s
+    w.signal(signal.SIGTERM)
+    assert w.wait() == 0
+    assert len(fake.reports) == 1
+    query, _headers, body = fake.reports[0]
+    assert query == {"worker": ["tok"], "batch": ["1"], "last": ["1"]}  # no next batch, please
+    assert sorted(body) == sorted(sent["ids"][:2])
+    assert len(fake.streams) == 1  # and it did not come back
+    assert "SIGTERM: stopping once the batch in hand is reported" in w.output()
+
+
+def test_a_first_sigterm_with_no_batch_in_hand_ends_the_stream_and_exits_0(fake_broker,
+                                                                          processes):
+    fake = fake_broker(hello_then_hold)
+    w = processes.worker("--url", fake.url, "--batchsize", "2")
+    w.wait_for_line(r"connected to")
+    started = time.monotonic()
+    w.signal(signal.SIGTERM)
+    assert w.wait() == 0
+    assert time.monotonic() - started < 5  # not a heartbeat timeout later
+    assert fake.reports == [] and len(fake.streams) == 1
+    assert "draining: no batch in hand, closing the stream" in w.output()
+
+
+def test_a_second_signal_abandons_the_batch_and_exits_at_once(fake_broker, processes):
+    def script(index, stream):
+        stream.hello(batchsize=2)
+        stream.batch(1, [700, 700])
+        stream.hold()
+
+    fake = fake_broker(script)
+    w = processes.worker("--url", fake.url, "--batchsize", "2", "--time-scale", "20",
+                         "--log-level", "DEBUG")
+    w.wait_for_line(r"batch 1: starting message id-1-1")  # in hand, for 14 s
+    w.signal(signal.SIGTERM)
+    w.wait_for_line(r"draining: finishing and reporting the batch in hand")
+    w.signal(signal.SIGINT)
+    assert w.wait(10) == 0
+    assert fake.reports == []
+    assert "SIGINT again: abandoning the batch in hand, stopping now" in w.output()
+
+
+def test_processes_passes_sigterm_on_and_waits_for_the_batches_to_be_reported(fake_broker,
+                                                                              processes):
+    def script(index, stream):
+        stream.hello(token="tok%d" % index, batchsize=2)
+        if index < 2:
+            stream.batch(index + 1, [600, 600])
+        stream.hold()
+
+    fake = fake_broker(script)
+    supervisor = processes.worker("--url", fake.url, "--processes", "2", "--batchsize", "2",
+                                  "--log-level", "DEBUG")
+    for number in (1, 2):  # both batches in hand: 0.6 s each
+        supervisor.wait_for_line(r"batch %d: starting message id-%d-1" % (number, number))
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait() == 0
+    assert sorted(q["worker"][0] for q, _h, _b in fake.reports) == ["tok0", "tok1"]
+    assert all(q["last"] == ["1"] for q, _h, _b in fake.reports)
+    assert len(fake.streams) == 2  # none restarted
+    assert supervisor.output().count("stopped: exit 0") == 2
+
+
 WORKER_FLAGS = {"--help", "--url", "--batchsize", "--time-scale", "--seed", "--token",
                 "--processes", "--parent-pid", "--log-level"}
 
@@ -367,7 +444,7 @@ def test_abandoning_a_stream_while_its_tasks_end_never_breaks_the_stream_thread(
     try:
         for _round in range(40):
             w = worker.Worker("http://127.0.0.1:9", 10)
-            w._report = lambda stream, batch: None
+            w._report = lambda stream, batch, last=False: None
             stream = worker.Stream(w.url)
             # Each task thread saw the stream alive just before it was lost:
             # it takes its batch out whatever the stream thread does meanwhile.

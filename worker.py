@@ -13,8 +13,10 @@ A message that arrives while ``batchsize`` tasks already run is refused
 (logged, not reported). When every task of a batch has ended, the worker
 reports the ids that succeeded with ``POST /report``. If the stream is lost,
 the worker abandons its batch (its tasks stop and are not reported) and
-reconnects with capped exponential backoff and jitter. The wire protocol is
-PROTOCOL.md.
+reconnects with capped exponential backoff and jitter. On SIGTERM or SIGINT
+the worker takes no new batch, lets the tasks in hand end, reports them and
+exits 0; a second signal abandons them and exits at once. The wire protocol
+is PROTOCOL.md.
 
 Run::
 
@@ -182,6 +184,7 @@ class Stream:
         self.lock = threading.Lock()
         self.batches = {}          # batch number -> BatchInHand
         self.lost = threading.Event()
+        self.sock = None           # the stream's socket, to end it when draining
 
 
 class Worker:
@@ -195,13 +198,17 @@ class Worker:
         self._lock = threading.Lock()
         self._running = 0
         self.exit_status = 0
+        # Set by the first signal: take no new batch, finish and report the
+        # ones in hand, then end the stream and stop.
+        self.draining = threading.Event()
+        self._stream = None  # the stream being served
 
     # -- connecting -----------------------------------------------------------
 
     def run_forever(self, stop):
         """Serve streams until `stop` is set; reconnect with backoff."""
         backoff = BACKOFF_MIN
-        while not stop.is_set():
+        while not stop.is_set() and not self.draining.is_set():
             try:
                 if self.serve_stream():
                     backoff = BACKOFF_MIN  # it worked for a while: start over
@@ -210,6 +217,8 @@ class Worker:
             except (urllib.error.URLError, OSError, ValueError) as error:
                 log.warning("stream lost: %s", getattr(error, "reason", None) or error)
             delay = backoff / 2 + self.rng.uniform(0, backoff / 2)
+            if self.draining.is_set():
+                return
             log.info("reconnecting in %.2f s", delay)
             stop.wait(delay)
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -228,6 +237,8 @@ class Worker:
                                  % (error.code, _error_text(error))) from error
             raise
         hello = False
+        stream.sock = _socket_of(response)
+        self._stream = stream
         try:
             content_type = response.headers.get("Content-Type", "")
             if not content_type.startswith("text/event-stream"):
@@ -237,7 +248,8 @@ class Worker:
             while True:
                 chunk = response.read1(65536)
                 if not chunk:
-                    log.warning("stream closed by the broker")
+                    if not self.draining.is_set():
+                        log.warning("stream closed by the broker")
                     return hello
                 for event, data, _event_id in parser.feed(chunk):
                     if event == "hello":
@@ -252,6 +264,22 @@ class Worker:
         finally:
             self._abandon(stream)
             response.close()
+
+    def drain(self):
+        """The first signal: take no new batch. With none in hand, end the
+        stream now; otherwise its last report (`last=1`) ends it."""
+        self.draining.set()
+        stream = self._stream
+        if stream is None:
+            return
+        with stream.lock:
+            idle = not stream.batches
+        if idle:
+            log.info("draining: no batch in hand, closing the stream")
+            _end_stream(stream)
+        else:
+            log.info("draining: finishing and reporting the batch in hand (a second signal "
+                     "abandons it)")
 
     def _abandon(self, stream):
         """The stream is lost: its tasks stop, and nothing in hand is reported."""
@@ -341,14 +369,20 @@ class Worker:
         if complete and not stream.lost.is_set():
             with stream.lock:
                 stream.batches.pop(batch.number, None)
-            self._report(stream, batch)
+                last = self.draining.is_set() and not stream.batches
+            self._report(stream, batch, last)
+            if last:  # (the broker ends the stream after a last report; an old one may not)
+                _end_stream(stream)
 
     # -- reporting --------------------------------------------------------------
 
-    def _report(self, stream, batch):
-        """POST the succeeded ids; retried while the stream lives."""
-        url = "%s/report?%s" % (stream.base_url, urllib.parse.urlencode(
-            {"worker": stream.token, "batch": batch.number}))
+    def _report(self, stream, batch, last=False):
+        """POST the succeeded ids; retried while the stream lives. `last`:
+        this worker takes no next batch (it is draining)."""
+        query = {"worker": stream.token, "batch": batch.number}
+        if last:
+            query["last"] = 1
+        url = "%s/report?%s" % (stream.base_url, urllib.parse.urlencode(query))
         body = json.dumps(batch.succeeded).encode("utf-8")
         delay = 0.05
         while not stream.lost.is_set():
@@ -382,11 +416,26 @@ class Worker:
             delay = min(delay * 2, 2.0)
 
 
-def _set_read_timeout(response, seconds):
-    """Make a silent stream fail after `seconds` (urllib hides the socket)."""
+def _socket_of(response):
+    """The socket under a urllib response (urllib hides it), or None."""
     sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
-    if isinstance(sock, socket.socket):
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _set_read_timeout(response, seconds):
+    """Make a silent stream fail after `seconds`."""
+    sock = _socket_of(response)
+    if sock is not None:
         sock.settimeout(seconds)
+
+
+def _end_stream(stream):
+    """End a stream from another thread: its reader sees the end at once."""
+    if stream.sock is not None:
+        try:
+            stream.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # (closed already)
 
 
 def _error_text(error):
@@ -508,8 +557,11 @@ def supervise(args):
                 del restarts[slot]
                 generations[slot] += 1
                 start(slot)
-    log.info("stopping %d workers", len(children))
-    _stop_children(children)
+    if stopping and status == 0:
+        _drain_children(children, stopping, wakeup_r)
+    else:
+        log.info("stopping %d workers", len(children))
+        _stop_children(children)
     signal.set_wakeup_fd(-1)
     os.close(wakeup_r)
     os.close(wakeup_w)
@@ -523,8 +575,12 @@ def _run_forked_worker(args, seed, supervisor):
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
+        # Ctrl-C reaches the whole process group: the supervisor passes it on
+        # as SIGTERM, which alone stops a worker (one signal: it drains).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         code = run_worker(argparse.Namespace(**dict(vars(args), processes=None, seed=seed,
-                                                    parent_pid=supervisor)))
+                                                    parent_pid=supervisor)),
+                          signals=(signal.SIGTERM,))
     except BaseException:  # a bug, or Ctrl-C at start: say so, and exit all the same
         log.exception("worker failed")
     finally:
@@ -532,6 +588,38 @@ def _run_forked_worker(args, seed, supervisor):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _drain_children(children, signals, wakeup_r):
+    """Pass the first signal on to every worker, and wait for them to report
+    their batches and exit; pass on a second one too (they stop at once)."""
+    log.info("stopping %d workers once their batches are reported (a second signal stops "
+             "them at once)", len(children))
+    passed_on = 0
+    while children:
+        if passed_on < min(len(signals), 2):
+            passed_on += 1
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        select.select([wakeup_r], [], [], 1.0)
+        try:
+            while os.read(wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while children:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return  # (none left)
+            if pid == 0:
+                break
+            if children.pop(pid, None) is not None:
+                log.info("worker (pid %d) stopped: %s", pid,
+                         _describe_exit(os.waitstatus_to_exitcode(wait_status)))
 
 
 def _stop_children(children):
@@ -613,7 +701,7 @@ def main(argv=None):
     return run_worker(args)
 
 
-def run_worker(args):
+def run_worker(args, signals=(signal.SIGINT, signal.SIGTERM)):
     """One worker, until a signal, a fatal error, or a period > 900; its exit status."""
     rng = random.Random(args.seed)
     batchsize = args.batchsize if args.batchsize is not None else \
@@ -621,13 +709,20 @@ def run_worker(args):
     threading.excepthook = _log_task_exception
     stop = threading.Event()
 
-    def on_signal(signum, _frame):
-        log.info("%s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     worker = Worker(args.url, batchsize, args.time_scale, rng, token=args.token)
+
+    def on_signal(signum, _frame):
+        if worker.draining.is_set():
+            log.info("%s again: abandoning the batch in hand, stopping now",
+                     signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.info("%s: stopping once the batch in hand is reported",
+                     signal.Signals(signum).name)
+            worker.drain()
+
+    for signum in signals:
+        signal.signal(signum, on_signal)
     runner = threading.Thread(target=_run_worker, args=(worker, stop), name="stream",
                               daemon=True)
     runner.start()
