@@ -28,9 +28,9 @@ signal stops it at once. Subcommands
 ``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
 letters of a stopped broker's db.
 
-Endpoints: ``GET /task`` (the work stream), ``POST /report``; for people and
-monitoring ``GET /`` (a dashboard), ``/events``, ``/stats``, ``/metrics``,
-``/healthz``, ``/dead``.
+Endpoints: ``GET /task`` (the work stream), ``POST /report``, ``POST /touch``
+(a slow batch keeps its lease); for people and monitoring ``GET /`` (a
+dashboard), ``/events``, ``/stats``, ``/metrics``, ``/healthz``, ``/dead``.
 
 Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 ``bbolt`` tool). Standard library only, Python 3.9 or newer; needs
@@ -307,7 +307,7 @@ class Batch:
     """
 
     __slots__ = ("number", "session", "messages", "deadline", "started", "saved_seq",
-                 "writing", "written", "half")
+                 "writing", "written", "half", "touches")
 
     def __init__(self, number, session, messages, half):
         self.number = number
@@ -318,6 +318,7 @@ class Batch:
         self.written = False
         self.started = self.deadline = None  # the lease's, once written
         self.saved_seq = 0  # with --durable: written once this change is on disk
+        self.touches = 0    # POST /touch calls that extended its lease
 
 
 class Session:
@@ -405,7 +406,7 @@ class Dispatcher:
         self._halves = collections.deque()        # [Message]: halves of a batch whose worker died
         self._waiting_in_halves = 0               # messages in all those halves
         self._leases = {}                         # message id -> Batch holding it
-        self._batches = collections.OrderedDict()  # number -> Batch in flight, oldest first
+        self._batches = collections.OrderedDict()  # number -> Batch in flight, by deadline
         self._dead_letters = []                   # (Message, failed_at) not yet saved
         self._unsaved = {}                        # --durable: id -> record, or None to delete
         self._requeue_settled = []                # ids to delete from `requeue` (not --durable)
@@ -527,7 +528,7 @@ class Dispatcher:
     def _until_next_deadline_locked(self):
         if not self._batches:
             return None
-        oldest = next(iter(self._batches.values()))  # all leases last as long
+        oldest = next(iter(self._batches.values()))  # (in deadline order: see touch())
         return max(0.0, oldest.deadline - self._clock())
 
     def _expire_leases_locked(self):
@@ -537,8 +538,8 @@ class Dispatcher:
             if batch.deadline > now:
                 break
             session = batch.session
-            log.warning("%s: lease of batch %d expired after %.1f s: closing its stream",
-                        session.name, batch.number, now - batch.started)
+            log.warning("%s: lease of batch %d expired after %.1f s (%d touches): closing its "
+                        "stream", session.name, batch.number, now - batch.started, batch.touches)
             # Close the stream first, then offer the messages again.
             if session.channel is not None:
                 session.channel.close(reason="lease expired")
@@ -735,6 +736,24 @@ class Dispatcher:
             result = {"batch": batch.number, "done": len(done_ids), "retried": retried,
                       "dead": dead, "ignored": ignored}
             return result, self._change_seq, next_batch
+
+    def touch(self, token, batch_number):
+        """The worker is still at its batch: the lease runs a whole lease
+        timeout from now. Returns the lease in ms; ReportError (404, 409) as
+        for a report."""
+        with self._lock:
+            session = self._sessions.get(token)
+            if session is None:
+                raise ReportError(404, "unknown worker token (never issued, or its stream closed)")
+            batch = session.batch
+            if batch is None or batch.number != batch_number:
+                raise ReportError(409, "batch %d is not in flight for this worker" % batch_number)
+            if not batch.written:  # its writer has not said so yet: the bytes did leave
+                self._start_lease_locked(batch)
+            batch.deadline = self._clock() + self.lease_timeout
+            self._batches.move_to_end(batch.number)  # (the latest deadline: still in order)
+            batch.touches += 1
+            return int(self.lease_timeout * 1000)
 
     def _fail_locked(self, message, reason, session, leased=True, queue=True):
         """A failed attempt: dead-letter it, or (`queue`) queue a retry. True if dead."""
@@ -1363,6 +1382,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     read_timeout = DEFAULT_READ_TIMEOUT  # the server sets --read-timeout
     # path -> {method: the name of its handler}
     ROUTES = {"/task": {"GET": "handle_task"}, "/report": {"POST": "handle_report"},
+              "/touch": {"POST": "handle_touch"},
               "/stats": {"GET": "handle_stats"}, "/healthz": {"GET": "handle_healthz"},
               "/metrics": {"GET": "handle_metrics"}, "/events": {"GET": "handle_events"},
               "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"}}
@@ -1723,12 +1743,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if body is None or len(body) != length:
             self.close_connection = True
             return  # the client went away mid-body
-        tokens, batches = query.get("worker", []), query.get("batch", [])
-        if len(tokens) != 1 or not tokens[0]:
-            self.send_error_json(400, "worker must be given once")
-            return
-        if len(batches) != 1 or not re.fullmatch(r"[0-9]{1,18}", batches[0]):
-            self.send_error_json(400, "batch must be given once, as a non-negative integer")
+        named = self._worker_and_batch(query)
+        if named is None:
             return
         last = query.get("last", ["0"])
         if last not in (["0"], ["1"]):
@@ -1743,8 +1759,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         dispatcher = self.server.broker.dispatcher
         try:
-            result, seq, next_batch = dispatcher.report(tokens[0], int(batches[0]), ids,
-                                                        last=last == ["1"])
+            result, seq, next_batch = dispatcher.report(*named, ids, last=last == ["1"])
         except ReportError as error:
             self.send_error_json(error.status, str(error))
             return
@@ -1760,6 +1775,37 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             # uncharged; the report itself is settled all the same.
             deliver(dispatcher, next_batch.session, next_batch, None)
         self.send_json(200, result)
+
+    def _worker_and_batch(self, query):
+        """The `worker` and `batch` of a report or a touch; None once a 400
+        says what is wrong with them."""
+        tokens, batches = query.get("worker", []), query.get("batch", [])
+        if len(tokens) != 1 or not tokens[0]:
+            self.send_error_json(400, "worker must be given once")
+            return None
+        if len(batches) != 1 or not re.fullmatch(r"[0-9]{1,18}", batches[0]):
+            self.send_error_json(400, "batch must be given once, as a non-negative integer")
+            return None
+        return tokens[0], int(batches[0])
+
+    # -- POST /touch --------------------------------------------------------------
+
+    def handle_touch(self, query):
+        """Extend a batch's lease to a whole lease timeout from now."""
+        if self.headers.get("Transfer-Encoding") or \
+                self.headers.get("Content-Length", "0").strip() != "0":
+            self.close_connection = True  # (its body is not read)
+            self.send_error_json(400, "a touch has no body")
+            return
+        named = self._worker_and_batch(query)
+        if named is None:
+            return
+        try:
+            lease_ms = self.server.broker.dispatcher.touch(*named)
+        except ReportError as error:
+            self.send_error_json(error.status, str(error))
+            return
+        self.send_json(200, {"batch": named[1], "lease_ms": lease_ms})
 
     # -- GET /stats, /metrics, /healthz, /dead, /events, / --------------------
 

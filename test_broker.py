@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from unittest.mock import ANY as mock_any
 
 import bbolt_lite
 import broker
@@ -448,6 +449,35 @@ def test_a_last_report_gets_no_next_batch_and_its_stream_ends_with_bye(processes
     assert client.next_event() == ("bye", {"reason": "last batch reported"})
     assert client.next_item() is None
     assert b.stats()["dispatched"] == 2  # nothing more was sent
+
+
+def test_a_touch_extends_the_lease_by_a_whole_lease_timeout_from_now(processes, db):
+    b = processes.broker(db, "--heartbeat", "600", "--lease-timeout", "1")
+    client = b.stream(2)
+    client.hello()
+    batch = client.batch()
+    number = batch[0]["batch"]
+    touch = "/touch?worker=%s&batch=%d" % (client.token, number)
+    for _ in range(3):  # 1.8 s in all, well past the 1 s lease
+        time.sleep(0.6)
+        assert b.request("POST", touch) == (200, mock_any, {"batch": number, "lease_ms": 1000})
+    assert b.report(client.token, number, [m["id"] for m in batch])[0] == 200
+    assert "expired" not in b.output()
+    client.batch()  # untouched, the next batch's lease expires
+    assert client.next_event(timeout=5) == ("bye", {"reason": "lease expired"})
+
+
+def test_a_touch_is_refused_as_a_report_is(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    client = b.stream(2)
+    client.hello()
+    number = client.batch()[0]["batch"]
+    assert b.request("POST", "/touch?worker=nobody&batch=%d" % number)[0] == 404
+    assert b.request("POST", "/touch?worker=%s&batch=%d" % (client.token, number + 1))[0] == 409
+    assert b.request("POST", "/touch?worker=%s" % client.token)[0] == 400
+    assert b.request("POST", "/touch?worker=%s&batch=%d" % (client.token, number),
+                     b"[]")[0] == 400  # a touch has no body
+    assert b.request("GET", "/touch")[0] == 405
 
 
 def test_a_second_signal_ends_the_drain_at_once(processes, db):

@@ -173,6 +173,36 @@ def test_a_durable_broker_restarted_five_times_under_real_workers_charges_no_bus
     assert pending == {} and counters["generated"] == total
 
 
+def test_slow_batches_are_touched_and_keep_their_lease_but_a_stopped_worker_loses_it(
+        processes, db, tmp_path):
+    """--lease-timeout 1 with tasks of up to 2.4 s (--time-scale 3): worker.py
+    touches its batches, so no lease expires; touches come from a live
+    worker only, so a SIGSTOPped one still loses its lease."""
+    trace = tmp_path / "trace.jsonl"
+    b = processes.broker(db, "--lease-timeout", 1, "--total", 40, "--trace", trace,
+                         "--heartbeat", 0.5)
+    workers = processes.worker("--url", b.url, "--processes", 4, "--batchsize", 5,
+                               "--time-scale", 3)
+    assert b.wait(120) == 0, b.output()
+    workers.stop()
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [e for e in events if e.get("reason") == "lease expired"] == []
+    assert "expired" not in b.output()
+    slow = {e["id"] for e in events if e["event"] == "done" and e["period"] * 3 > 1000}
+    assert slow  # done in one attempt though each took longer than a lease
+
+    stopped_db = tmp_path / "stopped.db"
+    b = processes.broker(stopped_db, "--lease-timeout", 1, "--heartbeat", 600)
+    worker = processes.worker("--url", b.url, "--batchsize", 2, "--time-scale", 3,
+                              "--log-level", "DEBUG")
+    worker.wait_for_line(r"batch \d+: starting message")
+    worker.signal(signal.SIGSTOP)
+    try:
+        b.wait_for_line(r"lease of batch \d+ expired after 1\.\d s \(0 touches\)", timeout=10)
+    finally:
+        worker.signal(signal.SIGCONT)
+
+
 def test_without_durable_a_restart_leaves_earlier_pending_records_alone(processes, db):
     b = processes.broker(db, "--durable", "--heartbeat", "600")
     client = b.stream(2)

@@ -11,9 +11,10 @@ in a thread of its own:
 
 A message that arrives while ``batchsize`` tasks already run is refused
 (logged, not reported). When every task of a batch has ended, the worker
-reports the ids that succeeded with ``POST /report``. If the stream is lost,
-the worker abandons its batch (its tasks stop and are not reported) and
-reconnects with capped exponential backoff and jitter. On SIGTERM or SIGINT
+reports the ids that succeeded with ``POST /report``; a batch still running
+after half a lease is touched (``POST /touch``) so it keeps its lease. If the
+stream is lost, the worker abandons its batch (its tasks stop and are not
+reported) and reconnects with capped exponential backoff and jitter. On SIGTERM or SIGINT
 the worker takes no new batch, lets the tasks in hand end, reports them and
 exits 0; a second signal abandons them and exits at once. The wire protocol
 is PROTOCOL.md.
@@ -169,7 +170,7 @@ class BatchInHand:
         self.succeeded = []
         self.raised = 0
         self.refused = 0
-        self.started = time.monotonic()
+        self.started = self.touched = time.monotonic()  # touched: its lease last extended
 
 
 class Stream:
@@ -179,6 +180,7 @@ class Stream:
         self.base_url = base_url
         self.token = None
         self.heartbeat_ms = DEFAULT_HEARTBEAT_MS
+        self.lease_ms = None       # from hello: batches are touched every half of it
         # `lock` guards `batches`: the stream thread adds and abandons
         # batches while task threads take out those that are complete.
         self.lock = threading.Lock()
@@ -295,6 +297,11 @@ class Worker:
         stream.token = hello["worker"]
         stream.heartbeat_ms = int(hello.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS))
         _set_read_timeout(response, HEARTBEATS_BEFORE_DEAD * stream.heartbeat_ms / 1000)
+        if stream.lease_ms is None and isinstance(hello.get("lease_ms"), int) \
+                and hello["lease_ms"] > 0:
+            stream.lease_ms = hello["lease_ms"]
+            threading.Thread(target=self._touch_batches, args=(stream,), name="toucher",
+                             daemon=True).start()
         log.info("connected to %s, batchsize %d", self.url, self.batchsize)
         return True
 
@@ -373,6 +380,39 @@ class Worker:
             self._report(stream, batch, last)
             if last:  # (the broker ends the stream after a last report; an old one may not)
                 _end_stream(stream)
+
+    # -- touching: a slow batch keeps its lease ---------------------------------
+
+    def _touch_batches(self, stream):
+        """While the stream lives, touch each batch in hand that has run half
+        a lease since its lease began or was last extended (PROTOCOL.md v1.1)."""
+        half = stream.lease_ms / 2000.0
+        while not stream.lost.wait(half / 4):
+            now = time.monotonic()
+            with stream.lock:
+                due = [b for b in stream.batches.values() if now - b.touched >= half]
+            for batch in due:
+                self._touch(stream, batch)
+
+    def _touch(self, stream, batch):
+        url = "%s/touch?%s" % (stream.base_url, urllib.parse.urlencode(
+            {"worker": stream.token, "batch": batch.number}))
+        sent = time.monotonic()
+        request = urllib.request.Request(url, data=b"", method="POST", headers=self.auth)
+        try:
+            with urllib.request.urlopen(request, timeout=REPORT_TIMEOUT) as response:
+                response.read()
+            batch.touched = sent
+            log.debug("batch %d: lease extended", batch.number)
+        except urllib.error.HTTPError as error:
+            if error.code in (404, 409):  # settled, or the stream is ending
+                batch.touched = float("inf")
+            else:
+                log.warning("batch %d: touch failed: %d %s", batch.number, error.code,
+                            _error_text(error))
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            log.warning("batch %d: touch failed (%s)", batch.number,
+                        getattr(error, "reason", None) or error)
 
     # -- reporting --------------------------------------------------------------
 
