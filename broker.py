@@ -26,11 +26,12 @@ running and watching (--workers, --progress-every, --trace, --log-level,
 nothing more and lets busy workers report, up to --drain-timeout; a second
 signal stops it at once. Subcommands
 ``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
-letters of a stopped broker's db.
+letters of a stopped broker's db (``requeue --url``: of a running broker).
 
 Endpoints: ``GET /task`` (the work stream), ``POST /report``, ``POST /touch``
 (a slow batch keeps its lease); for people and monitoring ``GET /`` (a
-dashboard), ``/events``, ``/stats``, ``/metrics``, ``/healthz``, ``/dead``.
+dashboard), ``/events``, ``/stats``, ``/metrics``, ``/healthz``, ``/dead``,
+and ``POST /requeue`` (dead letters back to the queue, live).
 
 Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 ``bbolt`` tool). Standard library only, Python 3.9 or newer; needs
@@ -63,7 +64,9 @@ import struct
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import zlib
 
 import bbolt_lite
@@ -857,6 +860,11 @@ class Dispatcher:
                 self._save_locked(message, "waiting")
             if not counted:
                 self.requeued += len(records)
+            ids = {record["id"] for record in records}
+            if any(d["id"] in ids for d in self.recent_dead):
+                kept = [d for d in self.recent_dead if d["id"] not in ids]
+                self.recent_dead.clear()
+                self.recent_dead.extend(kept)
             self._assign_locked()
 
     def restore(self, records, counters):
@@ -1137,6 +1145,21 @@ def count_pending(db):
         return sum(1 for _ in pending.items()) if pending is not None else 0
 
 
+class RequeueError(Exception):
+    """A live requeue that could not be done; nothing changed."""
+
+
+class RequeueRequest:
+    """One POST /requeue, handed to the state writer (the db's one writer)."""
+
+    def __init__(self, ids):
+        self.ids = ids                  # None: every dead letter
+        self.lock = threading.Lock()    # guards started and cancelled
+        self.started = self.cancelled = False
+        self.done = threading.Event()
+        self.requeued, self.missing, self.error = [], [], None
+
+
 class StateWriter:
     """Saves what the dispatcher changed, all that is ready in one transaction.
 
@@ -1160,11 +1183,13 @@ class StateWriter:
         # could take an empty change set and count it all saved.
         self.finish = threading.Event()
         self.give_up = threading.Event()  # the stop's wait is over: end even if unsaved
+        self._requeues = queue.SimpleQueue()  # RequeueRequests from POST /requeue
         self.thread = threading.Thread(target=self.run, name="state-writer", daemon=True)
 
     def run(self):
         while True:
             self.beat = time.monotonic()
+            self._serve_requeues()
             changes = self.dispatcher.take_changes(timeout=1.0)
             if changes is None:
                 if self.finish.is_set():
@@ -1173,6 +1198,90 @@ class StateWriter:
             if not self.save(changes):
                 if self.give_up.wait(self.RETRY_SECONDS):
                     return
+
+    def requeue(self, ids, timeout):
+        """POST /requeue: move the dead letters `ids` (None: all) from `failed`
+        back to the retry queue, in one transaction of this thread's (with
+        them into `pending`, or into `requeue` without --durable, so that a
+        crash loses none). Returns (requeued ids, missing ids); raises
+        RequeueError when it could not be done (nothing changed)."""
+        request = RequeueRequest(ids)
+        self._requeues.put(request)
+        self.dispatcher.wake_writer()
+        if not request.done.wait(timeout):
+            with request.lock:
+                if not request.started:  # it will never run: nothing changed
+                    request.cancelled = True
+                    raise RequeueError("the db is busy: try again")
+            request.done.wait()  # its transaction is under way: wait for its end
+        if request.error is not None:
+            raise RequeueError(request.error)
+        return request.requeued, request.missing
+
+    def _serve_requeues(self):
+        while True:
+            try:
+                request = self._requeues.get_nowait()
+            except queue.Empty:
+                return
+            with request.lock:
+                if request.cancelled:
+                    continue
+                request.started = True
+            try:
+                if self.finish.is_set():
+                    raise RequeueError("the broker is stopping")
+                records, request.missing = self._move_dead_letters(request.ids)
+                request.requeued = [r["id"] for r in records]
+                self.dispatcher.requeue(records)
+                if records:
+                    log.info("%d dead letters requeued: they go out first", len(records))
+            except RequeueError as error:
+                request.error = str(error)
+            except Exception as error:  # a disk error: the transaction changed nothing
+                request.error = "cannot requeue: %s" % error
+                log.error("cannot requeue dead letters: %s", error)
+            finally:
+                request.done.set()
+
+    def _move_dead_letters(self, ids):
+        durable = self.dispatcher.durable
+        with self.db.update() as tx:
+            failed = tx.bucket(DEAD_LETTER_BUCKET)
+            if ids is None:
+                keys = [k for k, _v in failed.items()] if failed is not None else []
+            else:
+                keys = list(dict.fromkeys(i.encode("utf-8") for i in ids))
+            records, missing = [], []
+            for key in keys:
+                raw = failed.get(key) if failed is not None else None
+                try:
+                    records.append(parse_record(DEAD_LETTER_BUCKET, key, raw)
+                                   if raw is not None else None)
+                except RecordError as error:
+                    log.warning("not requeued: %s", error)
+                    records.append(None)
+                if records[-1] is None:
+                    missing.append(key.decode("utf-8", "replace"))
+            records = [r for r in records if r is not None]
+            if not records:
+                return [], missing
+            if durable:
+                pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
+                for record in records:
+                    pending.put(record["id"].encode("ascii"), _compact_json(pending_record(
+                        Message(record["id"], record["period"]), False)).encode())
+                state = tx.create_bucket_if_not_exists(STATE_BUCKET)
+                state.put(b"requeued", b"%d" % (self.dispatcher.requeued + len(records)))
+            else:
+                requeue = tx.create_bucket_if_not_exists(REQUEUE_BUCKET)
+            for record in records:
+                key = record["id"].encode("ascii")
+                if not durable:
+                    requeue.put(key, failed.get(key))
+                failed.delete(key)
+        self.commits += 1
+        return records, missing
 
     def stuck_for(self):
         """Seconds the commit under way has lasted (0 if none)."""
@@ -1382,7 +1491,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     read_timeout = DEFAULT_READ_TIMEOUT  # the server sets --read-timeout
     # path -> {method: the name of its handler}
     ROUTES = {"/task": {"GET": "handle_task"}, "/report": {"POST": "handle_report"},
-              "/touch": {"POST": "handle_touch"},
+              "/touch": {"POST": "handle_touch"}, "/requeue": {"POST": "handle_requeue"},
               "/stats": {"GET": "handle_stats"}, "/healthz": {"GET": "handle_healthz"},
               "/metrics": {"GET": "handle_metrics"}, "/events": {"GET": "handle_events"},
               "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"}}
@@ -1723,26 +1832,34 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- POST /report ---------------------------------------------------------
 
-    def handle_report(self, query):
+    def read_body(self):
+        """The request's body (Content-Length required, at most --max-body
+        bytes), or None once an error answer (or a client gone) says why not."""
         length_header = self.headers.get("Content-Length")
         if length_header is None or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             self.send_error_json(411, "Content-Length required")
-            return
+            return None
         if not re.fullmatch(r"[0-9]{1,12}", length_header.strip()):
             self.close_connection = True
             self.send_error_json(400, "malformed Content-Length")
-            return
+            return None
         length = int(length_header)
         limit = self.server.broker.max_body
         if length > limit:
             self.close_connection = True
-            self.send_error_json(413, "report body larger than %d bytes" % limit)
-            return
+            self.send_error_json(413, "body larger than %d bytes" % limit)
+            return None
         body = self.rfile.read(length)
         if body is None or len(body) != length:
             self.close_connection = True
-            return  # the client went away mid-body
+            return None  # the client went away mid-body
+        return body
+
+    def handle_report(self, query):
+        body = self.read_body()
+        if body is None:
+            return
         named = self._worker_and_batch(query)
         if named is None:
             return
@@ -1750,11 +1867,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if last not in (["0"], ["1"]):
             self.send_error_json(400, "last must be 0 or 1")
             return
-        try:
-            ids = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            ids = None
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        ids = _id_list(body)
+        if ids is None:
             self.send_error_json(400, "the body must be a JSON array of id strings")
             return
         dispatcher = self.server.broker.dispatcher
@@ -1787,6 +1901,31 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(400, "batch must be given once, as a non-negative integer")
             return None
         return tokens[0], int(batches[0])
+
+    # -- POST /requeue ------------------------------------------------------------
+
+    def handle_requeue(self, query):
+        """Dead letters back to the retry queue of this running broker."""
+        body = self.read_body()
+        if body is None:
+            return
+        ids = _id_list(body)
+        if ids is None:
+            try:
+                everything = json.loads(body.decode("utf-8")) == {"all": True}
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                everything = False
+            if not everything:
+                self.send_error_json(400, 'the body must be a JSON array of dead-letter ids, '
+                                          'or {"all": true}')
+                return
+        broker = self.server.broker
+        try:
+            requeued, missing = broker.state_writer.requeue(ids, self.read_timeout)
+        except RequeueError as error:
+            self.send_error_json(503, str(error), [("Retry-After", "2")])
+            return
+        self.send_json(200, {"requeued": len(requeued), "missing": missing})
 
     # -- POST /touch --------------------------------------------------------------
 
@@ -1860,6 +1999,17 @@ def _allowed_methods(path, handlers):
     if "GET" in handlers and path not in STREAM_PATHS:
         methods.add("HEAD")
     return ", ".join(sorted(methods))
+
+
+def _id_list(body):
+    """A body that is a JSON array of strings, as a list; else None."""
+    try:
+        ids = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return None
+    return ids
 
 
 def read_dead_letters(db, limit, after=""):
@@ -2049,8 +2199,9 @@ DASHBOARD_HTML = """<!doctype html>
 <h2>Workers</h2>
 <table><thead><tr><th>worker</th><th>batchsize</th><th>batches done</th><th>current batch age</th></tr></thead>
 <tbody id="workers"></tbody></table>
-<h2>Latest dead letters</h2>
-<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>failed at</th></tr></thead>
+<h2>Latest dead letters <button id="requeue-all" type="button">requeue all</button>
+  <span id="requeue-result"></span></h2>
+<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>failed at</th><th></th></tr></thead>
 <tbody id="dead"></tbody></table>
 <script>
 "use strict";
@@ -2062,7 +2213,45 @@ const history = [];  // [time, done, dead], one a second, five minutes
 let token = sessionStorage.getItem("broker-token") || "";
 let source = null;
 
-function cell(row, text) { const td = document.createElement("td"); td.textContent = text; row.appendChild(td); }
+function cell(row, content) {
+  const td = document.createElement("td");
+  if (content instanceof Node) td.appendChild(content); else td.textContent = content;
+  row.appendChild(td);
+}
+
+function authHeaders() { return token ? {"Authorization": "Bearer " + token} : {}; }
+
+function askToken() {
+  const given = window.prompt("This broker needs its token:");
+  if (given === null) return false;
+  token = given; sessionStorage.setItem("broker-token", token);
+  return true;
+}
+
+// POST /requeue: these dead letters (or all) go out again first, attempts reset.
+async function requeue(ids, retried) {
+  const result = document.getElementById("requeue-result");
+  try {
+    const answer = await fetch("/requeue", {method: "POST",
+      headers: Object.assign({"Content-Type": "application/json"}, authHeaders()),
+      body: JSON.stringify(ids === null ? {all: true} : ids)});
+    if (answer.status === 401 && !retried && askToken()) return requeue(ids, true);
+    const body = await answer.json();
+    result.textContent = answer.ok ? body.requeued + " requeued" +
+      (body.missing.length ? ", " + body.missing.length + " no longer dead" : "") :
+      "requeue failed: " + body.error;
+  } catch (error) {
+    result.textContent = "requeue failed: " + error;
+  }
+}
+
+function requeueButton(id) {
+  const button = document.createElement("button");
+  button.type = "button"; button.textContent = "requeue"; button.className = "requeue";
+  button.addEventListener("click", () => requeue([id], false));
+  return button;
+}
+document.getElementById("requeue-all").addEventListener("click", () => requeue(null, false));
 
 function fill(id, rows, columns) {
   const body = document.getElementById(id);
@@ -2096,7 +2285,7 @@ function show(stats) {
   fill("workers", stats.workers_detail, [w => w.worker, w => w.batchsize, w => w.batches_done,
     w => w.batch_age_s === null ? "free" : w.batch_age_s.toFixed(2) + " s"]);
   fill("dead", stats.recent_dead.slice().reverse(), [d => d.id, d => d.period + " ms",
-    d => d.attempts, d => d.reason, d => d.failed_at]);
+    d => d.attempts, d => d.reason, d => d.failed_at, d => requeueButton(d.id)]);
   history.push([Date.now() / 1000, stats.done, stats.dead]);
   while (history.length > 301) history.shift();
   draw();
@@ -2132,12 +2321,8 @@ function connect() {
   source.addEventListener("bye", () => { status("the broker stopped"); source.close(); });
   source.onerror = () => {
     source.close();
-    fetch("/stats", {headers: token ? {"Authorization": "Bearer " + token} : {}}).then(r => {
-      if (r.status === 401) {
-        const given = window.prompt("This broker needs its token:");
-        if (given === null) { status("a token is needed"); return; }
-        token = given; sessionStorage.setItem("broker-token", token);
-      }
+    fetch("/stats", {headers: authHeaders()}).then(r => {
+      if (r.status === 401 && !askToken()) { status("a token is needed"); return; }
       setTimeout(connect, 1000);
     }, () => { status("the broker is not answering; retrying"); setTimeout(connect, 2000); });
   };
@@ -2675,8 +2860,8 @@ def _tool_db(path, writable):
     try:
         return bbolt_lite.open(path, readonly=not writable, timeout=0.5)
     except bbolt_lite.DatabaseLockedError:
-        raise ToolError("%s is in use by a running broker: stop it first (dead letters can "
-                        "also be read live at GET /dead)" % path) from None
+        raise ToolError("%s is in use by a running broker: stop it first (or, live: read "
+                        "GET /dead, and 'requeue --url' the broker)" % path) from None
     except (bbolt_lite.Error, OSError) as error:
         raise ToolError("%s: cannot be read as a bbolt file: %s" % (
             path, getattr(error, "strerror", None) or error)) from None
@@ -2712,14 +2897,24 @@ def dead_command(argv):
 def requeue_command(argv):
     parser = argparse.ArgumentParser(
         prog="broker.py requeue",
-        description="Move dead letters to the 'requeue' bucket: the broker sends them first "
-                    "on its next start, with their attempts reset.")
-    parser.add_argument("--db", default=DEFAULT_DB, help="(default: %(default)s)")
+        description="Requeue dead letters, attempts reset. With --url, those of a running "
+                    "broker, which sends them out first at once (POST /requeue); otherwise "
+                    "those of a stopped broker's --db, moved to its 'requeue' bucket: the "
+                    "broker sends them first on its next start.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--db", default=None,
+                       help="the db of a stopped broker (default: %s)" % DEFAULT_DB)
+    where.add_argument("--url", help="a running broker, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
+                        help="with --url: the broker's --token (default: $BROKER_TOKEN)")
     parser.add_argument("--all", action="store_true", help="every dead letter")
     parser.add_argument("ids", nargs="*", metavar="ID", help="the dead letters to requeue")
     args = parser.parse_args(argv)
     if bool(args.ids) == args.all:
         parser.error("give dead letter ids, or --all")
+    if args.url is not None:
+        return _requeue_live(args)
+    args.db = args.db or DEFAULT_DB
     with _tool_db(args.db, writable=True) as db:
         with db.update() as tx:
             failed = tx.bucket(DEAD_LETTER_BUCKET)
@@ -2739,6 +2934,35 @@ def requeue_command(argv):
                 failed.delete(key)
     print("%d dead letters requeued: the broker sends them first on its next start"
           % len(keys))
+    return 0
+
+
+def _requeue_live(args):
+    """`requeue --url`: POST /requeue to a running broker."""
+    if not args.url.startswith(("http://", "https://")):
+        raise ToolError("--url must start with http:// or https://")
+    body = json.dumps({"all": True} if args.all else args.ids).encode()
+    headers = {"Content-Type": "application/json"}
+    if args.token:
+        headers["Authorization"] = "Bearer " + args.token
+    request = urllib.request.Request(args.url.rstrip("/") + "/requeue", data=body,
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            reason = json.loads(error.read()).get("error", "")
+        except ValueError:
+            reason = error.reason
+        raise ToolError("%s answered %d: %s" % (args.url, error.code, reason)) from None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise ToolError("cannot reach %s: %s" % (
+            args.url, getattr(error, "reason", None) or error)) from None
+    print("%d dead letters requeued: the broker sends them first" % answer["requeued"])
+    if answer["missing"]:
+        print("not dead letters there: %s" % " ".join(answer["missing"]), file=sys.stderr)
+        return 1
     return 0
 
 

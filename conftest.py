@@ -172,9 +172,13 @@ class BrokerProcess(Process):
         self.url = re.search(r"listening on (http://[0-9.]+:\d+)", line).group(1)
         self.host, port_text = self.url[len("http://"):].split(":")
         self.port = int(port_text)
+        self.bearer = None  # a --token the requests and streams below send
 
     def request(self, method, path, body=None, headers=None, timeout=10):
         """(status, headers, parsed JSON or text)."""
+        headers = dict(headers or {})
+        if self.bearer is not None:
+            headers.setdefault("Authorization", "Bearer " + self.bearer)
         return http_request(self.host, self.port, method, path, body, headers, timeout)
 
     def threads(self):
@@ -192,7 +196,9 @@ class BrokerProcess(Process):
         return body
 
     def stream(self, batchsize, name="batchsize"):
-        return SSEClient(self.host, self.port, "/task?%s=%s" % (name, batchsize))
+        return SSEClient(self.host, self.port, "/task?%s=%s" % (name, batchsize),
+                         headers="" if self.bearer is None else
+                         "Authorization: Bearer %s\r\n" % self.bearer)
 
 
 def http_request(host, port, method, path, body=None, headers=None, timeout=10):

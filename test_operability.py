@@ -1,7 +1,9 @@
 """Operability: /stats, /metrics, /dead, the dashboard, --workers, dead-letter tools, logs."""
 
 import os
+import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -202,6 +204,103 @@ def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
 
 # --- the tools never hurt a file ---------------------------------------------------------
 
+def dead_now(b):
+    """The ids GET /dead lists."""
+    return [d["id"] for d in b.request("GET", "/dead")[2]["dead"]]
+
+
+def live_dead_letters(b, count):
+    """On a running --max-attempts 1 broker: `count` dead letters, saved; their ids."""
+    client = b.stream(count)
+    client.hello()
+    batch = client.batch()
+    assert b.request("POST", "/report?worker=%s&batch=%d&last=1" % (
+        client.token, batch[0]["batch"]), b"[]")[0] == 200  # all dead, and no next batch
+    client.close()
+    deadline = time.monotonic() + 10
+    while len(dead_now(b)) < count:  # (saved by their own thread)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return [m["id"] for m in batch]
+
+
+def test_post_requeue_sends_dead_letters_out_first_at_once(processes, db):
+    b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600")
+    ids = live_dead_letters(b, 3)
+    status, _headers, answer = b.request("POST", "/requeue",
+                                         json.dumps([ids[1], "nonexistent"]).encode())
+    assert status == 200 and answer == {"requeued": 1, "missing": ["nonexistent"]}
+    assert sorted(dead_now(b)) == sorted([ids[0], ids[2]])
+    client = b.stream(5)
+    client.hello()
+    batch = client.batch()
+    assert batch[0]["id"] == ids[1] and batch[0]["attempt"] == 1  # first, attempts reset
+    assert b.request("POST", "/requeue", json.dumps({"all": True}).encode())[2] == {
+        "requeued": 2, "missing": []}
+    assert dead_now(b) == []
+    for bad in (b"", b"{}", b'{"all": false}', b"[1]", b"nope"):
+        assert b.request("POST", "/requeue", bad)[0] == 400, bad
+    assert "1 dead letters requeued: they go out first" in b.output()
+    assert b.stats()["dead"] == 3
+
+
+def test_a_live_requeue_is_never_lost(processes, db):
+    """Without --durable the requeued dead letter waits in `requeue`; with it,
+    in `pending`: either way a broker killed at once sends it on its next start."""
+    for durable in ((), ("--durable",)):
+        db.unlink() if db.exists() else None
+        b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600", *durable)
+        ids = live_dead_letters(b, 2)
+        assert b.request("POST", "/requeue", json.dumps(ids[:1]).encode())[0] == 200
+        b.signal(signal.SIGKILL)
+        b.wait()
+        again = processes.broker(db, "--heartbeat", "600", *durable)
+        client = again.stream(1)
+        client.hello()
+        assert [m["id"] for m in client.batch()] == ids[:1]
+        assert dead_now(again) == ids[1:]
+        again.stop()
+
+
+def test_requeue_url_requeues_on_a_running_broker_with_its_token(processes, db):
+    b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600", "--token", "s3cret")
+    b.bearer = "s3cret"
+    ids = live_dead_letters(b, 2)
+    done = broker_tool("requeue", "--url", b.url, "--token", "s3cret", ids[0], "nonexistent")
+    assert done.returncode == 1
+    assert "1 dead letters requeued" in done.stdout and "nonexistent" in done.stderr
+    refused = broker_tool("requeue", "--url", b.url, "--token", "wrong", "--all")
+    assert refused.returncode == 2 and "answered 401" in refused.stderr
+    assert "1 dead letters requeued" in broker_tool(
+        "requeue", "--url", b.url, "--all", env_token="s3cret").stdout
+    gone = broker_tool("requeue", "--url", "http://127.0.0.1:9", "--all")
+    assert gone.returncode == 2 and "cannot reach" in gone.stderr
+
+
+def test_the_dashboard_requeues_one_dead_letter_and_then_all_asking_for_the_token(
+        processes, db):
+    b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600", "--token", "s3cret")
+    b.bearer = "s3cret"
+    ids = live_dead_letters(b, 3)
+    prompts = []
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.on("dialog", lambda dialog: (prompts.append(dialog.message),
+                                          dialog.accept("s3cret")))
+        page.goto(b.url + "/")
+        page.wait_for_selector("#dead button.requeue", timeout=15000)
+        first = page.inner_text("#dead tr:first-child td:first-child")
+        page.click("#dead tr:first-child button.requeue")
+        page.wait_for_function("document.getElementById('requeue-result').textContent"
+                               " === '1 requeued'", timeout=10000)
+        assert first not in dead_now(b) and len(dead_now(b)) == 2
+        page.click("#requeue-all")
+        page.wait_for_function("document.getElementById('requeue-result').textContent"
+                               " === '2 requeued'", timeout=10000)
+    assert dead_now(b) == [] and first in ids
+    assert prompts == ["This broker needs its token:"]  # asked once, for the stream
+
+
 def dead_letters_made(processes, db, count):
     """A --total run whose `count` messages all end dead."""
     b = processes.broker(db, "--total", count, "--max-attempts", "1")
@@ -211,9 +310,10 @@ def dead_letters_made(processes, db, count):
     assert b.wait() == 0
 
 
-def broker_tool(*args):
+def broker_tool(*args, env_token=None):
+    env = dict(os.environ, BROKER_TOKEN=env_token) if env_token else None
     return subprocess.run([sys.executable, "broker.py"] + [str(a) for a in args], cwd=HERE,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, env=env)
 
 
 def test_dead_only_reads_and_answers_a_bad_file_with_one_line_and_exit_2(tmp_path):
