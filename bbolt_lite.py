@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """bbolt_lite: the bbolt on-disk format in one file of pure Python.
 
 bbolt (go.etcd.io/bbolt) is an embedded key/value store: one file holding a
@@ -60,6 +61,8 @@ power of two from 1024 (Go's own minimum in practice: it cannot open smaller
 pages); a read-only open never rebuilds a ``NoFreelistSync`` file's freelist
 (as Go), so ``info()`` counts no free pages there.
 """
+
+__version__ = "1.1.0"
 
 import array
 import bisect
@@ -1891,6 +1894,7 @@ def _sync_folder(folder):
 # ---------------------------------------------------------------------------
 
 _USAGE = """usage: python bbolt_lite.py COMMAND FILE [BUCKET...] [KEY]
+       python bbolt_lite.py --version
 
 commands:
   check   FILE                 check the file's structure; print OK and exit 0 when sound
@@ -1981,6 +1985,9 @@ def main(argv=None):
     if not args or args[0] in ("-h", "--help", "help"):
         print(_USAGE)
         return 0 if args else 2
+    if args == ["--version"]:
+        print("bbolt_lite.py " + __version__)
+        return 0
     command, rest = args[0], args[1:]
     needs = {"check": 0, "info": 0, "stats": 0, "buckets": 0, "keys": 1, "get": 2,
              "dump": 0, "pages": 0}

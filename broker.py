@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """broker.py: hands out work over Server-Sent Events, retries what fails.
 
 The broker generates messages ``{"id": <rs/xid>, "period": 1..1000}`` and
@@ -20,9 +21,10 @@ Run::
 Flags (``python broker.py --help`` says more): where to listen and store
 (--host, --port, --db), the rules (--max-attempts, --lease-timeout,
 --heartbeat, --max-batchsize, --total, --seed, --durable), limits and access
-(--max-workers, --max-body, --read-timeout, --token, --cors-origin), and
+(--max-workers, --max-body, --read-timeout, --token, --token-file,
+--cors-origin, --tls-cert, --tls-key), and
 running and watching (--workers, --progress-every, --trace, --log-level,
---drain-timeout). SIGTERM, SIGINT or SIGHUP stop it gracefully: it leases
+--drain-timeout), and --version. SIGTERM, SIGINT or SIGHUP stop it gracefully: it leases
 nothing more and lets busy workers report, up to --drain-timeout; a second
 signal stops it at once. Subcommands
 ``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
@@ -37,6 +39,8 @@ Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 ``bbolt`` tool). Standard library only, Python 3.9 or newer; needs
 ``bbolt_lite.py`` beside it.
 """
+
+__version__ = "1.1.0"
 
 import argparse
 import base64
@@ -69,6 +73,11 @@ import urllib.parse
 import urllib.request
 import zlib
 
+try:
+    import ssl
+except ImportError:  # a Python built without OpenSSL: no --tls-cert here
+    ssl = None
+
 import bbolt_lite
 
 log = logging.getLogger("broker")
@@ -100,7 +109,8 @@ REQUEUE_BUCKET = b"requeue"
 # the standard library's own limits).
 MAX_HEADERS, MAX_HEADER_LINE = 100, 65536
 # A client that closed its connection, or stalled past --read-timeout.
-CLIENT_GONE = (ConnectionError, BlockingIOError)
+# (A TLS error on a connection, including a timed-out read or write, ends it too.)
+CLIENT_GONE = (ConnectionError, BlockingIOError) + ((ssl.SSLError,) if ssl else ())
 # Secrets that travel in a query string: never written to a log.
 _SECRET_IN_QUERY = re.compile(r"\b(worker|access_token)=[^&\s\"]*")
 _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,3})\.([0-9]{1,3})")
@@ -1384,7 +1394,9 @@ class StreamWatcher:
 
     def _check(self, sock, session):
         try:
-            data = sock.recv(4096, socket.MSG_DONTWAIT)
+            # (The bytes on the wire, also under TLS: nothing is read from a
+            # stream but what this thread throws away.)
+            data = socket.socket.recv(sock, 4096, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -1487,7 +1499,7 @@ class BrokerHTTPServer(http.server.ThreadingHTTPServer):
 
 class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "broker.py/1"
+    server_version = "broker.py/" + __version__
     read_timeout = DEFAULT_READ_TIMEOUT  # the server sets --read-timeout
     # path -> {method: the name of its handler}
     ROUTES = {"/task": {"GET": "handle_task"}, "/report": {"POST": "handle_report"},
@@ -1499,8 +1511,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- plumbing -----------------------------------------------------------
 
     def setup(self):
-        super().setup()
-        sock = self.connection
+        sock = self.request
         # Each response goes out as soon as it is written (no Nagle delay).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # --read-timeout, kept by the kernel. (A Python socket timeout would
@@ -1509,6 +1520,17 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         # that times out returns what came so far; a write raises
         # BlockingIOError. _RequestReader bounds a request as a whole.
         _set_socket_timeouts(sock, self.read_timeout)
+        self.tls_failed = False
+        context = self.server.broker.tls_context
+        if context is not None:  # the handshake, in this connection's own thread
+            self.request = sock = context.wrap_socket(sock, server_side=True,
+                                                      do_handshake_on_connect=False)
+            try:
+                sock.do_handshake()
+            except (ssl.SSLError, OSError) as error:
+                log.debug("TLS handshake with %s failed: %s", self.client_address[0], error)
+                self.tls_failed = True
+        super().setup()
         self.rfile.close()
         self._reader = _RequestReader(sock, self.read_timeout)
         self.rfile = io.BufferedReader(self._reader)
@@ -1518,6 +1540,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self._reader.end_request()
 
     def handle(self):
+        if self.tls_failed:
+            return
         try:
             super().handle()
         except CLIENT_GONE:
@@ -2112,7 +2136,8 @@ class StreamChannel:
     def peer_closed(self):
         """Whether the client has closed its end (EOF, or an error, is readable)."""
         try:
-            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            # (socket.socket.recv: the bytes on the wire, also under TLS.)
+            return socket.socket.recv(self._sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -2440,6 +2465,21 @@ class TraceFile:
         return unwritten
 
 
+def _tls_context(cert, key):
+    """The server's TLS context (TLS 1.2 and newer); StartError if the files
+    will not do."""
+    if ssl is None:
+        raise StartError("--tls-cert: this Python has no ssl module")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise StartError("cannot use --tls-cert %s --tls-key %s: %s" % (
+            cert, key, getattr(error, "strerror", None) or error)) from None
+    return context
+
+
 class Broker:
     def __init__(self, args):
         self.args = args
@@ -2449,6 +2489,7 @@ class Broker:
         self.read_timeout = args.read_timeout
         self.token = args.token or None
         self.cors_origins = tuple(args.cors_origin or ())
+        self.tls_context = _tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
         # The port first, then the trace, then the db: a start that fails
         # leaves no new file behind.
         try:
@@ -2540,7 +2581,7 @@ class Broker:
     @property
     def url(self):
         host, port = self.server.server_address[:2]
-        return "http://%s:%d" % (host, port)
+        return "%s://%s:%d" % ("https" if self.tls_context else "http", host, port)
 
     def start(self):
         for thread in self._threads:
@@ -2813,9 +2854,19 @@ def parse_args(argv=None):
                         metavar="SECONDS",
                         help="a request must arrive whole within this time, and a stream "
                              "write may block no longer (default: %(default)s)")
-    parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
+    tokens = parser.add_mutually_exclusive_group()
+    tokens.add_argument("--token", default=None,
                         help="require 'Authorization: Bearer TOKEN' on every endpoint but "
-                             "/healthz (default: $BROKER_TOKEN; unset: no authentication)")
+                             "/healthz (default: $BROKER_TOKEN; unset: no authentication); "
+                             "--token-file keeps it out of the process list")
+    tokens.add_argument("--token-file", default=None, metavar="FILE",
+                        help="read the token from FILE (its first line; default: "
+                             "$BROKER_TOKEN_FILE)")
+    parser.add_argument("--tls-cert", default=None, metavar="FILE",
+                        help="serve HTTPS (TLS 1.2 and newer) with this certificate chain "
+                             "(PEM); needs --tls-key")
+    parser.add_argument("--tls-key", default=None, metavar="FILE",
+                        help="the private key (PEM) of --tls-cert")
     parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                         help="let pages of ORIGIN (e.g. https://app.example:8443; repeat the "
                              "flag for more; * for any) be workers and read the endpoints: "
@@ -2833,11 +2884,38 @@ def parse_args(argv=None):
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
-    if args.token == "":  # an empty token would turn authentication off, silently
-        parser.error("the token (--token or $BROKER_TOKEN) is empty: give one, or leave both "
-                     "unset for no authentication")
+    try:
+        args.token = _token(args.token, args.token_file)
+    except ValueError as error:
+        parser.error(str(error))
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     return args
+
+
+def _token(token, token_file):
+    """The bearer token: --token, --token-file, $BROKER_TOKEN or
+    $BROKER_TOKEN_FILE, in that order; None for none. ValueError when it is
+    empty (that would turn authentication off, silently) or unreadable."""
+    if token is None and token_file is None:
+        token = os.environ.get("BROKER_TOKEN")
+        if token is None:
+            token_file = os.environ.get("BROKER_TOKEN_FILE") or None
+    if token_file is not None:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError("cannot read the token file %s: %s" % (
+                token_file, getattr(error, "strerror", None) or error)) from None
+        if not token:
+            raise ValueError("the token file %s is empty" % token_file)
+    if token == "":
+        raise ValueError("the token (--token or $BROKER_TOKEN) is empty: give one, or leave "
+                         "both unset for no authentication")
+    return token
 
 
 # ---------------------------------------------------------------------------

@@ -168,9 +168,9 @@ class BrokerProcess(Process):
     def __init__(self, db, *flags, port=0, **popen_options):
         super().__init__(["broker.py", "--port", str(port), "--db", str(db),
                           "--log-level", "DEBUG"] + [str(f) for f in flags], **popen_options)
-        line = self.wait_for_line(r"listening on http://")
-        self.url = re.search(r"listening on (http://[0-9.]+:\d+)", line).group(1)
-        self.host, port_text = self.url[len("http://"):].split(":")
+        line = self.wait_for_line(r"listening on https?://")
+        self.url = re.search(r"listening on (https?://[0-9.]+:\d+)", line).group(1)
+        self.host, port_text = self.url.split("://")[1].split(":")
         self.port = int(port_text)
         self.bearer = None  # a --token the requests and streams below send
 

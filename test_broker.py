@@ -523,7 +523,7 @@ def test_a_second_broker_on_the_same_db_refuses_clearly(processes, db):
 BROKER_FLAGS = {"--help", "--host", "--port", "--db", "--max-attempts", "--lease-timeout",
                 "--heartbeat", "--max-batchsize", "--total", "--seed", "--durable",
                 "--max-workers", "--max-body", "--read-timeout", "--token", "--cors-origin",
-                "--drain-timeout",
+                "--drain-timeout", "--token-file", "--tls-cert", "--tls-key", "--version",
                 "--workers",
                 "--progress-every", "--trace", "--log-level"}
 

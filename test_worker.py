@@ -396,7 +396,8 @@ def test_processes_passes_sigterm_on_and_waits_for_the_batches_to_be_reported(fa
 
 
 WORKER_FLAGS = {"--help", "--url", "--batchsize", "--time-scale", "--seed", "--token",
-                "--processes", "--parent-pid", "--log-level"}
+                "--processes", "--parent-pid", "--log-level", "--token-file", "--cafile",
+                "--version"}
 
 
 def test_help_explains_every_flag():

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
 """worker.py: takes batches from broker.py over Server-Sent Events, runs them.
 
 The worker picks a batchsize (2..10 unless given), streams
@@ -26,9 +27,12 @@ Run::
     python worker.py --time-scale 0.01       # 100 times faster work
 
 Flags (``python worker.py --help``): --url, --batchsize, --time-scale,
---seed, --token, --processes, --parent-pid, --log-level. Standard library
+--seed, --token, --token-file, --cafile (for an https:// --url), --processes,
+--parent-pid, --log-level, --version. Standard library
 only, Python 3.9 or newer; this file works on its own.
 """
+
+__version__ = "1.1.0"
 
 import argparse
 import codecs
@@ -46,6 +50,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+try:
+    import ssl
+except ImportError:  # a Python built without OpenSSL: http:// only
+    ssl = None
 
 log = logging.getLogger("worker")
 
@@ -190,8 +199,14 @@ class Stream:
 
 
 class Worker:
-    def __init__(self, url, batchsize, time_scale=1.0, rng=None, token=None):
+    def __init__(self, url, batchsize, time_scale=1.0, rng=None, token=None, cafile=None):
         self.url = url.rstrip("/")
+        # https://: the system's CA certificates, or those of --cafile.
+        self._tls = None
+        if self.url.startswith("https://"):
+            if ssl is None:
+                raise FatalError("this Python has no ssl module: it cannot reach https:// URLs")
+            self._tls = ssl.create_default_context(cafile=cafile)
         self.auth = {"Authorization": "Bearer " + token} if token else {}
         self.batchsize = batchsize
         self.time_scale = time_scale
@@ -206,6 +221,9 @@ class Worker:
         self._stream = None  # the stream being served
 
     # -- connecting -----------------------------------------------------------
+
+    def _open(self, request, timeout):
+        return urllib.request.urlopen(request, timeout=timeout, context=self._tls)
 
     def run_forever(self, stop):
         """Serve streams until `stop` is set; reconnect with backoff."""
@@ -232,7 +250,7 @@ class Worker:
             "%s/task?batchsize=%d" % (self.url, self.batchsize),
             headers=dict(self.auth, **{"Accept": "text/event-stream", "Cache-Control": "no-store"}))
         try:
-            response = urllib.request.urlopen(request, timeout=CONNECT_TIMEOUT)
+            response = self._open(request, CONNECT_TIMEOUT)
         except urllib.error.HTTPError as error:
             if 400 <= error.code < 500 and error.code != 429:
                 raise FatalError("broker refused the stream: %d %s"
@@ -400,7 +418,7 @@ class Worker:
         sent = time.monotonic()
         request = urllib.request.Request(url, data=b"", method="POST", headers=self.auth)
         try:
-            with urllib.request.urlopen(request, timeout=REPORT_TIMEOUT) as response:
+            with self._open(request, REPORT_TIMEOUT) as response:
                 response.read()
             batch.touched = sent
             log.debug("batch %d: lease extended", batch.number)
@@ -429,7 +447,7 @@ class Worker:
             request = urllib.request.Request(url, data=body, method="POST", headers=dict(
                 self.auth, **{"Content-Type": "application/json"}))
             try:
-                with urllib.request.urlopen(request, timeout=REPORT_TIMEOUT) as response:
+                with self._open(request, REPORT_TIMEOUT) as response:
                     result = json.loads(response.read())
                 log.info("batch %d: %d messages, %d done, %d raised, %d refused, %.3f s "
                          "(broker: %s done, %s retried, %s dead)", batch.number, batch.size,
@@ -708,8 +726,15 @@ def parse_args(argv=None):
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for the batchsize and backoff jitter, for reproducible runs")
-    parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
+    tokens = parser.add_mutually_exclusive_group()
+    tokens.add_argument("--token", default=None,
                         help="send 'Authorization: Bearer TOKEN' (default: $BROKER_TOKEN)")
+    tokens.add_argument("--token-file", default=None, metavar="FILE",
+                        help="read the token from FILE, its first line, so that it is not in "
+                             "the process list (default: $BROKER_TOKEN_FILE)")
+    parser.add_argument("--cafile", default=None, metavar="FILE",
+                        help="for an https:// --url: trust the CA certificates in FILE (PEM) "
+                             "instead of the system's")
     parser.add_argument("--processes", type=int, default=None, metavar="N",
                         help="run N worker processes, restarting each one that exits; "
                              "Ctrl-C stops them all")
@@ -720,7 +745,23 @@ def parse_args(argv=None):
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
+    if args.token is None and args.token_file is None:
+        args.token = os.environ.get("BROKER_TOKEN")
+        if args.token is None:
+            args.token_file = os.environ.get("BROKER_TOKEN_FILE") or None
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                args.token = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            parser.error("cannot read the token file %s: %s" % (
+                args.token_file, getattr(error, "strerror", None) or error))
+        if not args.token:
+            parser.error("the token file %s is empty" % args.token_file)
+    if args.cafile is not None and not os.path.isfile(args.cafile):
+        parser.error("--cafile %s: no such file" % args.cafile)
     if args.batchsize is not None and args.batchsize < 1:
         parser.error("--batchsize must be 1 or more")
     if args.time_scale < 0:
@@ -749,7 +790,12 @@ def run_worker(args, signals=(signal.SIGINT, signal.SIGTERM)):
     threading.excepthook = _log_task_exception
     stop = threading.Event()
 
-    worker = Worker(args.url, batchsize, args.time_scale, rng, token=args.token)
+    try:
+        worker = Worker(args.url, batchsize, args.time_scale, rng, token=args.token,
+                        cafile=args.cafile)
+    except (FatalError, OSError, ValueError) as error:  # (ssl.SSLError is an OSError)
+        log.error("cannot start: %s", error)
+        return EXIT_STATUS_USAGE
 
     def on_signal(signum, _frame):
         if worker.draining.is_set():

@@ -1,0 +1,197 @@
+"""TLS, tokens kept out of the process list, and --version: the broker and
+the worker as an operator runs them, against a throw-away CA made here with
+the openssl command."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import bbolt_lite
+import broker
+import worker
+from conftest import HERE, skip_or_fail
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "broker.db"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, and a certificate it signed for 127.0.0.1: (ca.pem, cert.pem, key.pem)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        skip_or_fail("no openssl command (apt-get install openssl)")
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args):
+        subprocess.run([openssl] + list(args), cwd=d, check=True, capture_output=True,
+                       timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+        "-keyout", "ca.key", "-out", "ca.pem",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=keyCertSign")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", "key.pem", "-out", "server.csr")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n"
+                               "extendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "cert.pem", "-extfile", "ext.cnf")
+    return d / "ca.pem", d / "cert.pem", d / "key.pem"
+
+
+def tls_broker(processes, db, pki, *flags):
+    _ca, cert, key = pki
+    return processes.broker(db, "--tls-cert", cert, "--tls-key", key, *flags)
+
+
+def https(url, ca, method="GET", body=None, headers=None):
+    """(status, body bytes) over HTTPS, trusting `ca` only."""
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_https_serves_every_endpoint_and_the_dashboard(processes, db, pki):
+    ca = pki[0]
+    b = tls_broker(processes, db, pki, "--heartbeat", "600")
+    assert b.url.startswith("https://127.0.0.1:")
+    assert https(b.url + "/healthz", ca) == (200, b"ok\n")
+    status, page = https(b.url + "/", ca)
+    assert status == 200 and b"<title>broker.py</title>" in page
+    assert json.loads(https(b.url + "/stats", ca)[1])["workers"] == 0
+    assert https(b.url + "/metrics", ca)[0] == 200
+    # The dashboard's event stream, chunked, over TLS.
+    context = ssl.create_default_context(cafile=str(ca))
+    with urllib.request.urlopen(b.url + "/events", timeout=10, context=context) as events:
+        assert events.headers["Transfer-Encoding"] == "chunked"
+        assert b"event: stats" in events.read1(65536) + events.read1(65536)
+
+
+def test_plain_http_on_the_tls_port_is_refused_and_the_broker_goes_on(
+        processes, db, pki):
+    ca = pki[0]
+    b = tls_broker(processes, db, pki)
+    with socket.create_connection((b.host, b.port), timeout=10) as plain:
+        plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            answer = plain.recv(100)
+        except ConnectionResetError:
+            answer = b""
+    assert not answer.startswith(b"HTTP/1.1 200")
+    # TLS 1.2 at the least (this machine's OpenSSL may not offer 1.1 even to
+    # try, so the broker's own context is checked as well as a handshake).
+    assert broker._tls_context(str(pki[1]), str(pki[2])).minimum_version == \
+        ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((b.host, b.port), timeout=10) as raw:
+        context = ssl.create_default_context(cafile=str(ca))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    assert https(b.url + "/healthz", ca) == (200, b"ok\n")
+    assert "Traceback" not in b.output()
+
+
+def test_worker_py_over_https_with_cafile_works_and_without_it_refuses_the_certificate(
+        processes, db, pki, tmp_path):
+    ca = pki[0]
+    b = tls_broker(processes, db, pki, "--total", "40", "--trace", tmp_path / "t.jsonl")
+    untrusting = processes.worker("--url", b.url, "--batchsize", "4", "--time-scale", "0")
+    untrusting.wait_for_line(r"CERTIFICATE_VERIFY_FAILED")
+    untrusting.stop()
+    w = processes.worker("--url", b.url, "--cafile", ca, "--processes", "2",
+                         "--batchsize", "4", "--time-scale", "0.01")
+    assert b.wait(60) == 0
+    assert re.search(r"all 40 messages settled: \d+ done, \d+ dead", b.output())
+    w.stop()
+
+
+def test_a_tls_stream_that_closes_ends_its_lease_at_once(processes, db, pki, tmp_path):
+    ca = pki[0]
+    trace = tmp_path / "trace.jsonl"
+    b = tls_broker(processes, db, pki, "--heartbeat", "600", "--trace", trace)
+    context = ssl.create_default_context(cafile=str(ca))
+    raw = socket.create_connection((b.host, b.port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    tls.sendall(b"GET /task?batchsize=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while received.count(b"event: msg") < 2:
+        received += tls.recv(65536)
+    tls.close()  # close_notify, then FIN
+    deadline = time.monotonic() + 10
+    while '"event":"failed"' not in (trace.read_text() if trace.exists() else ""):
+        assert time.monotonic() < deadline, b.output()
+        time.sleep(0.05)
+    failed = [json.loads(line) for line in trace.read_text().splitlines()
+              if '"failed"' in line]
+    assert {e["reason"] for e in failed} == {"stream closed"}
+
+
+def test_bad_tls_files_refuse_the_start_with_exit_2(db, tmp_path, pki):
+    _ca, cert, key = pki
+    for flags, message in ((["--tls-cert", cert], "--tls-cert and --tls-key go together"),
+                           (["--tls-cert", cert, "--tls-key", tmp_path / "none.pem"],
+                            "cannot use --tls-cert")):
+        result = subprocess.run([sys.executable, "broker.py", "--port", "0", "--db", str(db)]
+                                + [str(f) for f in flags], cwd=HERE, capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not db.exists()
+
+
+# --- tokens out of the process list -----------------------------------------------------
+
+def test_token_file_keeps_the_token_out_of_the_process_list(processes, db, tmp_path):
+    secret = "s3cret-from-a-file"
+    token_file = tmp_path / "token"
+    token_file.write_text(secret + "\n")
+    b = processes.broker(db, "--token-file", token_file, "--total", "20")
+    with open("/proc/%d/cmdline" % b.popen.pid, "rb") as f:
+        assert secret.encode() not in f.read()
+    assert b.request("GET", "/stats")[0] == 401
+    assert b.request("GET", "/stats", headers={"Authorization": "Bearer " + secret})[0] == 200
+    env = dict(os.environ, BROKER_TOKEN_FILE=str(token_file))
+    w = processes.worker("--url", b.url, "--time-scale", "0", "--batchsize", "5",
+                         "--processes", "2", env=env)
+    assert b.wait(60) == 0 and "all 20 messages settled" in b.output(), w.output()
+    w.stop()
+    assert secret not in b.output() + w.output()
+
+
+def test_an_empty_or_missing_token_file_refuses_the_start(db, tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for program, args, message in (
+            ("broker.py", ["--token-file", empty, "--db", db], "is empty"),
+            ("broker.py", ["--token-file", tmp_path / "none", "--db", db], "cannot read"),
+            ("worker.py", ["--token-file", empty], "is empty"),
+            ("broker.py", ["--token", "x", "--token-file", empty], "not allowed with")):
+        result = subprocess.run([sys.executable, program] + [str(a) for a in args], cwd=HERE,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and message in result.stderr, (program, result.stderr)
+    assert not db.exists()
+
+
+# --- versions ----------------------------------------------------------------------------
+
+def test_version_on_all_three_programs():
+    assert broker.__version__ == worker.__version__ == bbolt_lite.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", broker.__version__)
+    for program in ("broker.py", "worker.py", "bbolt_lite.py"):
+        result = subprocess.run([sys.executable, program, "--version"], cwd=HERE,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0
+        assert result.stdout.strip() == "%s %s" % (program, broker.__version__)
