@@ -81,6 +81,9 @@ except ImportError:  # a Python built without OpenSSL: no --tls-cert here
 import bbolt_lite
 
 log = logging.getLogger("broker")
+# The lines an operator always wants: listening, progress, drain, stopped.
+# --log-level WARNING quietens the rest but not these.
+status_log = logging.getLogger("broker.status")
 
 DEFAULT_PORT = 8080
 DEFAULT_DB = "broker.db"
@@ -95,9 +98,12 @@ SSE_RETRY_MS = 2000
 # client holds a thread no longer), and a stream write may block no longer.
 DEFAULT_READ_TIMEOUT = 30.0
 DEAD_LETTER_BUCKET = b"failed"
+# Why an attempt failed (a dead letter's `reason` is its last attempt's).
+FAILURE_REASONS = ("not reported", "stream closed", "lease expired")
 MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
 # Upper bounds (seconds) of the /metrics histogram of batch round trips.
 ROUND_TRIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 DEFAULT_PROGRESS_EVERY = 10.0  # seconds between progress lines in the log
 # A thread of the broker that has not come round its loop for this long is
 # stuck (each comes round at least once a second): /healthz says so.
@@ -339,7 +345,7 @@ class Session:
 
     __slots__ = ("token", "number", "batchsize", "batch", "outbox", "closed",
                  "close_reason", "channel", "batch_ready", "connected_at", "batches_done",
-                 "leaving")
+                 "leaving", "end_note")
 
     def __init__(self, token, number, batchsize, lock, now):
         self.token = token
@@ -356,6 +362,7 @@ class Session:
         self.connected_at = now
         self.batches_done = 0
         self.leaving = False            # its worker reported its last batch (`last=1`)
+        self.end_note = None            # what its end did to its batch, for its closing line
 
     @property
     def name(self):
@@ -433,6 +440,8 @@ class Dispatcher:
         self.stop_counts = None  # (leased, waiting for a retry) when stop() began
         self.generated = self.dispatched = self.done = self.dead = self.dead_saved = 0
         self.requeued = 0                         # dead letters brought back by `requeue`
+        self.failed_by_reason = dict.fromkeys(FAILURE_REASONS, 0)  # failed attempts
+        self.dead_by_reason = dict.fromkeys(FAILURE_REASONS, 0)    # dead letters, this run
         self.round_trips = [0] * (len(ROUND_TRIP_BUCKETS) + 1)  # batch dispatch -> report
         self.round_trip_sum = 0.0
         self.recent_dead = collections.deque(maxlen=20)  # for the dashboard
@@ -491,8 +500,9 @@ class Dispatcher:
         survivors = [m for m in batch.messages.values()
                      if not self._fail_locked(m, reason, session, queue=False)]
         self._bisect_locked(survivors)
-        log.info("%s: stream ended (%s) with batch %d in flight: %d messages back in halves",
-                 session.name, reason, batch.number, len(survivors))
+        # (Told in the stream's one closing line.)
+        session.end_note = "batch %d in flight: %d messages back in halves" % (
+            batch.number, len(survivors))
 
     def _bisect_locked(self, messages):
         """Retry the messages of a batch whose worker died or hung as two
@@ -679,8 +689,8 @@ class Dispatcher:
         started. Its messages go back uncharged, and the stream is closed."""
         with self._lock:
             if session.batch is batch and not batch.written:
-                log.info("%s: batch %d not delivered (%s): %d messages back, uncharged",
-                         session.name, batch.number, reason, len(batch.messages))
+                session.end_note = "batch %d not delivered (%s): %d messages back, uncharged" % (
+                    batch.number, reason, len(batch.messages))
                 batch.writing = False
                 if session.closed:  # it ended meanwhile and left the batch to us
                     session.batch = None
@@ -773,8 +783,10 @@ class Dispatcher:
         if leased:
             del self._leases[message.id]
         message.reason = reason
+        self.failed_by_reason[reason] = self.failed_by_reason.get(reason, 0) + 1
         if message.attempts >= self.max_attempts:
             self.dead += 1
+            self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + 1
             failed_at = _rfc3339_now()
             self._dead_letters.append((message, failed_at))
             self.recent_dead.append({"id": message.id, "period": message.period,
@@ -783,7 +795,8 @@ class Dispatcher:
             self._save_locked(message, "dead")
             if self._on_event:
                 self._on_event("dead", message, session)
-            log.info("dead letter %s after %d attempts (%s)", message.id, message.attempts, reason)
+            log.debug("dead letter %s after %d attempts (%s)", message.id, message.attempts,
+                      reason)
             return True
         if queue:
             self._retry.append(message)
@@ -916,6 +929,11 @@ class Dispatcher:
                 self.progress.wait(timeout)
             return self.settled_locked()
 
+    def dead_reasons(self):
+        """Dead letters of this run, by reason."""
+        with self._lock:
+            return dict(self.dead_by_reason)
+
     def unsaved_changes(self):
         with self._lock:
             return self._change_seq - self._saved_seq
@@ -1024,6 +1042,8 @@ class Dispatcher:
         with self._lock:
             stats["round_trips"] = list(self.round_trips)
             stats["round_trip_sum"] = self.round_trip_sum
+            stats["failed_by_reason"] = dict(self.failed_by_reason)
+            stats["dead_by_reason"] = dict(self.dead_by_reason)
         return stats
 
     # -- for the invariant tests ---------------------------------------------
@@ -1186,6 +1206,9 @@ class StateWriter:
         self.db = db
         self.error = None  # the last write's error, while it lasts
         self.commits = 0
+        self.errors = 0    # commits that failed
+        self.commit_seconds = [0] * (len(COMMIT_BUCKETS) + 1)  # a histogram, for /metrics
+        self.commit_seconds_sum = 0.0
         self.beat = time.monotonic()  # the last turn of its loop (for /healthz)
         self.saving_since = None      # when the commit under way began
         # Set by Broker.stop once nothing more can change: save what is left,
@@ -1249,13 +1272,20 @@ class StateWriter:
             except RequeueError as error:
                 request.error = str(error)
             except Exception as error:  # a disk error: the transaction changed nothing
+                self.errors += 1
                 request.error = "cannot requeue: %s" % error
                 log.error("cannot requeue dead letters: %s", error)
             finally:
                 request.done.set()
 
+    def _count_commit(self, seconds):
+        self.commits += 1
+        self.commit_seconds[bisect.bisect_left(COMMIT_BUCKETS, seconds)] += 1
+        self.commit_seconds_sum += seconds
+
     def _move_dead_letters(self, ids):
         durable = self.dispatcher.durable
+        started = time.monotonic()
         with self.db.update() as tx:
             failed = tx.bucket(DEAD_LETTER_BUCKET)
             if ids is None:
@@ -1290,7 +1320,7 @@ class StateWriter:
                 if not durable:
                     requeue.put(key, failed.get(key))
                 failed.delete(key)
-        self.commits += 1
+        self._count_commit(time.monotonic() - started)
         return records, missing
 
     def stuck_for(self):
@@ -1328,6 +1358,7 @@ class StateWriter:
                         state.put(key, b"%d" % value)
         except Exception as error:  # a disk error, or a bug: the changes are kept either way
             self.saving_since = None
+            self.errors += 1
             if self.error is None:
                 log.error("cannot save %d dead letters and %d message states (%s); keeping "
                           "them in memory and retrying: %s", len(changes.dead_letters),
@@ -1337,11 +1368,11 @@ class StateWriter:
             self.error = "%s: %s" % (type(error).__name__, error)
             self.dispatcher.changes_written(changes, ok=False)
             return False
+        self._count_commit(time.monotonic() - self.saving_since)
         self.saving_since = None
         recovered, self.error = self.error is not None, None
         if recovered:
             log.info("saving works again")  # (after clearing the error /healthz reports)
-        self.commits += 1
         self.dispatcher.changes_written(changes, ok=True)
         return True
 
@@ -1829,7 +1860,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             broker.watcher.unwatch(sock)
             dispatcher.disconnect(session, "stream closed")
             broker.stream_closed()
-            log.info("%s: stream closed (%s)", session.name, session.close_reason)
+            log.info("%s: stream closed (%s%s)", session.name, session.close_reason,
+                     "; " + session.end_note if session.end_note else "")
 
     def _stream(self, session):
         """Write the batches left in this stream's outbox, pings, and bye.
@@ -1976,7 +2008,9 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(200, self.server.broker.dispatcher.stats())
 
     def handle_metrics(self, query):
-        self.send_text(200, prometheus_text(self.server.broker.dispatcher.metrics()),
+        broker = self.server.broker
+        self.send_text(200, prometheus_text(broker.dispatcher.metrics(), broker.state_writer,
+                                            broker.started_at),
                        "text/plain; version=0.0.4; charset=utf-8")
 
     def handle_dead(self, query):
@@ -2057,38 +2091,62 @@ def read_dead_letters(db, limit, after=""):
         return letters, key is not None
 
 
-_METRICS = (
+_METRICS = (  # (name in the figures, type, help); counters get _total
     ("generated", "counter", "Messages generated."),
     ("dispatched", "counter", "Deliveries: messages sent in batches, retries included."),
     ("done", "counter", "Messages reported done."),
-    ("dead", "counter", "Messages dead-lettered after their last attempt failed."),
     ("retrying", "gauge", "Messages waiting for another attempt."),
     ("in_flight", "gauge", "Messages leased to a worker now."),
     ("workers", "gauge", "Connected worker streams."),
     ("busy_workers", "gauge", "Workers holding a batch."),
-    ("done_per_s", "gauge", "Messages done per second over the last 10 s."),
-    ("uptime_s", "gauge", "Seconds since the broker started."),
 )
 
 
-def prometheus_text(metrics):
-    """The Prometheus text exposition format (version 0.0.4)."""
-    lines = []
-    for name, kind, help_text in _METRICS:
-        full = "broker_%s%s" % (name.replace("_s", "_seconds") if name == "uptime_s" else
-                                name.replace("_per_s", "_per_second"),
-                                "_total" if kind == "counter" else "")
-        lines += ["# HELP %s %s" % (full, help_text), "# TYPE %s %s" % (full, kind),
-                  "%s %s" % (full, metrics[name])]
-    name = "broker_batch_round_trip_seconds"
-    lines += ["# HELP %s Time from a batch's dispatch to its report." % name,
-              "# TYPE %s histogram" % name]
+def _histogram(name, help_text, bounds, counts, total):
+    lines = ["# HELP %s %s" % (name, help_text), "# TYPE %s histogram" % name]
     cumulative = 0
-    for bound, count in zip(ROUND_TRIP_BUCKETS + ("+Inf",), metrics["round_trips"]):
+    for bound, count in zip(bounds + ("+Inf",), counts):
         cumulative += count
         lines.append('%s_bucket{le="%s"} %d' % (name, bound, cumulative))
-    lines += ["%s_sum %.6f" % (name, metrics["round_trip_sum"]),
-              "%s_count %d" % (name, cumulative)]
+    return lines + ["%s_sum %.6f" % (name, total), "%s_count %d" % (name, cumulative)]
+
+
+def _by_reason(name, kind, help_text, counts):
+    return ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)] + [
+        '%s{reason="%s"} %d' % (name, reason, count) for reason, count in counts.items()]
+
+
+def prometheus_text(metrics, writer, started_at):
+    """The Prometheus text exposition format (version 0.0.4). Rates are
+    rate()'s to compute; the start time is process_start_time_seconds."""
+    lines = []
+    for name, kind, help_text in _METRICS:
+        full = "broker_%s%s" % (name, "_total" if kind == "counter" else "")
+        lines += ["# HELP %s %s" % (full, help_text), "# TYPE %s %s" % (full, kind),
+                  "%s %s" % (full, metrics[name])]
+    lines += _by_reason("broker_dead_letters_total", "counter",
+                        "Messages dead-lettered (this run), by why their last attempt failed.",
+                        metrics["dead_by_reason"])
+    lines += _by_reason("broker_failed_attempts_total", "counter",
+                        "Attempts that failed, by why.", metrics["failed_by_reason"])
+    lines += _histogram("broker_batch_round_trip_seconds",
+                        "Time from a batch's dispatch to its report.", ROUND_TRIP_BUCKETS,
+                        metrics["round_trips"], metrics["round_trip_sum"])
+    lines += ["# HELP broker_db_commits_total Transactions committed to the db.",
+              "# TYPE broker_db_commits_total counter",
+              "broker_db_commits_total %d" % writer.commits,
+              "# HELP broker_db_errors_total Transactions that failed (disk errors).",
+              "# TYPE broker_db_errors_total counter",
+              "broker_db_errors_total %d" % writer.errors]
+    lines += _histogram("broker_db_commit_seconds", "Time a db transaction took to commit.",
+                        COMMIT_BUCKETS, writer.commit_seconds, writer.commit_seconds_sum)
+    lines += ["# HELP broker_build_info The broker's version.",
+              "# TYPE broker_build_info gauge",
+              'broker_build_info{version="%s"} 1' % __version__,
+              "# HELP process_start_time_seconds Start time of the process since the Unix "
+              "epoch, in seconds.",
+              "# TYPE process_start_time_seconds gauge",
+              "process_start_time_seconds %.3f" % started_at]
     return "\n".join(lines) + "\n"
 
 
@@ -2483,6 +2541,7 @@ def _tls_context(cert, key):
 class Broker:
     def __init__(self, args):
         self.args = args
+        self.started_at = time.time()  # (process_start_time_seconds)
         self.heartbeat = args.heartbeat
         self.max_batchsize = args.max_batchsize
         self.max_body = args.max_body
@@ -2586,12 +2645,12 @@ class Broker:
     def start(self):
         for thread in self._threads:
             thread.start()
-        log.info("listening on %s (db %s%s, max attempts %d, lease %.1f s%s%s)", self.url,
-                 self.args.db, ", durable" if self.args.durable else "",
-                 self.args.max_attempts, self.args.lease_timeout,
-                 ", total %d" % self.args.total if self.args.total is not None else "",
-                 ", bearer token required" if self.token else "")
-        log.info("dashboard: %s/", self.url)
+        status_log.info("listening on %s (db %s%s, max attempts %d, lease %.1f s%s%s)",
+                        self.url, self.args.db, ", durable" if self.args.durable else "",
+                        self.args.max_attempts, self.args.lease_timeout,
+                        ", total %d" % self.args.total if self.args.total is not None else "",
+                        ", bearer token required" if self.token else "")
+        status_log.info("dashboard: %s/", self.url)
 
     def stream_opened(self):
         with self._streams_lock:
@@ -2631,9 +2690,9 @@ class Broker:
         next_progress = time.monotonic() + every
         while not self.stop_requested.is_set():
             if self.dispatcher.wait_until_settled(timeout=0.5):
-                log.info("all %d messages settled: %d done, %d dead",
-                         self.args.total + self.dispatcher.requeued, self.dispatcher.done,
-                         self.dispatcher.dead)
+                status_log.info("all %d messages settled: %d done, %d dead%s",
+                                self.args.total + self.dispatcher.requeued,
+                                self.dispatcher.done, self.dispatcher.dead, self._dead_reasons())
                 break
             if time.monotonic() >= next_progress:
                 next_progress += every
@@ -2650,9 +2709,16 @@ class Broker:
             expected = self.args.total + self.dispatcher.requeued
             share = ", %.1f%% settled" % (100.0 * (stats["done"] + stats["dead"]) /
                                           max(1, expected))
-        log.info("progress: %d done, %d dead, %d in flight, %d retrying, %d workers, "
-                 "%.1f done/s%s", stats["done"], stats["dead"], stats["in_flight"],
-                 stats["retrying"], stats["workers"], stats["done_per_s"], share)
+        status_log.info("progress: %d done, %d dead%s, %d in flight, %d retrying, %d workers, "
+                        "%.1f done/s%s", stats["done"], stats["dead"], self._dead_reasons(),
+                        stats["in_flight"], stats["retrying"], stats["workers"],
+                        stats["done_per_s"], share)
+
+    def _dead_reasons(self):
+        """' (3 stream closed, 1 not reported)': this run's dead letters by reason."""
+        by_reason = ", ".join("%d %s" % (count, reason) for reason, count in
+                              self.dispatcher.dead_reasons().items() if count)
+        return " (%s)" % by_reason if by_reason else ""
 
     def start_workers(self, count):
         """`--workers N`: worker.py --processes N, a child of this broker."""
@@ -2695,8 +2761,8 @@ class Broker:
             timeout = self.args.lease_timeout
         if not batches or not timeout or self.stop_now.is_set():
             return
-        log.info("draining: waiting up to %.1f s for %d busy workers to report %d messages "
-                 "(a second signal stops at once)", timeout, batches, messages)
+        status_log.info("draining: waiting up to %.1f s for %d busy workers to report %d "
+                        "messages (a second signal stops at once)", timeout, batches, messages)
         started = time.monotonic()
         deadline = started + timeout
         while not self.stop_now.is_set():
@@ -2707,8 +2773,8 @@ class Broker:
                 return
             # (Short waits: a signal handler cannot wake this wait.)
             if self.dispatcher.wait_drained(min(remaining, 0.1)):
-                log.info("drained in %.2f s: every busy worker reported",
-                         time.monotonic() - started)
+                status_log.info("drained in %.2f s: every busy worker reported",
+                                time.monotonic() - started)
                 return
 
     def stop(self):
@@ -2761,9 +2827,10 @@ class Broker:
         else:
             left = "%d unsettled messages lost (without --durable they live in memory only)" \
                 % dispatcher.unsettled()
-        log.info("stopped: %d generated, %d done, %d dead; when it stopped %d messages were "
-                 "leased and %d waiting for a retry; %s; %d db commits", stats["generated"],
-                 stats["done"], stats["dead"], leased, waiting, left, writer.commits)
+        status_log.info("stopped: %d generated, %d done, %d dead; when it stopped %d messages "
+                        "were leased and %d waiting for a retry; %s; %d db commits",
+                        stats["generated"], stats["done"], stats["dead"], leased, waiting, left,
+                        writer.commits)
         return status
 
 
@@ -3081,13 +3148,21 @@ class _LogWriter(logging.handlers.QueueListener):
 
 
 def start_logging(level):
-    """Log lines go to stderr through a queue and a writer thread."""
+    """Log lines go to stderr through a queue and a writer thread, stamped in
+    UTC as RFC 3339 with milliseconds. The status lines (listening, progress,
+    stopped) show at WARNING too."""
     records = queue.Queue()
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s broker: %(message)s"))
+    formatter = logging.Formatter("%(asctime)s %(levelname)s broker: %(message)s")
+    formatter.converter = time.gmtime
+    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
+    formatter.default_msec_format = "%s.%03dZ"
+    stderr.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [_LogQueueHandler(records)]
     root.setLevel(level)
+    status_log.setLevel(min(logging.INFO, logging.getLevelName(level))
+                        if level != "ERROR" else logging.ERROR)
     writer = _LogWriter(records, stderr)
     writer.start()
     return writer
@@ -3128,10 +3203,11 @@ def run_broker(args):
 
     def on_signal(signum, _frame):
         if broker.stop_requested.is_set():
-            log.info("%s again: stopping now", signal.Signals(signum).name)
+            status_log.info("%s again: stopping now", signal.Signals(signum).name)
             broker.stop_now.set()
         else:
-            log.info("%s: stopping (a second signal stops at once)", signal.Signals(signum).name)
+            status_log.info("%s: stopping (a second signal stops at once)",
+                            signal.Signals(signum).name)
             broker.stop_requested.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: a closed terminal)

@@ -271,7 +271,7 @@ def test_a_written_batch_whose_stream_closes_before_any_report_is_bisected_on_th
     dying.hello()
     first = dying.batch()
     dying.close()
-    b.wait_for_line(r"stream ended \(stream closed\) with batch %d" % first[0]["batch"])
+    b.wait_for_line(r"stream closed \(stream closed; batch %d in flight" % first[0]["batch"])
     taker = b.stream(10)
     taker.hello()
     half = taker.batch()

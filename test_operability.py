@@ -1,8 +1,9 @@
 """Operability: /stats, /metrics, /dead, the dashboard, --workers, dead-letter tools, logs."""
 
-import os
 import json
+import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +11,8 @@ import sys
 import time
 
 import pytest
+
+import broker
 
 from conftest import HERE, SSEClient, headless_chromium, skip_or_fail
 
@@ -44,22 +47,53 @@ def test_metrics_parse_with_the_prometheus_reference_parser(processes, db):
     for _ in range(3):
         settle_batch(b, client, done_share=0.5)
     client.batch()
+    started = time.time()
     status, headers, text = b.request("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in parser.text_string_to_metric_families(text)}
-    value = {name: f.samples[0].value for name, f in families.items() if f.type != "histogram"}
-    assert value["broker_done"] == 6 and value["broker_dead"] == 6
-    assert value["broker_dispatched"] == 16 and value["broker_in_flight"] == 4
+    value = {name: f.samples[0].value for name, f in families.items()
+             if f.type != "histogram" and len(f.samples) == 1}
+    assert value["broker_done"] == 6 and value["broker_dispatched"] == 16
+    assert value["broker_in_flight"] == 4
     assert families["broker_done"].type == "counter"
     assert families["broker_workers"].type == "gauge"
-    histogram = families["broker_batch_round_trip_seconds"]
-    assert histogram.type == "histogram"
-    samples = {(s.name, s.labels.get("le")): s.value for s in histogram.samples}
-    assert samples[("broker_batch_round_trip_seconds_count", None)] == 3
-    assert samples[("broker_batch_round_trip_seconds_bucket", "+Inf")] == 3
+    by_reason = {s.labels["reason"]: s.value for s in families["broker_dead_letters"].samples}
+    assert by_reason == {"not reported": 6, "stream closed": 0, "lease expired": 0}
+    assert {s.labels["reason"]: s.value for s in families["broker_failed_attempts"].samples
+            }["not reported"] == 6
+    assert [(s.labels, s.value) for s in families["broker_build_info"].samples] == [
+        ({"version": broker.__version__}, 1)]
+    assert started - 60 < value["process_start_time_seconds"] <= started
+    assert "broker_uptime_seconds" not in text and "per_second" not in text  # rate()'s job
+    assert value["broker_db_commits"] >= 1 and value["broker_db_errors"] == 0
+    for name, count in (("broker_batch_round_trip_seconds", 3),
+                        ("broker_db_commit_seconds", value["broker_db_commits"])):
+        histogram = families[name]
+        assert histogram.type == "histogram"
+        samples = {(s.name, s.labels.get("le")): s.value for s in histogram.samples}
+        assert samples[(name + "_count", None)] == count
+        assert samples[(name + "_bucket", "+Inf")] == count
     for line in text.splitlines():
         if not line.startswith("#"):
-            assert line.startswith("broker_")
+            assert line.startswith(("broker_", "process_start_time_seconds "))
+    head_status, head_headers, head_body = b.request("HEAD", "/metrics")
+    assert head_status == 200 and head_body == "" and int(head_headers["Content-Length"]) > 0
+    client.close()
+
+
+def test_metrics_pass_promtool_check_metrics(processes, db):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        skip_or_fail("no promtool (apt-get install prometheus)")
+    b = processes.broker(db, "--heartbeat", "600", "--max-attempts", "1")
+    client = b.stream(4)
+    client.hello()
+    settle_batch(b, client, done_share=0.5)
+    text = b.request("GET", "/metrics")[2]
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout + checked.stderr == ""  # no lint complaint either
     client.close()
 
 
@@ -164,8 +198,48 @@ def test_workers_of_a_killed_broker_stop_too(processes, db):
 def test_progress_lines_say_done_dead_in_flight_workers_and_share(processes, db):
     b = processes.broker(db, "--total", "100", "--progress-every", "0.3")
     line = b.wait_for_line(r"progress: ")
-    assert re.search(r"progress: \d+ done, \d+ dead, \d+ in flight, \d+ retrying, \d+ workers, "
-                     r"[0-9.]+ done/s, [0-9.]+% settled", line)
+    assert re.search(r"progress: \d+ done, \d+ dead( \([^)]*\))?, \d+ in flight, \d+ retrying, "
+                     r"\d+ workers, [0-9.]+ done/s, [0-9.]+% settled", line)
+
+
+RFC3339_UTC_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+def test_info_logs_a_line_per_stream_start_and_end_and_dead_letters_by_reason(
+        processes, db):
+    b = processes.broker(db, "--total", "300", "--max-attempts", "1", "--log-level", "INFO",
+                         "--progress-every", "0.2", "--heartbeat", "600")
+    w = processes.worker("--url", b.url, "--processes", "3", "--time-scale", "0",
+                         "--log-level", "INFO")
+    assert b.wait(60) == 0
+    w.stop()
+    lines = b.output().splitlines()
+    for line in lines + w.output().splitlines():  # UTC, RFC 3339, milliseconds
+        assert re.match(RFC3339_UTC_MS + r" (INFO|WARNING|ERROR) (broker|worker\[\d+\]): ",
+                        line), line
+    assert not [line for line in lines if "dead letter" in line]  # (at DEBUG)
+    streams = re.findall(r" (w\d+): connected from", b.output())
+    assert len(streams) > 3  # workers that ended by the rules came back
+    for stream in streams:
+        assert len([line for line in lines if " %s: " % stream in line]) == 2, stream
+    assert re.search(r"back in halves\)$", b.output(), re.M)  # told in the closing line
+    assert re.search(r"all 300 messages settled: \d+ done, [1-9]\d* dead \(\d+ "
+                     r"(not reported|stream closed)", b.output())
+
+
+def test_warning_still_shows_the_listening_progress_and_stop_lines(processes, db):
+    b = processes.broker(db, "--total", "80", "--log-level", "WARNING", "--progress-every",
+                         "0.2", "--heartbeat", "600", "--max-attempts", "1")
+    client = b.stream(40)
+    client.hello()
+    settle_batch(b, client, done_share=0.5)
+    b.wait_for_line(r"INFO broker: progress: 20 done, 20 dead \(20 not reported\), 40 in flight")
+    settle_batch(b, client, done_share=0.5)
+    assert b.wait(30) == 0
+    out = b.output()
+    assert re.search(r"INFO broker: listening on http://", out)
+    assert re.search(r"INFO broker: stopped: 80 generated, 40 done, 40 dead", out)
+    assert "connected from" not in out and "stream closed" not in out  # the chatter is off
 
 
 def test_the_dashboard_page_and_its_event_stream(processes, db):

@@ -198,7 +198,8 @@ def test_slow_batches_are_touched_and_keep_their_lease_but_a_stopped_worker_lose
     worker.wait_for_line(r"batch \d+: starting message")
     worker.signal(signal.SIGSTOP)
     try:
-        b.wait_for_line(r"lease of batch \d+ expired after 1\.\d s \(0 touches\)", timeout=10)
+        b.wait_for_line(r"lease of batch \d+ expired after [0-9.]+ s \(\d+ touches\)",
+                        timeout=10)
     finally:
         worker.signal(signal.SIGCONT)
 

@@ -775,8 +775,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s worker[%(process)d]: %(message)s")
+    # Stamped in UTC, RFC 3339 with milliseconds, as the broker's lines.
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s worker[%(process)d]: %(message)s")
+    formatter.converter = time.gmtime
+    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
+    formatter.default_msec_format = "%s.%03dZ"
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     if args.processes is not None:
         return supervise(args)
     return run_worker(args)

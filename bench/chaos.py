@@ -22,6 +22,7 @@ and exits 1 if any check fails. The test suite runs it briefly
 """
 
 import argparse
+import calendar
 import collections
 import json
 import os
@@ -42,7 +43,7 @@ import bbolt_lite  # noqa: E402
 from client import Client, Faults  # noqa: E402
 
 _LISTENING = re.compile(r"listening on http://([0-9.]+):(\d+)")
-_REPORTED = re.compile(r"^(\S+ \S+) DEBUG worker\[\d+\]: batch \d+: reported done: (.*)$")
+_REPORTED = re.compile(r"^(\S+) DEBUG worker\[\d+\]: batch \d+: reported done: (.*)$")
 
 
 class _Child:
@@ -189,9 +190,11 @@ def _reconcile(work, total, broker_exit, clients, workers, injected):
             for line in f:
                 match = _REPORTED.match(line.rstrip("\n"))
                 if match:
-                    when = time.mktime(time.strptime(match.group(1)[:19], "%Y-%m-%d %H:%M:%S"))
+                    stamp = match.group(1)  # UTC, RFC 3339 with milliseconds
+                    when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) \
+                        + int(stamp[20:23]) / 1000
                     for message_id in match.group(2).split():
-                        acked[message_id].append(when + 1)  # asctime is rounded down
+                        acked[message_id].append(when + 0.001)  # (rounded down to the ms)
     duplicated = sorted(i for i, times in acked.items() if len(times) > 1)
     both = sorted(set(acked) & dead)
     # The trace: per broker run (pid), a lease starts only once the last one ended.
