@@ -710,14 +710,7 @@ class Dispatcher:
         worker's next batch, for the caller to write on its stream, or None).
         """
         with self._lock:
-            session = self._sessions.get(token)
-            if session is None:
-                raise ReportError(404, "unknown worker token (never issued, or its stream closed)")
-            batch = session.batch
-            if batch is None or batch.number != batch_number:
-                raise ReportError(409, "batch %d is not in flight for this worker" % batch_number)
-            if not batch.written:  # its writer has not said so yet: the bytes did leave
-                self._start_lease_locked(batch)
+            session, batch = self._batch_in_flight_locked(token, batch_number)
             done_ids = set()
             ignored = []
             ignored_seen = set()
@@ -760,19 +753,25 @@ class Dispatcher:
                       "dead": dead, "ignored": ignored}
             return result, self._change_seq, next_batch
 
+    def _batch_in_flight_locked(self, token, batch_number):
+        """The session and batch a report or a touch names; ReportError (404:
+        no such stream, 409: not its batch in flight) otherwise."""
+        session = self._sessions.get(token)
+        if session is None:
+            raise ReportError(404, "unknown worker token (never issued, or its stream closed)")
+        batch = session.batch
+        if batch is None or batch.number != batch_number:
+            raise ReportError(409, "batch %d is not in flight for this worker" % batch_number)
+        if not batch.written:  # its writer has not said so yet: the bytes did leave
+            self._start_lease_locked(batch)
+        return session, batch
+
     def touch(self, token, batch_number):
         """The worker is still at its batch: the lease runs a whole lease
         timeout from now. Returns the lease in ms; ReportError (404, 409) as
         for a report."""
         with self._lock:
-            session = self._sessions.get(token)
-            if session is None:
-                raise ReportError(404, "unknown worker token (never issued, or its stream closed)")
-            batch = session.batch
-            if batch is None or batch.number != batch_number:
-                raise ReportError(409, "batch %d is not in flight for this worker" % batch_number)
-            if not batch.written:  # its writer has not said so yet: the bytes did leave
-                self._start_lease_locked(batch)
+            _session, batch = self._batch_in_flight_locked(token, batch_number)
             batch.deadline = self._clock() + self.lease_timeout
             self._batches.move_to_end(batch.number)  # (the latest deadline: still in order)
             batch.touches += 1

@@ -171,13 +171,17 @@ def test_a_raising_task_is_logged_with_its_id_and_the_worker_lives_on(fake_broke
     assert len(fake.streams) == 1  # the same process, the same stream
 
 
-def test_a_period_over_900_ends_the_worker_process_with_status_3(fake_broker, processes):
+def one_batch(*periods):
+    """A fake broker's script: hello, one batch of `periods` (batchsize 2), then nothing."""
     def script(index, stream):
         stream.hello(batchsize=2)
-        stream.batch(1, [950, 10])
+        stream.batch(1, list(periods))
         stream.hold()
+    return script
 
-    fake = fake_broker(script)
+
+def test_a_period_over_900_ends_the_worker_process_with_status_3(fake_broker, processes):
+    fake = fake_broker(one_batch(950, 10))
     w = processes.worker("--url", fake.url, "--batchsize", "2")
     assert w.wait() == 3
     assert "period 950 ms > 900" in w.output()
@@ -357,12 +361,7 @@ def test_a_first_sigterm_with_no_batch_in_hand_ends_the_stream_and_exits_0(fake_
 
 
 def test_a_second_signal_abandons_the_batch_and_exits_at_once(fake_broker, processes):
-    def script(index, stream):
-        stream.hello(batchsize=2)
-        stream.batch(1, [700, 700])
-        stream.hold()
-
-    fake = fake_broker(script)
+    fake = fake_broker(one_batch(700, 700))
     w = processes.worker("--url", fake.url, "--batchsize", "2", "--time-scale", "20",
                          "--log-level", "DEBUG")
     w.wait_for_line(r"batch 1: starting message id-1-1")  # in hand, for 14 s
