@@ -43,6 +43,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.deliveries = {}    # id -> number of leases seen
         self.total = total
         self.stopped = False
+        self.drained = False  # a drain began: nothing is assigned from then on
         self.dispatcher = broker.Dispatcher(
             max_attempts=MAX_ATTEMPTS, lease_timeout=LEASE, total=total, seed=7,
             new_id=lambda: "m%06d" % next(counter), clock=self.clock, on_event=self.on_event,
@@ -69,8 +70,8 @@ class DispatcherMachine(RuleBasedStateMachine):
     def connect(self, batchsize):
         session = self.dispatcher.connect(batchsize)
         self.dispatcher.dispatch_once()
-        if session is None:  # refused while stopping
-            assert self.stopped
+        if session is None:  # refused while stopping or draining
+            assert self.stopped or self.drained
             return multiple()
         return session
 
@@ -87,12 +88,17 @@ class DispatcherMachine(RuleBasedStateMachine):
         others = sorted((self.done | self.dead | set(self.leased_to)) - set(ids)) or ["x"]
         foreign = data.draw(st.lists(st.sampled_from(others), max_size=3))
         wrong_batch = data.draw(st.booleans()) if batch else True
+        last = data.draw(st.booleans())
         number = (batch.number if batch else 0) + (1 if wrong_batch else 0)
         snapshot = dict(self.dispatcher.snapshot()["leases"])
         try:
             result, _seq, next_batch = self.dispatcher.report(
-                session.token, number, chosen + foreign)
+                session.token, number, chosen + foreign, last=last)
             assert next_batch is None or next_batch is session.batch
+            if last or self.drained:  # no next batch; its stream is to end
+                assert next_batch is None and session.batch is None
+                assert session.token not in self.dispatcher.snapshot()["free"]
+                assert self.dispatcher.stream_ends(session) is not None
         except broker.ReportError as error:
             assert error.status in (404, 409)
             assert session.closed or wrong_batch or batch is None
@@ -121,6 +127,26 @@ class DispatcherMachine(RuleBasedStateMachine):
         for mid in batch.messages:  # back, uncharged, unless given to another worker at once
             assert after["attempts"][mid] == assigned[mid] - 1 or mid in after["assigned"]
             assert mid not in after["leases"]
+
+    @rule(session=sessions, data=st.data())
+    def touch(self, session, data):
+        batch = session.batch
+        wrong_batch = data.draw(st.booleans()) if batch else True
+        number = (batch.number if batch else 0) + (1 if wrong_batch else 0)
+        try:
+            lease_ms = self.dispatcher.touch(session.token, number)
+        except broker.ReportError as error:
+            assert error.status in (404, 409)
+            assert session.closed or wrong_batch or batch is None
+            return
+        assert lease_ms == LEASE * 1000 and batch.written  # (a touch starts its lease)
+        assert batch.deadline == self.clock.now + LEASE
+
+    @rule()
+    def drain(self):
+        self.dispatcher.drain()
+        self.drained = True
+        assert not self.dispatcher.snapshot()["assigned"]
 
     @rule()
     def stop(self):
@@ -157,8 +183,11 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert self.leased_to[mid] == token
         for mid, attempts in state["attempts"].items():  # charged for written batches only
             assert attempts == self.deliveries.get(mid, 0) + (mid in assigned) <= MAX_ATTEMPTS
-        if self.stopped:
+        if self.stopped or self.drained:
             assert not assigned
+        # Leases are kept in deadline order (the loop sleeps until the first), touched or not.
+        deadlines = [b.deadline for b in self.dispatcher._batches.values()]
+        assert deadlines == sorted(deadlines)
 
     @rule()
     def state_writer_saves(self):
@@ -188,6 +217,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         if not hasattr(self, "dispatcher"):
             return
         state = self.dispatcher.snapshot()
+        assert not (self.drained and state["free"])  # a drain keeps no worker free
         if state["free"] and not self.stopped:
             assert not state["retry"]
             assert self.total is not None and self.dispatcher.generated == self.total
@@ -208,3 +238,38 @@ def test_report_of_a_closed_session_is_404():
         dispatcher.report(session.token, number, ["a", "b", "c"])
     assert error.value.status == 404
     assert dispatcher.snapshot()["retry"] == ["a", "b", "c"]
+
+
+def test_a_touched_lease_outlives_a_later_one_and_both_expire_on_time():
+    clock = FakeClock()
+    dispatcher = broker.Dispatcher(lease_timeout=LEASE, clock=clock, seed=1)
+    first, second = dispatcher.connect(1), dispatcher.connect(1)
+    dispatcher.batch_written(first, first.batch)       # its lease: 0 .. 10
+    clock.now = 1.0
+    dispatcher.batch_written(second, second.batch)     # 1 .. 11
+    clock.now = 2.0
+    dispatcher.touch(first.token, first.batch.number)  # now 2 .. 12
+    clock.now = 11.5
+    dispatcher.dispatch_once()
+    assert second.closed and second.close_reason == "lease expired"
+    assert not first.closed
+    clock.now = 12.5
+    dispatcher.dispatch_once()
+    assert first.closed and first.close_reason == "lease expired"
+
+
+def test_a_drain_ends_the_free_streams_and_gives_out_nothing_more():
+    dispatcher = broker.Dispatcher(total=2, seed=1)
+    busy = dispatcher.connect(2)
+    dispatcher.batch_written(busy, busy.batch)
+    free = dispatcher.connect(2)  # nothing left for it: free
+    assert dispatcher.snapshot()["free"] == [free.token]
+    assert dispatcher.drain() == (1, 2)
+    assert dispatcher.snapshot()["free"] == []
+    assert dispatcher.stream_ends(free) == "shutdown"
+    assert dispatcher.stream_ends(busy) is None  # it may still report
+    assert dispatcher.connect(2) is None
+    result, _seq, next_batch = dispatcher.report(busy.token, busy.batch.number, [])
+    assert result["retried"] == 2 and next_batch is None  # retried, but not now
+    assert dispatcher.stream_ends(busy) == "shutdown"
+    assert dispatcher.wait_drained(0)
