@@ -788,9 +788,7 @@ class Dispatcher:
             self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + 1
             failed_at = _rfc3339_now()
             self._dead_letters.append((message, failed_at))
-            self.recent_dead.append({"id": message.id, "period": message.period,
-                                     "attempts": message.attempts, "reason": reason,
-                                     "failed_at": failed_at})
+            self.recent_dead.append(dead_letter_record(message, failed_at))
             self._save_locked(message, "dead")
             if self._on_event:
                 self._on_event("dead", message, session)
@@ -1066,6 +1064,12 @@ class Dispatcher:
             }
 
 
+def dead_letter_record(message, failed_at):
+    """A dead letter's record in the `failed` bucket (PROTOCOL.md)."""
+    return {"id": message.id, "period": message.period, "attempts": message.attempts,
+            "reason": message.reason, "failed_at": failed_at}
+
+
 def pending_record(message, in_flight):
     """A --durable message's record in the `pending` bucket."""
     return {"id": message.id, "period": message.period, "attempts": message.attempts,
@@ -1335,10 +1339,8 @@ class StateWriter:
                     failed = tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
                     failed.fill_percent = 0.9  # ids grow with time: pack pages
                     for message, failed_at in changes.dead_letters:
-                        record = {"id": message.id, "period": message.period,
-                                  "attempts": message.attempts, "reason": message.reason,
-                                  "failed_at": failed_at}
-                        failed.put(message.id.encode("ascii"), _compact_json(record).encode())
+                        failed.put(message.id.encode("ascii"), _compact_json(
+                            dead_letter_record(message, failed_at)).encode())
                 if changes.pending:
                     pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
                     pending.fill_percent = 0.9
@@ -1818,16 +1820,13 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_task(self, query):
         broker = self.server.broker
-        values = query.get("batchsize", []) + query.get("batchSize", [])
-        if len(values) != 1:
-            self.send_error_json(400, "batchsize must be given once" if values
-                                 else "batchsize is required")
+        try:  # (batchSize too, as some clients spell it)
+            batchsize = _query_int({"batchsize": query.get("batchsize", []) +
+                                    query.get("batchSize", [])}, "batchsize",
+                                   1, broker.max_batchsize)
+        except ValueError as error:
+            self.send_error_json(400, str(error))
             return
-        limit = broker.max_batchsize
-        if not re.fullmatch(r"[0-9]{1,10}", values[0]) or not 1 <= int(values[0]) <= limit:
-            self.send_error_json(400, "batchsize must be an integer in 1..%d" % limit)
-            return
-        batchsize = int(values[0])
         foreign = self.foreign_origin()
         if foreign is not None:  # its page could not read the stream: give it no batch
             self.send_error_json(403, "origin %s is not allowed (see --cors-origin)" % foreign)
@@ -1948,14 +1947,15 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     def _worker_and_batch(self, query):
         """The `worker` and `batch` of a report or a touch; None once a 400
         says what is wrong with them."""
-        tokens, batches = query.get("worker", []), query.get("batch", [])
+        tokens = query.get("worker", [])
         if len(tokens) != 1 or not tokens[0]:
             self.send_error_json(400, "worker must be given once")
             return None
-        if len(batches) != 1 or not re.fullmatch(r"[0-9]{1,18}", batches[0]):
-            self.send_error_json(400, "batch must be given once, as a non-negative integer")
+        try:
+            return tokens[0], _query_int(query, "batch", 0, 10 ** 18 - 1)
+        except ValueError as error:
+            self.send_error_json(400, str(error))
             return None
-        return tokens[0], int(batches[0])
 
     # -- POST /requeue ------------------------------------------------------------
 
@@ -2013,14 +2013,16 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                        "text/plain; version=0.0.4; charset=utf-8")
 
     def handle_dead(self, query):
-        limits = query.get("limit", ["100"])
         after = query.get("after", [""])
-        if len(limits) != 1 or not re.fullmatch(r"[0-9]{1,6}", limits[0]) or \
-                not 1 <= int(limits[0]) <= 10000 or len(after) != 1:
-            self.send_error_json(400, "limit must be an integer in 1..10000, after an id, "
-                                      "each given at most once")
+        try:
+            limit = _query_int(query, "limit", 1, 10000, default=100)
+        except ValueError as error:
+            self.send_error_json(400, str(error))
             return
-        letters, more = read_dead_letters(self.server.broker.db, int(limits[0]), after[0])
+        if len(after) != 1:
+            self.send_error_json(400, "after must be given at most once")
+            return
+        letters, more = read_dead_letters(self.server.broker.db, limit, after[0])
         self.send_json(200, {"dead": letters, "more": more,
                              "next_after": letters[-1]["id"] if more else None})
 
@@ -2056,6 +2058,22 @@ def _allowed_methods(path, handlers):
     if "GET" in handlers and path not in STREAM_PATHS:
         methods.add("HEAD")
     return ", ".join(sorted(methods))
+
+
+def _query_int(query, name, low, high, default=None):
+    """The integer `name` of a parsed query string: given once (or absent,
+    when it has a `default`), in decimal digits, in low..high. ValueError
+    says what is wrong, for a 400."""
+    values = query.get(name, [])
+    if not values and default is not None:
+        return default
+    if len(values) != 1:
+        raise ValueError("%s must be given once" % name if values else "%s is required" % name)
+    text = values[0]
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))
+            and low <= int(text) <= high):
+        raise ValueError("%s must be an integer in %d..%d" % (name, low, high))
+    return int(text)
 
 
 def _id_list(body):

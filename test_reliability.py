@@ -16,7 +16,7 @@ import time
 import pytest
 
 import bbolt_lite
-from conftest import HERE, SSEClient
+from conftest import HERE, SSEClient, safe_seed
 
 sys.path.insert(0, os.path.join(HERE, "bench"))
 from client import Client  # noqa: E402
@@ -196,7 +196,8 @@ def test_slow_batches_are_touched_and_keep_their_lease_but_a_stopped_worker_lose
           % (len(slow), touches))
 
     stopped_db = tmp_path / "stopped.db"
-    b = processes.broker(stopped_db, "--lease-timeout", 1, "--heartbeat", 600)
+    b = processes.broker(stopped_db, "--lease-timeout", 1, "--heartbeat", 600,
+                         "--seed", safe_seed(2))  # (no task ends the worker before the stop)
     worker = processes.worker("--url", b.url, "--batchsize", 2, "--time-scale", 3,
                               "--log-level", "DEBUG")
     worker.wait_for_line(r"batch \d+: starting message")

@@ -349,8 +349,8 @@ class Worker:
             if not refuse:
                 self._running += 1
         if refuse:
-            log.error("over capacity (%d tasks running, batchsize %d): refusing message %s "
-                      "of batch %d", running, self.batchsize, message_id, number)
+            log.error("over capacity (all %d task slots busy): refusing message %s of batch %d",
+                      running, message_id, number)
             with batch.lock:
                 batch.refused += 1
             self._task_ended(stream, batch, message_id, False)
@@ -773,21 +773,6 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # Stamped in UTC, RFC 3339 with milliseconds, as the broker's lines.
-    handler = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s %(levelname)s worker[%(process)d]: %(message)s")
-    formatter.converter = time.gmtime
-    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
-    formatter.default_msec_format = "%s.%03dZ"
-    handler.setFormatter(formatter)
-    logging.basicConfig(level=args.log_level, handlers=[handler])
-    if args.processes is not None:
-        return supervise(args)
-    return run_worker(args)
-
-
 def run_worker(args, signals=(signal.SIGINT, signal.SIGTERM)):
     """One worker, until a signal, a fatal error, or a period > 900; its exit status."""
     rng = random.Random(args.seed)
@@ -837,6 +822,21 @@ def _run_worker(worker, stop):
         worker.exit_status = EXIT_STATUS_BUG
     finally:
         stop.set()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Stamped in UTC, RFC 3339 with milliseconds, as the broker's lines.
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s worker[%(process)d]: %(message)s")
+    formatter.converter = time.gmtime
+    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
+    formatter.default_msec_format = "%s.%03dZ"
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+    if args.processes is not None:
+        return supervise(args)
+    return run_worker(args)
 
 
 if __name__ == "__main__":
