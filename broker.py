@@ -378,29 +378,12 @@ class ReportError(Exception):
 
 
 class Dispatcher:
-    """All dispatch state, behind one lock.
-
-    `_lock` guards every field below it: sessions, free workers, the retry
-    queue and the halves, leases, the dead letters not yet saved, and the
-    counters. Every method takes it; nothing does I/O while holding it (log
-    records and trace lines are queued for writer threads; the one system
-    call is the shutdown() that cuts an expired lease's stream, which does
-    not block). Conditions on it:
-
-    * `lease_to_watch`: wakes the dispatch loop; a lease was taken while none
-      was in flight (the loop sleeps until the oldest lease's deadline), or
-      state was restored, or stop.
+    """All dispatch state, behind one lock (see `_lock` in __init__).
 
     Batches are given out by `_assign_locked`, from whichever call freed a
     worker or a message (connect, report, disconnect, the loop's lease
     expiry): a worker that reports gets its next batch within that report,
     with no hop through another thread.
-    * `changes_to_save`: wakes the state writer; there are dead letters (and,
-      with --durable, message states and counters) to save, or stop.
-    * `changes_saved`: wakes whoever waits for a change to be on disk (with
-      --durable, a batch is written and a report answered only then).
-    * `Session.batch_ready` (one per stream): wakes that stream's writer.
-    * `progress`: wakes whoever waits for the run to settle (`--total`).
     """
 
     def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, lease_timeout=DEFAULT_LEASE_TIMEOUT,
@@ -415,11 +398,27 @@ class Dispatcher:
         self._new_id = new_id or new_id_function()
         self._clock = clock
         self._on_event = on_event  # on_event(kind, message, session), under the lock
+
+        # `_lock` guards every field below it: the sessions and free workers,
+        # the retry queue and the halves, the leases, the changes not yet
+        # saved, the flags and the counters. Every method takes it; nothing
+        # does I/O while holding it (log records and trace lines are queued
+        # for threads of their own; the one system call is the shutdown()
+        # that cuts an expired lease's stream, which does not block). Each
+        # Condition below is named for what its waiters wait for, and each
+        # wait is a `while not <that>:` loop in the method that waits:
         self._lock = threading.Lock()
+        # a lease whose deadline the dispatch loop must watch (or a stop)
         self.lease_to_watch = threading.Condition(self._lock)
+        # changes for the state writer to save (or a requeue, or a stop)
         self.changes_to_save = threading.Condition(self._lock)
+        # changes on disk (--durable writes a batch and answers a report then)
         self.changes_saved = threading.Condition(self._lock)
-        self.progress = threading.Condition(self._lock)
+        # the --total run has settled (each message done or dead, and saved)
+        self.settled = threading.Condition(self._lock)
+        # while draining: a worker no longer holds a batch
+        self.worker_freed = threading.Condition(self._lock)
+        # (and one per stream, Session.batch_ready: a batch for its writer)
         self._sessions = {}                       # token -> Session
         self._free_workers = collections.deque()  # Sessions, in the order they became free
         self._retry = collections.deque()         # Messages waiting for another attempt
@@ -432,6 +431,7 @@ class Dispatcher:
         self._requeue_settled = []                # ids to delete from `requeue` (not --durable)
         self._change_seq = 0                      # changes made so far
         self._saved_seq = 0                       # changes on disk so far
+        self._writer_called = False               # wake_writer() since the last take
         self._batch_number = 0
         self._session_number = 0
         self.stopping = False
@@ -496,7 +496,7 @@ class Dispatcher:
         session.batch = None
         del self._batches[batch.number]
         if self.draining:
-            self.progress.notify_all()
+            self.worker_freed.notify_all()
         survivors = [m for m in batch.messages.values()
                      if not self._fail_locked(m, reason, session, queue=False)]
         self._bisect_locked(survivors)
@@ -744,7 +744,7 @@ class Dispatcher:
             if last or self.draining:
                 session.leaving = session.leaving or last
                 session.batch_ready.notify()  # its writer says bye and ends the stream
-                self.progress.notify_all()    # (a drain waits for the last reports)
+                self.worker_freed.notify_all()  # (a drain waits for the last reports)
             else:
                 self._free_workers.append(session)
                 next_batch = self._assign_locked(caller=session)
@@ -830,12 +830,17 @@ class Dispatcher:
         self._change_seq += 1
         self.changes_to_save.notify()
 
-    def take_changes(self, timeout=None):
-        """Wait (up to `timeout`) for changes to save, and take them all; None
-        if there are none."""
+    def take_changes(self, timeout):
+        """Wait (up to `timeout`, or until wake_writer) for changes to save,
+        and take them all; None if there are none."""
         with self._lock:
-            if self._change_seq == self._saved_seq:
-                self.changes_to_save.wait(timeout)
+            deadline = self._clock() + timeout
+            while self._change_seq == self._saved_seq and not self._writer_called:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self.changes_to_save.wait(remaining)
+            self._writer_called = False
             if self._change_seq == self._saved_seq:
                 return None
             changes = Changes(self._change_seq, self._unsaved, self._dead_letters,
@@ -918,12 +923,17 @@ class Dispatcher:
         # Only then: a wake-up per report would cost the main thread a GIL
         # hand-off each time.
         if self.settled_locked():
-            self.progress.notify_all()
+            self.settled.notify_all()
 
     def wait_until_settled(self, timeout):
+        """Wait (up to `timeout`) for a --total run to settle; True if it has."""
         with self._lock:
-            if not self.settled_locked() and not self.stopping:
-                self.progress.wait(timeout)
+            deadline = self._clock() + timeout
+            while not self.settled_locked() and not self.stopping:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self.settled.wait(remaining)
             return self.settled_locked()
 
     def dead_reasons(self):
@@ -945,7 +955,9 @@ class Dispatcher:
             return len(self._leases) + len(self._retry) + self._waiting_in_halves
 
     def wake_writer(self):
+        """The state writer has something else to do (a requeue, the stop)."""
         with self._lock:
+            self._writer_called = True
             self.changes_to_save.notify_all()
 
     def drain(self):
@@ -970,7 +982,7 @@ class Dispatcher:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return False
-                self.progress.wait(remaining)
+                self.worker_freed.wait(remaining)
             return True
 
     def _drained_locked(self):
@@ -997,7 +1009,8 @@ class Dispatcher:
             self.lease_to_watch.notify_all()
             self.changes_to_save.notify_all()
             self.changes_saved.notify_all()
-            self.progress.notify_all()
+            self.settled.notify_all()
+            self.worker_freed.notify_all()
             for session in self._sessions.values():
                 session.batch_ready.notify_all()
 
