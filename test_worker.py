@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.parse
@@ -230,6 +231,31 @@ def test_a_lost_stream_abandons_its_batch_unreported_and_reconnects(fake_broker,
     # Batch 1 would have ended first (300 ms < 600 ms) had it not been abandoned.
     assert [(q["batch"], q["worker"]) for q, _h, _b in fake.reports] == [(["2"], ["t1"])]
     assert "abandoning batch 1" in w.output()
+
+
+def test_a_chunked_stream_cut_before_its_last_chunk_is_lost_not_a_crash(processes):
+    """A broker killed mid-stream leaves a chunked body unfinished: http.client
+    raises IncompleteRead, which the worker must take as a lost stream."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(20)
+    hello = (b'retry: 2000\n\nevent: hello\ndata: {"worker":"tok","batchsize":2,'
+             b'"lease_ms":10000,"heartbeat_ms":15000}\n\n')
+    try:
+        w = processes.worker("--url", "http://127.0.0.1:%d" % listener.getsockname()[1],
+                             "--batchsize", "2")
+        for _ in range(2):  # cut, then it comes back
+            conn, _address = listener.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                         b"%x\r\n%s\r\n" % (len(hello), hello))
+            w.wait_for_line(r"connected to")
+            conn.close()  # no last chunk
+        w.wait_for_line(r"stream lost: IncompleteRead")
+        assert w.popen.poll() is None, w.output()
+        assert "Traceback" not in w.output()
+    finally:
+        listener.close()
 
 
 def test_a_silent_stream_is_dead_after_three_heartbeats(fake_broker, processes):

@@ -36,6 +36,7 @@ __version__ = "1.1.0"
 
 import argparse
 import codecs
+import http.client
 import json
 import logging
 import os
@@ -75,6 +76,11 @@ HEARTBEATS_BEFORE_DEAD = 3
 # failing; its restarts back off from the first delay to the last, doubling.
 QUICK_EXIT_SECONDS = 5.0
 RESTART_BACKOFF_MIN, RESTART_BACKOFF_MAX = 0.5, 30.0
+
+
+# What a lost connection raises: a chunked stream cut before its last chunk
+# raises http.client.IncompleteRead, which is neither an OSError nor a URLError.
+NETWORK_ERRORS = (urllib.error.URLError, OSError, ValueError, http.client.HTTPException)
 
 
 class FatalError(Exception):
@@ -234,8 +240,9 @@ class Worker:
                     backoff = BACKOFF_MIN  # it worked for a while: start over
             except urllib.error.HTTPError as error:
                 log.warning("broker answered %d: %s", error.code, _error_text(error))
-            except (urllib.error.URLError, OSError, ValueError) as error:
-                log.warning("stream lost: %s", getattr(error, "reason", None) or error)
+            except NETWORK_ERRORS as error:
+                if not self.draining.is_set():  # (a drain ends its own stream)
+                    log.warning("stream lost: %s", getattr(error, "reason", None) or error)
             delay = backoff / 2 + self.rng.uniform(0, backoff / 2)
             if self.draining.is_set():
                 return
@@ -428,7 +435,7 @@ class Worker:
             else:
                 log.warning("batch %d: touch failed: %d %s", batch.number, error.code,
                             _error_text(error))
-        except (urllib.error.URLError, OSError, ValueError) as error:
+        except NETWORK_ERRORS as error:
             log.warning("batch %d: touch failed (%s)", batch.number,
                         getattr(error, "reason", None) or error)
 
@@ -467,7 +474,7 @@ class Worker:
                               _error_text(error))
                     return
                 log.warning("batch %d: report failed: %d, retrying", batch.number, error.code)
-            except (urllib.error.URLError, OSError, ValueError) as error:
+            except NETWORK_ERRORS as error:
                 log.warning("batch %d: report failed (%s), retrying", batch.number,
                             getattr(error, "reason", None) or error)
             stream.lost.wait(delay)
