@@ -1308,36 +1308,28 @@ class StateWriter:
                 keys = [k for k, _v in failed.items()] if failed is not None else []
             else:
                 keys = list(dict.fromkeys(i.encode("utf-8") for i in ids))
-            records, missing = [], []
+            moved, missing = [], []  # moved: (key, its value, its record)
             for key in keys:
                 raw = failed.get(key) if failed is not None else None
                 try:
-                    records.append(parse_record(DEAD_LETTER_BUCKET, key, raw)
-                                   if raw is not None else None)
+                    if raw is not None:
+                        moved.append((key, raw, parse_record(DEAD_LETTER_BUCKET, key, raw)))
+                        continue
                 except RecordError as error:
                     log.warning("not requeued: %s", error)
-                    records.append(None)
-                if records[-1] is None:
-                    missing.append(key.decode("utf-8", "replace"))
-            records = [r for r in records if r is not None]
-            if not records:
+                missing.append(key.decode("utf-8", "replace"))
+            if not moved:
                 return [], missing
-            if durable:
-                pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
-                for record in records:
-                    pending.put(record["id"].encode("ascii"), _compact_json(pending_record(
-                        Message(record["id"], record["period"]), False)).encode())
-                state = tx.create_bucket_if_not_exists(STATE_BUCKET)
-                state.put(b"requeued", b"%d" % (self.dispatcher.requeued + len(records)))
-            else:
-                requeue = tx.create_bucket_if_not_exists(REQUEUE_BUCKET)
-            for record in records:
-                key = record["id"].encode("ascii")
-                if not durable:
-                    requeue.put(key, failed.get(key))
+            into = tx.create_bucket_if_not_exists(PENDING_BUCKET if durable else REQUEUE_BUCKET)
+            for key, raw, record in moved:
+                into.put(key, _compact_json(pending_record(Message(
+                    record["id"], record["period"]), False)).encode() if durable else raw)
                 failed.delete(key)
+            if durable:
+                state = tx.create_bucket_if_not_exists(STATE_BUCKET)
+                state.put(b"requeued", b"%d" % (self.dispatcher.requeued + len(moved)))
         self._count_commit(time.monotonic() - started)
-        return records, missing
+        return [record for _key, _raw, record in moved], missing
 
     def stuck_for(self):
         """Seconds the commit under way has lasted (0 if none)."""
@@ -1934,7 +1926,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if last not in (["0"], ["1"]):
             self.send_error_json(400, "last must be 0 or 1")
             return
-        ids = _id_list(body)
+        ids = _id_list(_json_body(body))
         if ids is None:
             self.send_error_json(400, "the body must be a JSON array of id strings")
             return
@@ -1977,16 +1969,12 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         body = self.read_body()
         if body is None:
             return
-        ids = _id_list(body)
-        if ids is None:
-            try:
-                everything = json.loads(body.decode("utf-8")) == {"all": True}
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                everything = False
-            if not everything:
-                self.send_error_json(400, 'the body must be a JSON array of dead-letter ids, '
-                                          'or {"all": true}')
-                return
+        request = _json_body(body)
+        ids = None if request == {"all": True} else _id_list(request)
+        if ids is None and request != {"all": True}:
+            self.send_error_json(400, 'the body must be a JSON array of dead-letter ids, '
+                                      'or {"all": true}')
+            return
         broker = self.server.broker
         try:
             requeued, missing = broker.state_writer.requeue(ids, self.read_timeout)
@@ -2089,15 +2077,19 @@ def _query_int(query, name, low, high, default=None):
     return int(text)
 
 
-def _id_list(body):
-    """A body that is a JSON array of strings, as a list; else None."""
+def _json_body(body):
+    """A request body parsed as JSON; None if it is not JSON (or is null)."""
     try:
-        ids = json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        return None
-    return ids
+
+
+def _id_list(value):
+    """`value` if it is a list of strings (ids), else None."""
+    if isinstance(value, list) and all(isinstance(i, str) for i in value):
+        return value
+    return None
 
 
 def read_dead_letters(db, limit, after=""):
