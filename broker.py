@@ -936,24 +936,6 @@ class Dispatcher:
                 self.settled.wait(remaining)
             return self.settled_locked()
 
-    def dead_reasons(self):
-        """Dead letters of this run, by reason."""
-        with self._lock:
-            return dict(self.dead_by_reason)
-
-    def unsaved_changes(self):
-        with self._lock:
-            return self._change_seq - self._saved_seq
-
-    def unsaved_dead_letters(self):
-        with self._lock:
-            return self.dead - self.dead_saved
-
-    def unsettled(self):
-        """Messages generated (or requeued) and neither done nor dead."""
-        with self._lock:
-            return len(self._leases) + len(self._retry) + self._waiting_in_halves
-
     def wake_writer(self):
         """The state writer has something else to do (a requeue, the stop)."""
         with self._lock:
@@ -988,10 +970,6 @@ class Dispatcher:
     def _drained_locked(self):
         return not any(s.batch is not None for s in self._sessions.values())
 
-    def busy_workers(self):
-        with self._lock:
-            return sum(1 for s in self._sessions.values() if s.batch is not None)
-
     def _take_back_unwritten_locked(self):
         for session in self._sessions.values():
             batch = session.batch  # (one being written is on the wire already)
@@ -1014,47 +992,10 @@ class Dispatcher:
             for session in self._sessions.values():
                 session.batch_ready.notify_all()
 
-    def stats(self):
+    def figures(self):
+        """The figures of the run, copied under the lock in one go (a Figures)."""
         with self._lock:
-            now = self._clock()
-            second = int(now)
-            recent = sum(count for when, count in self._done_times if when >= second - 10)
-            window = min(10.0, max(now - self.started_at, 1e-9))
-            busy = sum(1 for s in self._sessions.values() if s.batch is not None)
-            return {
-                "uptime_s": round(now - self.started_at, 3),
-                "generated": self.generated,
-                "dispatched": self.dispatched,
-                "done": self.done,
-                "dead": self.dead,
-                "retrying": len(self._retry) + self._waiting_in_halves,
-                "in_flight": len(self._leases),
-                "workers": len(self._sessions),
-                "busy_workers": busy,
-                "done_per_s": round(recent / window, 3),
-            }
-
-    def dashboard(self):
-        """What the dashboard shows: stats, the workers, the latest dead letters."""
-        stats = self.stats()
-        with self._lock:
-            now = self._clock()
-            workers = [{"worker": s.name, "batchsize": s.batchsize, "batches_done": s.batches_done,
-                        "batch_age_s": round(now - s.batch.started, 3) if s.batch else None}
-                       for s in self._sessions.values()]
-            stats.update(workers_detail=workers, recent_dead=list(self.recent_dead),
-                         total=self.total, requeued=self.requeued)
-        return stats
-
-    def metrics(self):
-        """The figures for /metrics, read under the lock in one go."""
-        stats = self.stats()
-        with self._lock:
-            stats["round_trips"] = list(self.round_trips)
-            stats["round_trip_sum"] = self.round_trip_sum
-            stats["failed_by_reason"] = dict(self.failed_by_reason)
-            stats["dead_by_reason"] = dict(self.dead_by_reason)
-        return stats
+            return Figures(self, self._clock())
 
     # -- for the invariant tests ---------------------------------------------
 
@@ -1075,6 +1016,59 @@ class Dispatcher:
                 "sessions": {t: (s.batch.number if s.batch else None)
                              for t, s in self._sessions.items()},
             }
+
+
+class Figures:
+    """What /stats, /metrics, the dashboard and the log lines show: a copy of
+    the Dispatcher's counters, taken under its lock (`Dispatcher.figures()`),
+    read without it."""
+
+    def __init__(self, dispatcher, now):  # (under the dispatcher's lock)
+        d = dispatcher
+        self.uptime_s = now - d.started_at
+        self.total, self.requeued = d.total, d.requeued
+        self.generated, self.dispatched, self.done, self.dead = (
+            d.generated, d.dispatched, d.done, d.dead)
+        self.retrying = len(d._retry) + d._waiting_in_halves
+        self.in_flight = len(d._leases)
+        self.workers = len(d._sessions)
+        self.workers_detail = [
+            {"worker": s.name, "batchsize": s.batchsize, "batches_done": s.batches_done,
+             "batch_age_s": round(now - s.batch.started, 3) if s.batch else None}
+            for s in d._sessions.values()]
+        self.busy_workers = sum(1 for s in d._sessions.values() if s.batch is not None)
+        second = int(now)
+        recent = sum(count for when, count in d._done_times if when >= second - 10)
+        self.done_per_s = recent / min(10.0, max(now - d.started_at, 1e-9))
+        self.failed_by_reason = dict(d.failed_by_reason)
+        self.dead_by_reason = dict(d.dead_by_reason)
+        self.round_trips, self.round_trip_sum = list(d.round_trips), d.round_trip_sum
+        self.recent_dead = list(d.recent_dead)
+        self.unsaved_changes = d._change_seq - d._saved_seq
+        self.unsaved_dead_letters = d.dead - d.dead_saved
+
+    def unsettled(self):
+        """Messages generated (or requeued) and neither done nor dead."""
+        return self.in_flight + self.retrying
+
+    def stats(self):
+        """GET /stats (PROTOCOL.md)."""
+        return {"uptime_s": round(self.uptime_s, 3), "generated": self.generated,
+                "dispatched": self.dispatched, "done": self.done, "dead": self.dead,
+                "retrying": self.retrying, "in_flight": self.in_flight,
+                "workers": self.workers, "busy_workers": self.busy_workers,
+                "done_per_s": round(self.done_per_s, 3)}
+
+    def dashboard(self):
+        """The dashboard's `stats` event: /stats, the workers, the latest dead letters."""
+        return dict(self.stats(), workers_detail=self.workers_detail,
+                    recent_dead=self.recent_dead, total=self.total, requeued=self.requeued)
+
+    def dead_reasons(self):
+        """' (3 stream closed, 1 not reported)': this run's dead letters by reason."""
+        by_reason = ", ".join("%d %s" % (count, reason)
+                              for reason, count in self.dead_by_reason.items() if count)
+        return " (%s)" % by_reason if by_reason else ""
 
 
 def dead_letter_record(message, failed_at):
@@ -2005,11 +1999,11 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     # -- GET /stats, /metrics, /healthz, /dead, /events, / --------------------
 
     def handle_stats(self, query):
-        self.send_json(200, self.server.broker.dispatcher.stats())
+        self.send_json(200, self.server.broker.dispatcher.figures().stats())
 
     def handle_metrics(self, query):
         broker = self.server.broker
-        self.send_text(200, prometheus_text(broker.dispatcher.metrics(), broker.state_writer,
+        self.send_text(200, prometheus_text(broker.dispatcher.figures(), broker.state_writer,
                                             broker.started_at),
                        "text/plain; version=0.0.4; charset=utf-8")
 
@@ -2037,7 +2031,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         channel = self.start_event_stream()
         channel.send(b"retry: %d\n\n" % SSE_RETRY_MS)
         while not broker.dispatcher.stopping:  # (through a drain: it shows the drain)
-            channel.send(sse_event("stats", broker.dispatcher.dashboard()))
+            channel.send(sse_event("stats", broker.dispatcher.figures().dashboard()))
             if broker.stopping.wait(1.0):
                 break
         channel.send(sse_event("bye", {"reason": "shutdown"}), last=True)
@@ -2138,22 +2132,22 @@ def _by_reason(name, kind, help_text, counts):
         '%s{reason="%s"} %d' % (name, reason, count) for reason, count in counts.items()]
 
 
-def prometheus_text(metrics, writer, started_at):
+def prometheus_text(figures, writer, started_at):
     """The Prometheus text exposition format (version 0.0.4). Rates are
     rate()'s to compute; the start time is process_start_time_seconds."""
     lines = []
     for name, kind, help_text in _METRICS:
         full = "broker_%s%s" % (name, "_total" if kind == "counter" else "")
         lines += ["# HELP %s %s" % (full, help_text), "# TYPE %s %s" % (full, kind),
-                  "%s %s" % (full, metrics[name])]
+                  "%s %s" % (full, getattr(figures, name))]
     lines += _by_reason("broker_dead_letters_total", "counter",
                         "Messages dead-lettered (this run), by why their last attempt failed.",
-                        metrics["dead_by_reason"])
+                        figures.dead_by_reason)
     lines += _by_reason("broker_failed_attempts_total", "counter",
-                        "Attempts that failed, by why.", metrics["failed_by_reason"])
+                        "Attempts that failed, by why.", figures.failed_by_reason)
     lines += _histogram("broker_batch_round_trip_seconds",
                         "Time from a batch's dispatch to its report.", ROUND_TRIP_BUCKETS,
-                        metrics["round_trips"], metrics["round_trip_sum"])
+                        figures.round_trips, figures.round_trip_sum)
     lines += ["# HELP broker_db_commits_total Transactions committed to the db.",
               "# TYPE broker_db_commits_total counter",
               "broker_db_commits_total %d" % writer.commits,
@@ -2712,9 +2706,10 @@ class Broker:
         next_progress = time.monotonic() + every
         while not self.stop_requested.is_set():
             if self.dispatcher.wait_until_settled(timeout=0.5):
+                figures = self.dispatcher.figures()
                 status_log.info("all %d messages settled: %d done, %d dead%s",
-                                self.args.total + self.dispatcher.requeued,
-                                self.dispatcher.done, self.dispatcher.dead, self._dead_reasons())
+                                figures.total + figures.requeued, figures.done, figures.dead,
+                                figures.dead_reasons())
                 break
             if time.monotonic() >= next_progress:
                 next_progress += every
@@ -2725,22 +2720,13 @@ class Broker:
                 break
 
     def log_progress(self):
-        stats = self.dispatcher.stats()
+        f = self.dispatcher.figures()
         share = ""
-        if self.args.total is not None:
-            expected = self.args.total + self.dispatcher.requeued
-            share = ", %.1f%% settled" % (100.0 * (stats["done"] + stats["dead"]) /
-                                          max(1, expected))
+        if f.total is not None:
+            share = ", %.1f%% settled" % (100.0 * (f.done + f.dead) / max(1, f.total + f.requeued))
         status_log.info("progress: %d done, %d dead%s, %d in flight, %d retrying, %d workers, "
-                        "%.1f done/s%s", stats["done"], stats["dead"], self._dead_reasons(),
-                        stats["in_flight"], stats["retrying"], stats["workers"],
-                        stats["done_per_s"], share)
-
-    def _dead_reasons(self):
-        """' (3 stream closed, 1 not reported)': this run's dead letters by reason."""
-        by_reason = ", ".join("%d %s" % (count, reason) for reason, count in
-                              self.dispatcher.dead_reasons().items() if count)
-        return " (%s)" % by_reason if by_reason else ""
+                        "%.1f done/s%s", f.done, f.dead, f.dead_reasons(), f.in_flight,
+                        f.retrying, f.workers, f.done_per_s, share)
 
     def start_workers(self, count):
         """`--workers N`: worker.py --processes N, a child of this broker."""
@@ -2791,7 +2777,7 @@ class Broker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log.warning("drain timeout: %d busy workers had not reported after %.1f s",
-                            self.dispatcher.busy_workers(), timeout)
+                            self.dispatcher.figures().busy_workers, timeout)
                 return
             # (Short waits: a signal handler cannot wake this wait.)
             if self.dispatcher.wait_drained(min(remaining, 0.1)):
@@ -2828,10 +2814,11 @@ class Broker:
         if writer.thread.is_alive():
             log.error("the state writer is stuck in a commit (for %.0f s): stopping without it",
                       writer.stuck_for())
-        unsaved = dispatcher.unsaved_changes()
-        if unsaved:
-            log.error("%d dead letters could not be saved (lost)%s", dispatcher.unsaved_dead_letters(),
-                      ", nor %d changes of message states" % unsaved if dispatcher.durable else "")
+        figures = dispatcher.figures()
+        if figures.unsaved_changes:
+            log.error("%d dead letters could not be saved (lost)%s", figures.unsaved_dead_letters,
+                      ", nor %d changes of message states" % figures.unsaved_changes
+                      if dispatcher.durable else "")
             status = 1
         pending = None
         if not writer.thread.is_alive():
@@ -2843,15 +2830,14 @@ class Broker:
             if unwritten:
                 log.error("%d trace lines could not be written to %s", unwritten, self.trace.path)
                 status = 1
-        stats = dispatcher.stats()
         if dispatcher.durable:
             left = "%s stay pending in the db" % ("?" if pending is None else pending)
         else:
             left = "%d unsettled messages lost (without --durable they live in memory only)" \
-                % dispatcher.unsettled()
+                % figures.unsettled()
         status_log.info("stopped: %d generated, %d done, %d dead; when it stopped %d messages "
                         "were leased and %d waiting for a retry; %s; %d db commits",
-                        stats["generated"], stats["done"], stats["dead"], leased, waiting, left,
+                        figures.generated, figures.done, figures.dead, leased, waiting, left,
                         writer.commits)
         return status
 

@@ -383,7 +383,7 @@ def test_an_unexpected_error_in_the_state_writer_keeps_its_changes_and_shows_in_
         writer = broker.StateWriter(dispatcher, db)
         assert writer.save(dispatcher.take_changes(timeout=0)) is False
         assert writer.error.startswith("UnicodeEncodeError")
-        assert dispatcher.unsaved_dead_letters() == 1  # given back, not lost
+        assert dispatcher.figures().unsaved_dead_letters == 1  # given back, not lost
         changes = dispatcher.take_changes(timeout=0)
         assert [m.id for m, _at in changes.dead_letters] == ["not-ascii-\u00e9"]
 
