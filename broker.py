@@ -1034,7 +1034,8 @@ class Figures:
         self.workers = len(d._sessions)
         self.workers_detail = [
             {"worker": s.name, "batchsize": s.batchsize, "batches_done": s.batches_done,
-             "batch_age_s": round(now - s.batch.started, 3) if s.batch else None}
+             "batch_age_s": None if s.batch is None else  # (0: assigned, not yet written)
+             round(now - s.batch.started, 3) if s.batch.started is not None else 0.0}
             for s in d._sessions.values()]
         self.busy_workers = sum(1 for s in d._sessions.values() if s.batch is not None)
         second = int(now)

@@ -273,3 +273,17 @@ def test_a_drain_ends_the_free_streams_and_gives_out_nothing_more():
     assert result["retried"] == 2 and next_batch is None  # retried, but not now
     assert dispatcher.stream_ends(busy) == "shutdown"
     assert dispatcher.wait_drained(0)
+
+
+def test_figures_show_a_batch_assigned_but_not_yet_written_as_just_begun():
+    clock = FakeClock()
+    dispatcher = broker.Dispatcher(total=4, seed=1, clock=clock)
+    assigned = dispatcher.connect(2)  # a batch for its writer, not on the wire yet
+    written = dispatcher.connect(2)
+    dispatcher.batch_written(written, written.batch)
+    free = dispatcher.connect(2)  # nothing left for it
+    clock.now += 1.5
+    figures = dispatcher.figures()
+    ages = {w["worker"]: w["batch_age_s"] for w in figures.dashboard()["workers_detail"]}
+    assert ages == {assigned.name: 0.0, written.name: 1.5, free.name: None}
+    assert figures.busy_workers == 2 and figures.in_flight == 4
