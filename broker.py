@@ -35,6 +35,18 @@ Endpoints: ``GET /task`` (the work stream), ``POST /report``, ``POST /touch``
 dashboard), ``/events``, ``/stats``, ``/metrics``, ``/healthz``, ``/dead``,
 and ``POST /requeue`` (dead letters back to the queue, live).
 
+Inside, the threads are: one per connection (ThreadingHTTPServer), the
+dispatch loop (leases that expire), the stream watcher (streams that close),
+the state writer (the bbolt file's one writer), and the log and trace
+writers. All dispatch state is the Dispatcher's, behind one lock; each of its
+Conditions is named for what its waiters wait for (see `Dispatcher.__init__`).
+Two threads write a batch on a stream: the stream's own, for the first batch
+and for any batch assigned while its worker was free; and the thread of the
+worker's report, for the next batch at once. Handing that batch to the
+stream's thread instead would cost a wake-up and a GIL hand-off per batch.
+The file reads top down: the core, then appendices (the dashboard page,
+Prometheus text, the dead-letter tools) that a reader can skip.
+
 Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 ``bbolt`` tool). Standard library only, Python 3.9 or newer; needs
 ``bbolt_lite.py`` beside it.
@@ -80,6 +92,7 @@ except ImportError:  # a Python built without OpenSSL: no --tls-cert here
 
 import bbolt_lite
 
+
 log = logging.getLogger("broker")
 # The lines an operator always wants: listening, progress, drain, stopped.
 # --log-level WARNING quietens the rest but not these.
@@ -97,7 +110,6 @@ SSE_RETRY_MS = 2000
 # A request must arrive whole within this many seconds (a slow or stalled
 # client holds a thread no longer), and a stream write may block no longer.
 DEFAULT_READ_TIMEOUT = 30.0
-DEAD_LETTER_BUCKET = b"failed"
 # Why an attempt failed (a dead letter's `reason` is its last attempt's).
 FAILURE_REASONS = ("not reported", "stream closed", "lease expired")
 MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
@@ -110,7 +122,6 @@ DEFAULT_PROGRESS_EVERY = 10.0  # seconds between progress lines in the log
 STUCK_SECONDS = 10.0
 # At a stop, how long the state writer may go on trying to save what is left.
 STOP_SAVE_SECONDS = 10.0
-REQUEUE_BUCKET = b"requeue"
 # Request headers: at most this many lines of at most this many bytes (as
 # the standard library's own limits).
 MAX_HEADERS, MAX_HEADER_LINE = 100, 65536
@@ -124,6 +135,22 @@ _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,3})\.([0-9]{1,3})")
 # value of visible characters, spaces and tabs; no obs-fold).
 _HEADER_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
                            rb"([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\r?\n")
+# Paths that need no --token, and the event streams:
+PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the token
+STREAM_PATHS = ("/task", "/events")  # event streams: no HEAD
+
+# The bbolt file (--db):
+# bucket `failed`:  id -> {"id", "period", "attempts", "reason", "failed_at"}
+# bucket `pending`: (--durable) id -> {"id", "period", "attempts", "in_flight", "reason"}
+#                   for every generated message not yet done or dead
+# bucket `state`:   (--durable) b"generated", b"done", b"dead", b"requeued" -> decimal counts
+# bucket `requeue`: dead letters `broker.py requeue` brought back, as in `failed`;
+#                   without --durable each stays until it is settled again
+DEAD_LETTER_BUCKET = b"failed"
+PENDING_BUCKET = b"pending"
+STATE_BUCKET = b"state"
+REQUEUE_BUCKET = b"requeue"
+_COUNTER_KEYS = (b"generated", b"done", b"dead", b"requeued")
 
 
 # ---------------------------------------------------------------------------
@@ -262,38 +289,7 @@ def new_id_function():
 
 
 # ---------------------------------------------------------------------------
-# Server-Sent Events framing (WHATWG HTML, "server-sent events")
-# ---------------------------------------------------------------------------
-
-_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (json.dumps makes one a call)
-
-
-def _compact_json(obj):
-    return _COMPACT_ENCODER.encode(obj)
-
-
-def sse_event(event, data):
-    """One event: `event:` and one `data:` line of compact JSON, then a blank line."""
-    return ("event: %s\ndata: %s\n\n" % (event, _compact_json(data))).encode("utf-8")
-
-
-SSE_PING = b": ping\n\n"
-
-
-def batch_events(batch):
-    """All `msg` events of a batch, as the bytes of one write.
-
-    The same compact JSON as sse_event, formatted directly: this is the hot
-    path, and every field is an integer or an id of [0-9a-v].
-    """
-    tail = ',"batch":%d,"size":%d}\n\n' % (batch.number, len(batch.messages))
-    return "".join(['event: msg\ndata: {"id":"%s","period":%d,"attempt":%d%s'
-                    % (m.id, m.period, m.attempts, tail)
-                    for m in batch.messages.values()]).encode("ascii")
-
-
-# ---------------------------------------------------------------------------
-# Dispatcher: who holds which message
+# Messages and batches, and the records saved of them
 # ---------------------------------------------------------------------------
 
 def draw_period(rng):
@@ -368,6 +364,40 @@ class Session:
     def name(self):
         return "w%d" % self.number
 
+
+def dead_letter_record(message, failed_at):
+    """A dead letter's record in the `failed` bucket (PROTOCOL.md)."""
+    return {"id": message.id, "period": message.period, "attempts": message.attempts,
+            "reason": message.reason, "failed_at": failed_at}
+
+
+def pending_record(message, in_flight):
+    """A --durable message's record in the `pending` bucket."""
+    return {"id": message.id, "period": message.period, "attempts": message.attempts,
+            "in_flight": in_flight, "reason": message.reason}
+
+
+class Changes:
+    """What the state writer takes in one go: all saved in one transaction."""
+
+    __slots__ = ("seq", "pending", "dead_letters", "counters", "requeue_settled")
+
+    def __init__(self, seq, pending, dead_letters, counters, requeue_settled):
+        self.seq = seq                    # the last change included
+        self.pending = pending            # --durable: id -> record, or None to delete
+        self.dead_letters = dead_letters  # [(Message, failed_at)]
+        self.counters = counters          # --durable: (generated, done, dead, requeued)
+        self.requeue_settled = requeue_settled  # ids settled again: out of `requeue`
+
+
+def _rfc3339_now():
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
+
+
+# ---------------------------------------------------------------------------
+# The Dispatcher: who holds which message
+# ---------------------------------------------------------------------------
 
 class ReportError(Exception):
     """A report refused, with the HTTP status that says why."""
@@ -1072,51 +1102,9 @@ class Figures:
         return " (%s)" % by_reason if by_reason else ""
 
 
-def dead_letter_record(message, failed_at):
-    """A dead letter's record in the `failed` bucket (PROTOCOL.md)."""
-    return {"id": message.id, "period": message.period, "attempts": message.attempts,
-            "reason": message.reason, "failed_at": failed_at}
-
-
-def pending_record(message, in_flight):
-    """A --durable message's record in the `pending` bucket."""
-    return {"id": message.id, "period": message.period, "attempts": message.attempts,
-            "in_flight": in_flight, "reason": message.reason}
-
-
-class Changes:
-    """What the state writer takes in one go: all saved in one transaction."""
-
-    __slots__ = ("seq", "pending", "dead_letters", "counters", "requeue_settled")
-
-    def __init__(self, seq, pending, dead_letters, counters, requeue_settled):
-        self.seq = seq                    # the last change included
-        self.pending = pending            # --durable: id -> record, or None to delete
-        self.dead_letters = dead_letters  # [(Message, failed_at)]
-        self.counters = counters          # --durable: (generated, done, dead, requeued)
-        self.requeue_settled = requeue_settled  # ids settled again: out of `requeue`
-
-
-def _rfc3339_now():
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
-
-
 # ---------------------------------------------------------------------------
 # The bbolt file: dead letters, and with --durable every unsettled message
 # ---------------------------------------------------------------------------
-#
-# bucket `failed`:  id -> {"id", "period", "attempts", "reason", "failed_at"}
-# bucket `pending`: (--durable) id -> {"id", "period", "attempts", "in_flight", "reason"}
-#                   for every generated message not yet done or dead
-# bucket `state`:   (--durable) b"generated", b"done", b"dead", b"requeued" -> decimal counts
-# bucket `requeue`: dead letters `broker.py requeue` brought back, as in `failed`;
-#                   without --durable each stays until it is settled again
-
-PENDING_BUCKET = b"pending"
-STATE_BUCKET = b"state"
-_COUNTER_KEYS = (b"generated", b"done", b"dead", b"requeued")
-
 
 class RecordError(ValueError):
     """A record in the db that is not what the broker writes there."""
@@ -1379,8 +1367,136 @@ class StateWriter:
 
 
 # ---------------------------------------------------------------------------
-# Closed streams: noticed at once
+# Streams: SSE framing, writing a batch, closed streams noticed at once
 # ---------------------------------------------------------------------------
+#
+# Server-Sent Events framing is WHATWG HTML's, "server-sent events".
+
+_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (json.dumps makes one a call)
+
+
+def _compact_json(obj):
+    return _COMPACT_ENCODER.encode(obj)
+
+
+def sse_event(event, data):
+    """One event: `event:` and one `data:` line of compact JSON, then a blank line."""
+    return ("event: %s\ndata: %s\n\n" % (event, _compact_json(data))).encode("utf-8")
+
+
+SSE_PING = b": ping\n\n"
+
+
+def batch_events(batch):
+    """All `msg` events of a batch, as the bytes of one write.
+
+    The same compact JSON as sse_event, formatted directly: this is the hot
+    path, and every field is an integer or an id of [0-9a-v].
+    """
+    tail = ',"batch":%d,"size":%d}\n\n' % (batch.number, len(batch.messages))
+    return "".join(['event: msg\ndata: {"id":"%s","period":%d,"attempt":%d%s'
+                    % (m.id, m.period, m.attempts, tail)
+                    for m in batch.messages.values()]).encode("ascii")
+
+
+def _shutdown_socket(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class StreamChannel:
+    """A stream's connection: whole writes, one at a time, and once one
+    fails, none after it (a cut event must never be followed by a ping)."""
+
+    def __init__(self, sock, wfile, chunked):
+        self._sock = sock
+        self._wfile = wfile
+        self._chunked = chunked  # HTTP/1.1: Transfer-Encoding: chunked, a chunk per write
+        self._write_lock = threading.Lock()  # the stream's thread and reports' threads write
+        self.broken = False
+        self.last_write = time.monotonic()
+
+    def _frame(self, data, last=False):
+        """`data` as it goes on the wire: one chunk (and the last, empty one)."""
+        if not self._chunked:
+            return data
+        return b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
+
+    def send(self, data, last=False):
+        """Write `data` whole; `last`: the broker ends the stream after it."""
+        data = self._frame(data, last)
+        with self._write_lock:
+            if self.broken:
+                raise ConnectionAbortedError("the stream was cut")
+            try:
+                self._wfile.write(data)
+            except OSError:
+                self.broken = True
+                _shutdown_socket(self._sock)
+                raise
+            self.last_write = time.monotonic()
+            if last:
+                self.broken = True  # (ended: nothing may follow the last chunk)
+
+    def peer_closed(self):
+        """Whether the client has closed its end (EOF, or an error, is readable)."""
+        try:
+            # (socket.socket.recv: the bytes on the wire, also under TLS.)
+            return socket.socket.recv(self._sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    def close(self, reason=None):
+        """Cut the connection (the stream's thread then ends); with a
+        `reason`, say `bye` first where the socket still takes it. (Called
+        under the dispatcher's lock: the bye is sent only if no write is under
+        way, and without blocking; a cut bye is an event the client drops.)"""
+        if reason is not None and not self.broken and self._write_lock.acquire(blocking=False):
+            try:
+                self._sock.send(self._frame(sse_event("bye", {"reason": reason}), last=True),
+                                socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            finally:
+                self._write_lock.release()
+        self.broken = True
+        _shutdown_socket(self._sock)
+
+
+def deliver(dispatcher, session, batch, heartbeat):
+    """Write a batch on its stream; its lease starts once the bytes are out.
+
+    With --durable the batch's lease is saved first; while that waits, the
+    stream still gets its pings (when `heartbeat` is given: the stream's
+    own thread). A client that has closed gets nothing, and a failed write
+    ends the stream: either way the batch goes back uncharged. True if
+    the batch was written.
+    """
+    channel = session.channel
+    try:
+        while dispatcher.durable and not dispatcher.wait_saved(
+                batch.saved_seq, min(1.0, heartbeat or 1.0)):
+            if session.closed or dispatcher.stopping:
+                return False  # (and the batch is back: ending the session or stopping did it)
+            if heartbeat is not None and time.monotonic() - channel.last_write >= heartbeat:
+                channel.send(SSE_PING)
+        if not dispatcher.begin_write(session, batch):
+            return False  # (and the batch is back: ending the session or stopping did it)
+        if channel.peer_closed():
+            dispatcher.batch_not_written(session, batch, "stream closed")
+            return False
+        channel.send(batch_events(batch))
+    except OSError as error:
+        dispatcher.batch_not_written(session, batch, "write failed: %s" % (
+            error.strerror or type(error).__name__))
+        return False
+    dispatcher.batch_written(session, batch)
+    return True
+
 
 class StreamWatcher:
     """Watches every stream socket; EOF or an error ends that session at once.
@@ -1527,6 +1643,46 @@ class BrokerHTTPServer(http.server.ThreadingHTTPServer):
         self.broker = broker
         handler = type("Handler", (BrokerRequestHandler,), {"read_timeout": broker.read_timeout})
         super().__init__(address, handler)
+
+
+def _allowed_methods(path, handlers):
+    """The Allow header of a path: its methods, HEAD where GET is not a
+    stream, and OPTIONS."""
+    methods = set(handlers) | {"OPTIONS"}
+    if "GET" in handlers and path not in STREAM_PATHS:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+def _query_int(query, name, low, high, default=None):
+    """The integer `name` of a parsed query string: given once (or absent,
+    when it has a `default`), in decimal digits, in low..high. ValueError
+    says what is wrong, for a 400."""
+    values = query.get(name, [])
+    if not values and default is not None:
+        return default
+    if len(values) != 1:
+        raise ValueError("%s must be given once" % name if values else "%s is required" % name)
+    text = values[0]
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))
+            and low <= int(text) <= high):
+        raise ValueError("%s must be an integer in %d..%d" % (name, low, high))
+    return int(text)
+
+
+def _json_body(body):
+    """A request body parsed as JSON; None if it is not JSON (or is null)."""
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def _id_list(value):
+    """`value` if it is a list of strings (ids), else None."""
+    if isinstance(value, list) and all(isinstance(i, str) for i in value):
+        return value
+    return None
 
 
 class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
@@ -2043,399 +2199,6 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                        "ok\n" if problem is None else problem + "\n", "text/plain; charset=utf-8")
 
 
-PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the token
-STREAM_PATHS = ("/task", "/events")  # event streams: no HEAD
-
-
-def _allowed_methods(path, handlers):
-    """The Allow header of a path: its methods, HEAD where GET is not a
-    stream, and OPTIONS."""
-    methods = set(handlers) | {"OPTIONS"}
-    if "GET" in handlers and path not in STREAM_PATHS:
-        methods.add("HEAD")
-    return ", ".join(sorted(methods))
-
-
-def _query_int(query, name, low, high, default=None):
-    """The integer `name` of a parsed query string: given once (or absent,
-    when it has a `default`), in decimal digits, in low..high. ValueError
-    says what is wrong, for a 400."""
-    values = query.get(name, [])
-    if not values and default is not None:
-        return default
-    if len(values) != 1:
-        raise ValueError("%s must be given once" % name if values else "%s is required" % name)
-    text = values[0]
-    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))
-            and low <= int(text) <= high):
-        raise ValueError("%s must be an integer in %d..%d" % (name, low, high))
-    return int(text)
-
-
-def _json_body(body):
-    """A request body parsed as JSON; None if it is not JSON (or is null)."""
-    try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-
-
-def _id_list(value):
-    """`value` if it is a list of strings (ids), else None."""
-    if isinstance(value, list) and all(isinstance(i, str) for i in value):
-        return value
-    return None
-
-
-def read_dead_letters(db, limit, after=""):
-    """Up to `limit` dead letters with ids after `after`, oldest first (ids
-    sort by time); and whether there are more. A record that cannot be read
-    is shown as such: {"id": its key, "unreadable": why}."""
-    letters = []
-    with db.view() as tx:
-        bucket = tx.bucket(DEAD_LETTER_BUCKET)
-        if bucket is None:
-            return [], False
-        cursor = bucket.cursor()
-        key, value = cursor.seek(after.encode("utf-8", "replace") + b"\0") if after \
-            else cursor.first()
-        while key is not None and len(letters) < limit:
-            try:
-                letters.append(parse_record(DEAD_LETTER_BUCKET, key, value))
-            except RecordError as error:
-                letters.append({"id": key.decode("utf-8", "replace"), "unreadable": str(error)})
-            key, value = cursor.next()
-        return letters, key is not None
-
-
-_METRICS = (  # (name in the figures, type, help); counters get _total
-    ("generated", "counter", "Messages generated."),
-    ("dispatched", "counter", "Deliveries: messages sent in batches, retries included."),
-    ("done", "counter", "Messages reported done."),
-    ("retrying", "gauge", "Messages waiting for another attempt."),
-    ("in_flight", "gauge", "Messages leased to a worker now."),
-    ("workers", "gauge", "Connected worker streams."),
-    ("busy_workers", "gauge", "Workers holding a batch."),
-)
-
-
-def _histogram(name, help_text, bounds, counts, total):
-    lines = ["# HELP %s %s" % (name, help_text), "# TYPE %s histogram" % name]
-    cumulative = 0
-    for bound, count in zip(bounds + ("+Inf",), counts):
-        cumulative += count
-        lines.append('%s_bucket{le="%s"} %d' % (name, bound, cumulative))
-    return lines + ["%s_sum %.6f" % (name, total), "%s_count %d" % (name, cumulative)]
-
-
-def _by_reason(name, kind, help_text, counts):
-    return ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)] + [
-        '%s{reason="%s"} %d' % (name, reason, count) for reason, count in counts.items()]
-
-
-def prometheus_text(figures, writer, started_at):
-    """The Prometheus text exposition format (version 0.0.4). Rates are
-    rate()'s to compute; the start time is process_start_time_seconds."""
-    lines = []
-    for name, kind, help_text in _METRICS:
-        full = "broker_%s%s" % (name, "_total" if kind == "counter" else "")
-        lines += ["# HELP %s %s" % (full, help_text), "# TYPE %s %s" % (full, kind),
-                  "%s %s" % (full, getattr(figures, name))]
-    lines += _by_reason("broker_dead_letters_total", "counter",
-                        "Messages dead-lettered (this run), by why their last attempt failed.",
-                        figures.dead_by_reason)
-    lines += _by_reason("broker_failed_attempts_total", "counter",
-                        "Attempts that failed, by why.", figures.failed_by_reason)
-    lines += _histogram("broker_batch_round_trip_seconds",
-                        "Time from a batch's dispatch to its report.", ROUND_TRIP_BUCKETS,
-                        figures.round_trips, figures.round_trip_sum)
-    lines += ["# HELP broker_db_commits_total Transactions committed to the db.",
-              "# TYPE broker_db_commits_total counter",
-              "broker_db_commits_total %d" % writer.commits,
-              "# HELP broker_db_errors_total Transactions that failed (disk errors).",
-              "# TYPE broker_db_errors_total counter",
-              "broker_db_errors_total %d" % writer.errors]
-    lines += _histogram("broker_db_commit_seconds", "Time a db transaction took to commit.",
-                        COMMIT_BUCKETS, writer.commit_seconds, writer.commit_seconds_sum)
-    lines += ["# HELP broker_build_info The broker's version.",
-              "# TYPE broker_build_info gauge",
-              'broker_build_info{version="%s"} 1' % __version__,
-              "# HELP process_start_time_seconds Start time of the process since the Unix "
-              "epoch, in seconds.",
-              "# TYPE process_start_time_seconds gauge",
-              "process_start_time_seconds %.3f" % started_at]
-    return "\n".join(lines) + "\n"
-
-
-def _shutdown_socket(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-class StreamChannel:
-    """A stream's connection: whole writes, one at a time, and once one
-    fails, none after it (a cut event must never be followed by a ping)."""
-
-    def __init__(self, sock, wfile, chunked):
-        self._sock = sock
-        self._wfile = wfile
-        self._chunked = chunked  # HTTP/1.1: Transfer-Encoding: chunked, a chunk per write
-        self._write_lock = threading.Lock()  # the stream's thread and reports' threads write
-        self.broken = False
-        self.last_write = time.monotonic()
-
-    def _frame(self, data, last=False):
-        """`data` as it goes on the wire: one chunk (and the last, empty one)."""
-        if not self._chunked:
-            return data
-        return b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
-
-    def send(self, data, last=False):
-        """Write `data` whole; `last`: the broker ends the stream after it."""
-        data = self._frame(data, last)
-        with self._write_lock:
-            if self.broken:
-                raise ConnectionAbortedError("the stream was cut")
-            try:
-                self._wfile.write(data)
-            except OSError:
-                self.broken = True
-                _shutdown_socket(self._sock)
-                raise
-            self.last_write = time.monotonic()
-            if last:
-                self.broken = True  # (ended: nothing may follow the last chunk)
-
-    def peer_closed(self):
-        """Whether the client has closed its end (EOF, or an error, is readable)."""
-        try:
-            # (socket.socket.recv: the bytes on the wire, also under TLS.)
-            return socket.socket.recv(self._sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
-
-    def close(self, reason=None):
-        """Cut the connection (the stream's thread then ends); with a
-        `reason`, say `bye` first where the socket still takes it. (Called
-        under the dispatcher's lock: the bye is sent only if no write is under
-        way, and without blocking; a cut bye is an event the client drops.)"""
-        if reason is not None and not self.broken and self._write_lock.acquire(blocking=False):
-            try:
-                self._sock.send(self._frame(sse_event("bye", {"reason": reason}), last=True),
-                                socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            finally:
-                self._write_lock.release()
-        self.broken = True
-        _shutdown_socket(self._sock)
-
-
-def deliver(dispatcher, session, batch, heartbeat):
-    """Write a batch on its stream; its lease starts once the bytes are out.
-
-    With --durable the batch's lease is saved first; while that waits, the
-    stream still gets its pings (when `heartbeat` is given: the stream's
-    own thread). A client that has closed gets nothing, and a failed write
-    ends the stream: either way the batch goes back uncharged. True if
-    the batch was written.
-    """
-    channel = session.channel
-    try:
-        while dispatcher.durable and not dispatcher.wait_saved(
-                batch.saved_seq, min(1.0, heartbeat or 1.0)):
-            if session.closed or dispatcher.stopping:
-                return False  # (and the batch is back: ending the session or stopping did it)
-            if heartbeat is not None and time.monotonic() - channel.last_write >= heartbeat:
-                channel.send(SSE_PING)
-        if not dispatcher.begin_write(session, batch):
-            return False  # (and the batch is back: ending the session or stopping did it)
-        if channel.peer_closed():
-            dispatcher.batch_not_written(session, batch, "stream closed")
-            return False
-        channel.send(batch_events(batch))
-    except OSError as error:
-        dispatcher.batch_not_written(session, batch, "write failed: %s" % (
-            error.strerror or type(error).__name__))
-        return False
-    dispatcher.batch_written(session, batch)
-    return True
-
-
-# ---------------------------------------------------------------------------
-# The dashboard: one page, no external assets, updated by GET /events
-# ---------------------------------------------------------------------------
-
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>broker.py</title>
-<link rel="icon" href="data:,">
-<style>
-  body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
-  h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1em; margin: 1.4em 0 .4em; }
-  #status { color: #666; } #status.down { color: #b00; }
-  .counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(9em, 1fr)); gap: .6em; }
-  .counter { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5em .7em; }
-  .counter b { display: block; font-size: 1.5em; font-variant-numeric: tabular-nums; }
-  .counter span { color: #666; font-size: .85em; }
-  canvas { background: #fff; border: 1px solid #ddd; border-radius: 6px; width: 100%; height: 200px; }
-  table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
-  td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
-  .legend i { display: inline-block; width: .8em; height: .8em; margin: 0 .3em 0 1em; }
-</style></head>
-<body>
-<h1>broker.py</h1>
-<div id="status">connecting&hellip;</div>
-<h2>Counters</h2>
-<div class="counters" id="counters"></div>
-<h2>Done and dead per second, last 5 minutes
-  <span class="legend"><i style="background:#2a7"></i>done/s<i style="background:#c33"></i>dead/s</span></h2>
-<canvas id="chart" width="900" height="200"></canvas>
-<h2>Workers</h2>
-<table><thead><tr><th>worker</th><th>batchsize</th><th>batches done</th><th>current batch age</th></tr></thead>
-<tbody id="workers"></tbody></table>
-<h2>Latest dead letters <button id="requeue-all" type="button">requeue all</button>
-  <span id="requeue-result"></span></h2>
-<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>failed at</th><th></th></tr></thead>
-<tbody id="dead"></tbody></table>
-<script>
-"use strict";
-const FIELDS = [["generated", "generated"], ["dispatched", "dispatched"], ["done", "done"],
-  ["dead", "dead"], ["retrying", "retrying"], ["in_flight", "in flight"],
-  ["workers", "workers"], ["busy_workers", "busy workers"], ["done_per_s", "done/s (10 s)"],
-  ["uptime_s", "uptime (s)"]];
-const history = [];  // [time, done, dead], one a second, five minutes
-let token = sessionStorage.getItem("broker-token") || "";
-let source = null;
-
-function cell(row, content) {
-  const td = document.createElement("td");
-  if (content instanceof Node) td.appendChild(content); else td.textContent = content;
-  row.appendChild(td);
-}
-
-function authHeaders() { return token ? {"Authorization": "Bearer " + token} : {}; }
-
-function askToken() {
-  const given = window.prompt("This broker needs its token:");
-  if (given === null) return false;
-  token = given; sessionStorage.setItem("broker-token", token);
-  return true;
-}
-
-// POST /requeue: these dead letters (or all) go out again first, attempts reset.
-async function requeue(ids, retried) {
-  const result = document.getElementById("requeue-result");
-  try {
-    const answer = await fetch("/requeue", {method: "POST",
-      headers: Object.assign({"Content-Type": "application/json"}, authHeaders()),
-      body: JSON.stringify(ids === null ? {all: true} : ids)});
-    if (answer.status === 401 && !retried && askToken()) return requeue(ids, true);
-    const body = await answer.json();
-    result.textContent = answer.ok ? body.requeued + " requeued" +
-      (body.missing.length ? ", " + body.missing.length + " no longer dead" : "") :
-      "requeue failed: " + body.error;
-  } catch (error) {
-    result.textContent = "requeue failed: " + error;
-  }
-}
-
-function requeueButton(id) {
-  const button = document.createElement("button");
-  button.type = "button"; button.textContent = "requeue"; button.className = "requeue";
-  button.addEventListener("click", () => requeue([id], false));
-  return button;
-}
-document.getElementById("requeue-all").addEventListener("click", () => requeue(null, false));
-
-function fill(id, rows, columns) {
-  const body = document.getElementById(id);
-  body.replaceChildren();
-  for (const item of rows) {
-    const row = document.createElement("tr");
-    for (const column of columns) cell(row, column(item));
-    body.appendChild(row);
-  }
-}
-
-function show(stats) {
-  const counters = document.getElementById("counters");
-  counters.replaceChildren();
-  for (const [key, label] of FIELDS) {
-    const box = document.createElement("div");
-    box.className = "counter";
-    box.id = "counter-" + key;
-    const value = document.createElement("b");
-    value.textContent = key === "uptime_s" ? Math.round(stats[key]) :
-      key === "done_per_s" ? stats[key].toFixed(1) : stats[key];
-    const name = document.createElement("span");
-    name.textContent = label;
-    box.append(value, name);
-    counters.appendChild(box);
-  }
-  const status = document.getElementById("status");
-  status.className = "";
-  status.textContent = stats.total === null ? "generating without end" :
-    "settled " + (stats.done + stats.dead) + " of " + (stats.total + stats.requeued);
-  fill("workers", stats.workers_detail, [w => w.worker, w => w.batchsize, w => w.batches_done,
-    w => w.batch_age_s === null ? "free" : w.batch_age_s.toFixed(2) + " s"]);
-  fill("dead", stats.recent_dead.slice().reverse(), [d => d.id, d => d.period + " ms",
-    d => d.attempts, d => d.reason, d => d.failed_at, d => requeueButton(d.id)]);
-  history.push([Date.now() / 1000, stats.done, stats.dead]);
-  while (history.length > 301) history.shift();
-  draw();
-}
-
-function draw() {
-  const canvas = document.getElementById("chart");
-  const g = canvas.getContext("2d");
-  g.clearRect(0, 0, canvas.width, canvas.height);
-  if (history.length < 2) return;
-  const rates = [];
-  for (let i = 1; i < history.length; i++) {
-    const dt = Math.max(history[i][0] - history[i - 1][0], 1e-3);
-    rates.push([(history[i][1] - history[i - 1][1]) / dt, (history[i][2] - history[i - 1][2]) / dt]);
-  }
-  const top = Math.max(1, ...rates.map(r => Math.max(r[0], r[1]))) * 1.1;
-  g.fillStyle = "#888"; g.font = "11px sans-serif"; g.fillText(top.toFixed(0) + "/s", 4, 12);
-  [[0, "#2a7"], [1, "#c33"]].forEach(([k, color]) => {
-    g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
-    rates.forEach((r, i) => {
-      const x = canvas.width - (rates.length - 1 - i) * canvas.width / 300;
-      const y = canvas.height - r[k] / top * (canvas.height - 16);
-      i ? g.lineTo(x, y) : g.moveTo(x, y);
-    });
-    g.stroke();
-  });
-}
-
-function connect() {
-  if (source) source.close();
-  source = new EventSource("/events" + (token ? "?access_token=" + encodeURIComponent(token) : ""));
-  source.addEventListener("stats", e => show(JSON.parse(e.data)));
-  source.addEventListener("bye", () => { status("the broker stopped"); source.close(); });
-  source.onerror = () => {
-    source.close();
-    fetch("/stats", {headers: authHeaders()}).then(r => {
-      if (r.status === 401 && !askToken()) { status("a token is needed"); return; }
-      setTimeout(connect, 1000);
-    }, () => { status("the broker is not answering; retrying"); setTimeout(connect, 2000); });
-  };
-}
-
-function status(text) { const s = document.getElementById("status"); s.className = "down"; s.textContent = text; }
-
-connect();
-</script>
-</body></html>
-"""
-
-
 # ---------------------------------------------------------------------------
 # The broker: wiring, start and stop
 # ---------------------------------------------------------------------------
@@ -2843,6 +2606,99 @@ class Broker:
         return status
 
 
+class _LogQueueHandler(logging.handlers.QueueHandler):
+    """Hands log records to the log writer's thread; never blocks.
+
+    Log lines are written by a thread of their own, so that no thread (above
+    all none holding the dispatcher's lock) ever waits on stderr: with stderr
+    on a pipe that nobody reads, dispatch goes on. Past MAX_QUEUED waiting
+    records, new ones are dropped and counted; the count is logged once the
+    writer catches up.
+    """
+
+    MAX_QUEUED = 10000
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.dropped = 0
+
+    def enqueue(self, record):
+        if self.queue.qsize() >= self.MAX_QUEUED:
+            self.dropped += 1
+            return
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            note = logging.LogRecord(log.name, logging.WARNING, __file__, 0,
+                                     "%d log lines dropped: the log's reader was not keeping up",
+                                     (dropped,), None)
+            self.queue.put_nowait(self.prepare(note))
+        self.queue.put_nowait(record)
+
+
+class _LogWriter(logging.handlers.QueueListener):
+    def stop(self, timeout):
+        """Write what is queued, waiting at most `timeout` s (stderr may be stuck)."""
+        self.enqueue_sentinel()
+        self._thread.join(timeout)
+
+
+def start_logging(level):
+    """Log lines go to stderr through a queue and a writer thread, stamped in
+    UTC as RFC 3339 with milliseconds. The status lines (listening, progress,
+    stopped) show at WARNING too."""
+    records = queue.Queue()
+    stderr = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s broker: %(message)s")
+    formatter.converter = time.gmtime
+    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
+    formatter.default_msec_format = "%s.%03dZ"
+    stderr.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [_LogQueueHandler(records)]
+    root.setLevel(level)
+    status_log.setLevel(min(logging.INFO, logging.getLevelName(level))
+                        if level != "ERROR" else logging.ERROR)
+    writer = _LogWriter(records, stderr)
+    writer.start()
+    return writer
+
+
+def run_broker(args):
+    try:
+        broker = Broker(args)
+    except bbolt_lite.DatabaseLockedError:
+        log.error("%s is locked by another process: is another broker using it? "
+                  "Give this one another --db.", args.db)
+        return 2
+    except StartError as error:
+        log.error("%s", error)
+        return 2
+    except (bbolt_lite.Error, ValueError, OSError) as error:
+        log.error("cannot use %s: %s", args.db, getattr(error, "strerror", None) or error)
+        return 2
+
+    def on_signal(signum, _frame):
+        if broker.stop_requested.is_set():
+            status_log.info("%s again: stopping now", signal.Signals(signum).name)
+            broker.stop_now.set()
+        else:
+            status_log.info("%s: stopping (a second signal stops at once)",
+                            signal.Signals(signum).name)
+            broker.stop_requested.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: a closed terminal)
+        signal.signal(signum, on_signal)
+    broker.start()
+    if args.workers:
+        broker.start_workers(args.workers)
+    broker.run_until_stopped()
+    return broker.stop()
+
+
+# ---------------------------------------------------------------------------
+# main: the command line
+# ---------------------------------------------------------------------------
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -2994,9 +2850,282 @@ def _token(token, token_file):
     return token
 
 
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("dead", "requeue"):
+        # Killed by SIGPIPE like any Unix tool when the reader goes (| head):
+        # no BrokenPipeError traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        try:
+            return (dead_command if argv[0] == "dead" else requeue_command)(argv[1:])
+        except ToolError as error:
+            print("broker.py %s: %s" % (argv[0], error), file=sys.stderr)
+            return 2
+    args = parse_args(argv)
+    log_writer = start_logging(args.log_level)
+    try:
+        return run_broker(args)
+    finally:
+        log_writer.stop(timeout=5.0)
+
+
 # ---------------------------------------------------------------------------
-# Dead-letter tools: python broker.py dead|requeue --db FILE
+# Appendix A. The dashboard: one page, no external assets, updated by GET /events
 # ---------------------------------------------------------------------------
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>broker.py</title>
+<link rel="icon" href="data:,">
+<style>
+  body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+  h1 { font-size: 1.3em; margin: 0 0 .2em; } h2 { font-size: 1em; margin: 1.4em 0 .4em; }
+  #status { color: #666; } #status.down { color: #b00; }
+  .counters { display: grid; grid-template-columns: repeat(auto-fill, minmax(9em, 1fr)); gap: .6em; }
+  .counter { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5em .7em; }
+  .counter b { display: block; font-size: 1.5em; font-variant-numeric: tabular-nums; }
+  .counter span { color: #666; font-size: .85em; }
+  canvas { background: #fff; border: 1px solid #ddd; border-radius: 6px; width: 100%; height: 200px; }
+  table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
+  td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
+  .legend i { display: inline-block; width: .8em; height: .8em; margin: 0 .3em 0 1em; }
+</style></head>
+<body>
+<h1>broker.py</h1>
+<div id="status">connecting&hellip;</div>
+<h2>Counters</h2>
+<div class="counters" id="counters"></div>
+<h2>Done and dead per second, last 5 minutes
+  <span class="legend"><i style="background:#2a7"></i>done/s<i style="background:#c33"></i>dead/s</span></h2>
+<canvas id="chart" width="900" height="200"></canvas>
+<h2>Workers</h2>
+<table><thead><tr><th>worker</th><th>batchsize</th><th>batches done</th><th>current batch age</th></tr></thead>
+<tbody id="workers"></tbody></table>
+<h2>Latest dead letters <button id="requeue-all" type="button">requeue all</button>
+  <span id="requeue-result"></span></h2>
+<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>failed at</th><th></th></tr></thead>
+<tbody id="dead"></tbody></table>
+<script>
+"use strict";
+const FIELDS = [["generated", "generated"], ["dispatched", "dispatched"], ["done", "done"],
+  ["dead", "dead"], ["retrying", "retrying"], ["in_flight", "in flight"],
+  ["workers", "workers"], ["busy_workers", "busy workers"], ["done_per_s", "done/s (10 s)"],
+  ["uptime_s", "uptime (s)"]];
+const history = [];  // [time, done, dead], one a second, five minutes
+let token = sessionStorage.getItem("broker-token") || "";
+let source = null;
+
+function cell(row, content) {
+  const td = document.createElement("td");
+  if (content instanceof Node) td.appendChild(content); else td.textContent = content;
+  row.appendChild(td);
+}
+
+function authHeaders() { return token ? {"Authorization": "Bearer " + token} : {}; }
+
+function askToken() {
+  const given = window.prompt("This broker needs its token:");
+  if (given === null) return false;
+  token = given; sessionStorage.setItem("broker-token", token);
+  return true;
+}
+
+// POST /requeue: these dead letters (or all) go out again first, attempts reset.
+async function requeue(ids, retried) {
+  const result = document.getElementById("requeue-result");
+  try {
+    const answer = await fetch("/requeue", {method: "POST",
+      headers: Object.assign({"Content-Type": "application/json"}, authHeaders()),
+      body: JSON.stringify(ids === null ? {all: true} : ids)});
+    if (answer.status === 401 && !retried && askToken()) return requeue(ids, true);
+    const body = await answer.json();
+    result.textContent = answer.ok ? body.requeued + " requeued" +
+      (body.missing.length ? ", " + body.missing.length + " no longer dead" : "") :
+      "requeue failed: " + body.error;
+  } catch (error) {
+    result.textContent = "requeue failed: " + error;
+  }
+}
+
+function requeueButton(id) {
+  const button = document.createElement("button");
+  button.type = "button"; button.textContent = "requeue"; button.className = "requeue";
+  button.addEventListener("click", () => requeue([id], false));
+  return button;
+}
+document.getElementById("requeue-all").addEventListener("click", () => requeue(null, false));
+
+function fill(id, rows, columns) {
+  const body = document.getElementById(id);
+  body.replaceChildren();
+  for (const item of rows) {
+    const row = document.createElement("tr");
+    for (const column of columns) cell(row, column(item));
+    body.appendChild(row);
+  }
+}
+
+function show(stats) {
+  const counters = document.getElementById("counters");
+  counters.replaceChildren();
+  for (const [key, label] of FIELDS) {
+    const box = document.createElement("div");
+    box.className = "counter";
+    box.id = "counter-" + key;
+    const value = document.createElement("b");
+    value.textContent = key === "uptime_s" ? Math.round(stats[key]) :
+      key === "done_per_s" ? stats[key].toFixed(1) : stats[key];
+    const name = document.createElement("span");
+    name.textContent = label;
+    box.append(value, name);
+    counters.appendChild(box);
+  }
+  const status = document.getElementById("status");
+  status.className = "";
+  status.textContent = stats.total === null ? "generating without end" :
+    "settled " + (stats.done + stats.dead) + " of " + (stats.total + stats.requeued);
+  fill("workers", stats.workers_detail, [w => w.worker, w => w.batchsize, w => w.batches_done,
+    w => w.batch_age_s === null ? "free" : w.batch_age_s.toFixed(2) + " s"]);
+  fill("dead", stats.recent_dead.slice().reverse(), [d => d.id, d => d.period + " ms",
+    d => d.attempts, d => d.reason, d => d.failed_at, d => requeueButton(d.id)]);
+  history.push([Date.now() / 1000, stats.done, stats.dead]);
+  while (history.length > 301) history.shift();
+  draw();
+}
+
+function draw() {
+  const canvas = document.getElementById("chart");
+  const g = canvas.getContext("2d");
+  g.clearRect(0, 0, canvas.width, canvas.height);
+  if (history.length < 2) return;
+  const rates = [];
+  for (let i = 1; i < history.length; i++) {
+    const dt = Math.max(history[i][0] - history[i - 1][0], 1e-3);
+    rates.push([(history[i][1] - history[i - 1][1]) / dt, (history[i][2] - history[i - 1][2]) / dt]);
+  }
+  const top = Math.max(1, ...rates.map(r => Math.max(r[0], r[1]))) * 1.1;
+  g.fillStyle = "#888"; g.font = "11px sans-serif"; g.fillText(top.toFixed(0) + "/s", 4, 12);
+  [[0, "#2a7"], [1, "#c33"]].forEach(([k, color]) => {
+    g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
+    rates.forEach((r, i) => {
+      const x = canvas.width - (rates.length - 1 - i) * canvas.width / 300;
+      const y = canvas.height - r[k] / top * (canvas.height - 16);
+      i ? g.lineTo(x, y) : g.moveTo(x, y);
+    });
+    g.stroke();
+  });
+}
+
+function connect() {
+  if (source) source.close();
+  source = new EventSource("/events" + (token ? "?access_token=" + encodeURIComponent(token) : ""));
+  source.addEventListener("stats", e => show(JSON.parse(e.data)));
+  source.addEventListener("bye", () => { status("the broker stopped"); source.close(); });
+  source.onerror = () => {
+    source.close();
+    fetch("/stats", {headers: authHeaders()}).then(r => {
+      if (r.status === 401 && !askToken()) { status("a token is needed"); return; }
+      setTimeout(connect, 1000);
+    }, () => { status("the broker is not answering; retrying"); setTimeout(connect, 2000); });
+  };
+}
+
+function status(text) { const s = document.getElementById("status"); s.className = "down"; s.textContent = text; }
+
+connect();
+</script>
+</body></html>
+"""
+
+
+# ---------------------------------------------------------------------------
+# Appendix B. Prometheus text: GET /metrics
+# ---------------------------------------------------------------------------
+
+_METRICS = (  # (name in the figures, type, help); counters get _total
+    ("generated", "counter", "Messages generated."),
+    ("dispatched", "counter", "Deliveries: messages sent in batches, retries included."),
+    ("done", "counter", "Messages reported done."),
+    ("retrying", "gauge", "Messages waiting for another attempt."),
+    ("in_flight", "gauge", "Messages leased to a worker now."),
+    ("workers", "gauge", "Connected worker streams."),
+    ("busy_workers", "gauge", "Workers holding a batch."),
+)
+
+
+def _histogram(name, help_text, bounds, counts, total):
+    lines = ["# HELP %s %s" % (name, help_text), "# TYPE %s histogram" % name]
+    cumulative = 0
+    for bound, count in zip(bounds + ("+Inf",), counts):
+        cumulative += count
+        lines.append('%s_bucket{le="%s"} %d' % (name, bound, cumulative))
+    return lines + ["%s_sum %.6f" % (name, total), "%s_count %d" % (name, cumulative)]
+
+
+def _by_reason(name, kind, help_text, counts):
+    return ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)] + [
+        '%s{reason="%s"} %d' % (name, reason, count) for reason, count in counts.items()]
+
+
+def prometheus_text(figures, writer, started_at):
+    """The Prometheus text exposition format (version 0.0.4). Rates are
+    rate()'s to compute; the start time is process_start_time_seconds."""
+    lines = []
+    for name, kind, help_text in _METRICS:
+        full = "broker_%s%s" % (name, "_total" if kind == "counter" else "")
+        lines += ["# HELP %s %s" % (full, help_text), "# TYPE %s %s" % (full, kind),
+                  "%s %s" % (full, getattr(figures, name))]
+    lines += _by_reason("broker_dead_letters_total", "counter",
+                        "Messages dead-lettered (this run), by why their last attempt failed.",
+                        figures.dead_by_reason)
+    lines += _by_reason("broker_failed_attempts_total", "counter",
+                        "Attempts that failed, by why.", figures.failed_by_reason)
+    lines += _histogram("broker_batch_round_trip_seconds",
+                        "Time from a batch's dispatch to its report.", ROUND_TRIP_BUCKETS,
+                        figures.round_trips, figures.round_trip_sum)
+    lines += ["# HELP broker_db_commits_total Transactions committed to the db.",
+              "# TYPE broker_db_commits_total counter",
+              "broker_db_commits_total %d" % writer.commits,
+              "# HELP broker_db_errors_total Transactions that failed (disk errors).",
+              "# TYPE broker_db_errors_total counter",
+              "broker_db_errors_total %d" % writer.errors]
+    lines += _histogram("broker_db_commit_seconds", "Time a db transaction took to commit.",
+                        COMMIT_BUCKETS, writer.commit_seconds, writer.commit_seconds_sum)
+    lines += ["# HELP broker_build_info The broker's version.",
+              "# TYPE broker_build_info gauge",
+              'broker_build_info{version="%s"} 1' % __version__,
+              "# HELP process_start_time_seconds Start time of the process since the Unix "
+              "epoch, in seconds.",
+              "# TYPE process_start_time_seconds gauge",
+              "process_start_time_seconds %.3f" % started_at]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Appendix C. Dead-letter tools: GET /dead, python broker.py dead|requeue
+# ---------------------------------------------------------------------------
+
+def read_dead_letters(db, limit, after=""):
+    """Up to `limit` dead letters with ids after `after`, oldest first (ids
+    sort by time); and whether there are more. A record that cannot be read
+    is shown as such: {"id": its key, "unreadable": why}."""
+    letters = []
+    with db.view() as tx:
+        bucket = tx.bucket(DEAD_LETTER_BUCKET)
+        if bucket is None:
+            return [], False
+        cursor = bucket.cursor()
+        key, value = cursor.seek(after.encode("utf-8", "replace") + b"\0") if after \
+            else cursor.first()
+        while key is not None and len(letters) < limit:
+            try:
+                letters.append(parse_record(DEAD_LETTER_BUCKET, key, value))
+            except RecordError as error:
+                letters.append({"id": key.decode("utf-8", "replace"), "unreadable": str(error)})
+            key, value = cursor.next()
+        return letters, key is not None
+
 
 class ToolError(Exception):
     """What a dead-letter tool says before it exits 2."""
@@ -3118,114 +3247,6 @@ def _requeue_live(args):
         print("not dead letters there: %s" % " ".join(answer["missing"]), file=sys.stderr)
         return 1
     return 0
-
-
-class _LogQueueHandler(logging.handlers.QueueHandler):
-    """Hands log records to the log writer's thread; never blocks.
-
-    Log lines are written by a thread of their own, so that no thread (above
-    all none holding the dispatcher's lock) ever waits on stderr: with stderr
-    on a pipe that nobody reads, dispatch goes on. Past MAX_QUEUED waiting
-    records, new ones are dropped and counted; the count is logged once the
-    writer catches up.
-    """
-
-    MAX_QUEUED = 10000
-
-    def __init__(self, records):
-        super().__init__(records)
-        self.dropped = 0
-
-    def enqueue(self, record):
-        if self.queue.qsize() >= self.MAX_QUEUED:
-            self.dropped += 1
-            return
-        if self.dropped:
-            dropped, self.dropped = self.dropped, 0
-            note = logging.LogRecord(log.name, logging.WARNING, __file__, 0,
-                                     "%d log lines dropped: the log's reader was not keeping up",
-                                     (dropped,), None)
-            self.queue.put_nowait(self.prepare(note))
-        self.queue.put_nowait(record)
-
-
-class _LogWriter(logging.handlers.QueueListener):
-    def stop(self, timeout):
-        """Write what is queued, waiting at most `timeout` s (stderr may be stuck)."""
-        self.enqueue_sentinel()
-        self._thread.join(timeout)
-
-
-def start_logging(level):
-    """Log lines go to stderr through a queue and a writer thread, stamped in
-    UTC as RFC 3339 with milliseconds. The status lines (listening, progress,
-    stopped) show at WARNING too."""
-    records = queue.Queue()
-    stderr = logging.StreamHandler(sys.stderr)
-    formatter = logging.Formatter("%(asctime)s %(levelname)s broker: %(message)s")
-    formatter.converter = time.gmtime
-    formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
-    formatter.default_msec_format = "%s.%03dZ"
-    stderr.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers[:] = [_LogQueueHandler(records)]
-    root.setLevel(level)
-    status_log.setLevel(min(logging.INFO, logging.getLevelName(level))
-                        if level != "ERROR" else logging.ERROR)
-    writer = _LogWriter(records, stderr)
-    writer.start()
-    return writer
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("dead", "requeue"):
-        # Killed by SIGPIPE like any Unix tool when the reader goes (| head):
-        # no BrokenPipeError traceback.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        try:
-            return (dead_command if argv[0] == "dead" else requeue_command)(argv[1:])
-        except ToolError as error:
-            print("broker.py %s: %s" % (argv[0], error), file=sys.stderr)
-            return 2
-    args = parse_args(argv)
-    log_writer = start_logging(args.log_level)
-    try:
-        return run_broker(args)
-    finally:
-        log_writer.stop(timeout=5.0)
-
-
-def run_broker(args):
-    try:
-        broker = Broker(args)
-    except bbolt_lite.DatabaseLockedError:
-        log.error("%s is locked by another process: is another broker using it? "
-                  "Give this one another --db.", args.db)
-        return 2
-    except StartError as error:
-        log.error("%s", error)
-        return 2
-    except (bbolt_lite.Error, ValueError, OSError) as error:
-        log.error("cannot use %s: %s", args.db, getattr(error, "strerror", None) or error)
-        return 2
-
-    def on_signal(signum, _frame):
-        if broker.stop_requested.is_set():
-            status_log.info("%s again: stopping now", signal.Signals(signum).name)
-            broker.stop_now.set()
-        else:
-            status_log.info("%s: stopping (a second signal stops at once)",
-                            signal.Signals(signum).name)
-            broker.stop_requested.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (SIGHUP: a closed terminal)
-        signal.signal(signum, on_signal)
-    broker.start()
-    if args.workers:
-        broker.start_workers(args.workers)
-    broker.run_until_stopped()
-    return broker.stop()
 
 
 if __name__ == "__main__":
