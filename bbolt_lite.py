@@ -64,7 +64,6 @@ pages); a read-only open never rebuilds a ``NoFreelistSync`` file's freelist
 
 __version__ = "1.1.0"
 
-import array
 import bisect
 import collections
 import errno
@@ -95,6 +94,8 @@ MAX_VALUE_SIZE = (1 << 31) - 2
 DEFAULT_FILL_PERCENT = 0.5
 MIN_FILL_PERCENT = 0.1
 MAX_FILL_PERCENT = 1.0
+# A split makes pages of this many keys at least (node.go's splitIndex).
+MIN_KEYS_PER_PAGE = 2
 # A tree deeper than this cannot be made of pages that hold two keys or more:
 # meeting one means a cycle or a damaged branch page.
 MAX_TREE_DEPTH = 64
@@ -249,6 +250,14 @@ _FNV64_PRIME = 0x100000001B3
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 
+_PageHeader = collections.namedtuple("_PageHeader", "id flags count overflow")
+
+
+def _page_header(buf, offset=0):
+    """The header of the page at `offset` in `buf`, with named fields."""
+    return _PageHeader._make(PAGE_HEADER.unpack_from(buf, offset))
+
+
 def _fnv1a64(data):
     h = _FNV64_OFFSET
     for byte in data:
@@ -323,30 +332,35 @@ class _Meta:
         return cls(page_size, flags, root, sequence, freelist, pgid, txid)
 
 
+# ---------------------------------------------------------------------------
+# Node: a branch or leaf page in memory (bbolt node.go)
+# ---------------------------------------------------------------------------
+
 class _Node:
     """A branch or leaf page, parsed, or a node being changed in memory.
 
     Leaf: keys[i] holds values[i] with flags[i] (BUCKET_LEAF_FLAG for a
-    nested bucket). Branch: keys[i] is the first key of page children[i]; in
-    a write transaction kids[i] is that child once loaded into memory. Pages
-    read from the file are shared by readers and never changed; a write
-    transaction changes copies (`_Node.copy`), which remember the page they
-    came from (`pgid`, `overflow`) so that commit can free it.
+    nested bucket). Branch: keys[i] is the first key of page pgids[i]; in a
+    write transaction children[i] is that child once copied into memory
+    (`child_at`), as in node.go, and None until then. Pages read from the
+    file are shared by readers and never changed; a write transaction
+    changes copies (`copy`), which remember the page they came from (`pgid`,
+    `overflow`) so that commit can free it.
     """
 
     __slots__ = ("pgid", "overflow", "is_leaf", "keys", "values", "flags",
-                 "children", "kids")
+                 "pgids", "children")
 
     def __init__(self, pgid, overflow, is_leaf, keys, values=None, flags=None,
-                 children=None, kids=None):
+                 pgids=None, children=None):
         self.pgid = pgid
         self.overflow = overflow
         self.is_leaf = is_leaf
         self.keys = keys
         self.values = values
         self.flags = flags
+        self.pgids = pgids
         self.children = children
-        self.kids = kids
 
     @classmethod
     def empty_leaf(cls):
@@ -357,7 +371,7 @@ class _Node:
             return _Node(self.pgid, self.overflow, True, list(self.keys),
                          list(self.values), list(self.flags))
         return _Node(self.pgid, self.overflow, False, list(self.keys),
-                     children=list(self.children), kids=[None] * len(self.keys))
+                     pgids=list(self.pgids), children=[None] * len(self.keys))
 
     def size(self):
         """Bytes this node takes as a page (header, elements, data)."""
@@ -366,6 +380,10 @@ class _Node:
         if self.is_leaf:
             size += sum(map(len, self.values))
         return size
+
+    def min_keys(self):
+        """A node with fewer keys is merged into a sibling (node.go's minKeys)."""
+        return 1 if self.is_leaf else 2
 
     def child_index(self, key):
         """Index of the branch entry whose subtree would hold `key`."""
@@ -387,13 +405,10 @@ class _Node:
         before = itertools.accumulate(itertools.chain((0,), data_sizes))
         pos = [ELEMENT_SIZE * (count - i) + b for i, b in zip(range(count), before)]
         if self.is_leaf:
-            elements = _pack_u32(itertools.chain.from_iterable(
-                zip(self.flags, pos, key_sizes, value_sizes)))
+            elements = b"".join(map(LEAF_ELEMENT.pack, self.flags, pos, key_sizes, value_sizes))
             data = b"".join(itertools.chain.from_iterable(zip(self.keys, self.values)))
-        else:  # pgid is a u64: its low and high halves, little-endian
-            elements = _pack_u32(itertools.chain.from_iterable(zip(
-                pos, key_sizes, [c & 0xFFFFFFFF for c in self.children],
-                [c >> 32 for c in self.children])))
+        else:
+            elements = b"".join(map(BRANCH_ELEMENT.pack, pos, key_sizes, self.pgids))
             data = b"".join(self.keys)
         page = PAGE_HEADER.pack(pgid, flag, count, overflow) + elements + data
         if len(page) < pad_to:
@@ -405,32 +420,131 @@ class _Node:
         if self.is_leaf:
             return _Node(pgid, overflow, True, list(self.keys), list(self.values),
                          list(self.flags))
-        return _Node(pgid, overflow, False, list(self.keys), children=list(self.children))
+        return _Node(pgid, overflow, False, list(self.keys), pgids=list(self.pgids))
 
+    def child_at(self, tx, i):
+        """Child `i` of a branch, copied into memory for writing (node.go's childAt)."""
+        child = self.children[i]
+        if child is None:
+            child = self.children[i] = tx._page(self.pgids[i]).copy()
+        return child
 
-# Page elements are runs of little-endian u32s (a branch's u64 pgid is two):
-# the array module reads and writes them in C, with no per-size format.
-_U32 = "I" if array.array("I").itemsize == 4 else "L"
-_SWAP = sys.byteorder != "little"
+    # -- commit: rebalance, split, spill (node.go) --------------------------
 
+    def rebalance(self, tx, depth=0):
+        """Below this node, deepest first: merge each child in memory that
+        deletes left under a quarter page or under min_keys() into a sibling,
+        and drop the empty ones."""
+        if self.is_leaf:
+            return
+        _assert(depth < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)", MAX_TREE_DEPTH)
+        for child in self.children:
+            if child is not None:
+                child.rebalance(tx, depth + 1)
+        threshold = tx._db.page_size // 4
+        i = 0
+        while i < len(self.keys):
+            child = self.children[i]
+            if child is None or (len(child.keys) >= child.min_keys()
+                                 and child.size() >= threshold):
+                i += 1
+                continue
+            if not child.keys:
+                self._remove_child(tx, i)
+                continue
+            if len(self.keys) == 1:
+                break
+            left = i - 1 if i > 0 else i
+            self.child_at(tx, left)
+            self.child_at(tx, left + 1)
+            self._merge_children(tx, left)
+            i = left
 
-def _pack_u32(values):
-    packed = array.array(_U32, values)
-    if _SWAP:
-        packed.byteswap()
-    return packed.tobytes()
+    def _remove_child(self, tx, i):
+        child = self.children[i]
+        if child.pgid:
+            tx._free(child.pgid, child.overflow)
+        del self.keys[i], self.pgids[i], self.children[i]
 
+    def _merge_children(self, tx, left):
+        """Move all of child left+1 into child left, and drop the right entry."""
+        a, b = self.children[left], self.children[left + 1]
+        a.keys.extend(b.keys)
+        if a.is_leaf:
+            a.values.extend(b.values)
+            a.flags.extend(b.flags)
+        else:
+            a.pgids.extend(b.pgids)
+            a.children.extend(b.children)
+        self._remove_child(tx, left + 1)
 
-def _unpack_u32(buf, offset, count):
-    values = array.array(_U32)
-    values.frombytes(buf[offset:offset + 4 * count])
-    if _SWAP:
-        values.byteswap()
-    return values.tolist()  # one int object each, once: slicing an array would box again
+    def spill(self, tx, fill_percent):
+        """Write this node (its children in memory first) as one page, or as
+        more after a split.
+
+        Returns (first key, page id) for each page written: the entries its
+        parent must hold in its place.
+        """
+        if not self.is_leaf:
+            keys, pgids = [], []
+            for i, child in enumerate(self.children):
+                if child is None:
+                    keys.append(self.keys[i])
+                    pgids.append(self.pgids[i])
+                else:
+                    for key, pgid in child.spill(tx, fill_percent):
+                        keys.append(key)
+                        pgids.append(pgid)
+            self.keys, self.pgids, self.children = keys, pgids, [None] * len(keys)
+        if self.pgid:
+            tx._free(self.pgid, self.overflow)
+            self.pgid = 0
+        page_size = tx._db.page_size
+        entries = []
+        for piece in self.split(page_size, fill_percent):
+            pages = (piece.size() + page_size - 1) // page_size
+            pgid = tx._allocate(pages)
+            tx._write(pgid, piece.to_bytes(pgid, pages - 1, pages * page_size),
+                      piece.frozen(pgid, pages - 1) if pages == 1 else None)
+            entries.append((piece.keys[0] if piece.keys else b"", pgid))
+        return entries
+
+    def split(self, page_size, fill_percent):
+        """Cut a node bigger than a page into pieces filled to `fill_percent`,
+        each of MIN_KEYS_PER_PAGE keys at least."""
+        fill = min(max(fill_percent, MIN_FILL_PERCENT), MAX_FILL_PERCENT)
+        threshold = int(page_size * fill)
+        pieces = []
+        start = 0
+        count = len(self.keys)
+        sizes = [ELEMENT_SIZE + len(k) for k in self.keys]
+        if self.is_leaf:
+            sizes = [s + len(v) for s, v in zip(sizes, self.values)]
+        remaining = PAGE_HEADER_SIZE + sum(sizes)
+        while count - start > 2 * MIN_KEYS_PER_PAGE and remaining > page_size:
+            size = PAGE_HEADER_SIZE
+            end = start
+            while end < count - MIN_KEYS_PER_PAGE:
+                if end - start >= MIN_KEYS_PER_PAGE and size + sizes[end] > threshold:
+                    break
+                size += sizes[end]
+                end += 1
+            pieces.append(self._slice(start, end))
+            remaining -= size - PAGE_HEADER_SIZE
+            start = end
+        pieces.append(self._slice(start, count) if start else self)
+        return pieces
+
+    def _slice(self, start, end):
+        if self.is_leaf:
+            return _Node(0, 0, True, self.keys[start:end], self.values[start:end],
+                         self.flags[start:end])
+        return _Node(0, 0, False, self.keys[start:end], pgids=self.pgids[start:end],
+                     children=[None] * (end - start))
 
 
 def _parse_node(buf, where, expect_pgid=None):
-    """Parse a branch or leaf page out of `buf`, checking every bound.
+    """Parse a branch or leaf page out of `buf`, checking every bound (node.go's read).
 
     `where` names the page in error messages; `expect_pgid` is the id the
     page header must carry (None for an inline bucket's page).
@@ -449,12 +563,15 @@ def _parse_node(buf, where, expect_pgid=None):
     _assert(PAGE_HEADER_SIZE + ELEMENT_SIZE * count <= end,
             "%s: %d elements do not fit in %d bytes", where, count, end)
     element_starts = range(PAGE_HEADER_SIZE, PAGE_HEADER_SIZE + ELEMENT_SIZE * count, ELEMENT_SIZE)
+    elements = buf[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
     if is_leaf:
-        fields = _unpack_u32(buf, PAGE_HEADER_SIZE, 4 * count)
-        leaf_flags = list(fields[0::4])
-        starts = list(map(operator.add, element_starts, fields[1::4]))
-        mids = list(map(operator.add, starts, fields[2::4]))
-        stops = list(map(operator.add, mids, fields[3::4]))
+        # One column per field of the element struct (zip(*...) runs in C).
+        leaf_flags, pos, key_sizes, value_sizes = (
+            zip(*LEAF_ELEMENT.iter_unpack(elements)) if count else ((), (), (), ()))
+        leaf_flags = list(leaf_flags)
+        starts = list(map(operator.add, element_starts, pos))
+        mids = list(map(operator.add, starts, key_sizes))
+        stops = list(map(operator.add, mids, value_sizes))
         if count and max(stops) > end:
             i = next(i for i, stop in enumerate(stops) if stop > end)
             _assert(False, "%s: element %d runs past the page end (%d > %d)",
@@ -467,13 +584,12 @@ def _parse_node(buf, where, expect_pgid=None):
         return _Node(pgid if expect_pgid is not None else 0, overflow, True,
                      keys, values, leaf_flags)
     _assert(count > 0, "%s: branch page with no elements", where)
-    fields = _unpack_u32(buf, PAGE_HEADER_SIZE, 4 * count)
-    starts = list(map(operator.add, element_starts, fields[0::4]))
-    stops = list(map(operator.add, starts, fields[1::4]))
+    pos, key_sizes, pgids = zip(*BRANCH_ELEMENT.iter_unpack(elements))
+    starts = list(map(operator.add, element_starts, pos))
+    stops = list(map(operator.add, starts, key_sizes))
     _assert(max(stops) <= end, "%s: an element runs past the page end", where)
     keys = [buf[a:b] for a, b in zip(starts, stops)]
-    children = [low | high << 32 for low, high in zip(fields[2::4], fields[3::4])]
-    return _Node(pgid, overflow, False, keys, children=children)
+    return _Node(pgid, overflow, False, keys, pgids=list(pgids))
 
 
 # ---------------------------------------------------------------------------
@@ -612,7 +728,7 @@ class Bucket:
         self._inline_page = inline_page   # the parsed page of an inline bucket
         self._root_node = None            # the root, once changed in memory
         self._sequence_changed = False
-        self._children = {}               # name -> Bucket opened in this tx
+        self._buckets = {}                # name -> nested Bucket opened in this tx
         #: How full split pages are made (bbolt's FillPercent): raise it for
         #: keys that only ever grow, such as time-ordered ids.
         self.fill_percent = DEFAULT_FILL_PERCENT
@@ -628,9 +744,10 @@ class Bucket:
         return self.tx._page(self._root)
 
     def _child(self, node, i):
-        if node.kids is not None and node.kids[i] is not None:
-            return node.kids[i]
-        return self.tx._page(node.children[i])
+        """Child `i` of a branch, for reading: the copy in memory, if any."""
+        if node.children is not None and node.children[i] is not None:
+            return node.children[i]
+        return self.tx._page(node.pgids[i])
 
     @staticmethod
     def _descend(node, key, child):
@@ -696,7 +813,7 @@ class Bucket:
     def bucket(self, name):
         """The nested bucket `name`, or None if there is none."""
         self.tx._check_open()
-        child = self._children.get(name)
+        child = self._buckets.get(name)
         if child is not None:
             return child
         leaf, i = self._find(name)
@@ -704,7 +821,7 @@ class Bucket:
             return None
         child = self._open_child(leaf.values[i], name)
         if self.tx.writable:
-            self._children[name] = child
+            self._buckets[name] = child
         return child
 
     def _open_child(self, value, name):
@@ -781,13 +898,8 @@ class Bucket:
 
     def _writable_leaf(self, key):
         """The leaf for `key`, with the path to it copied into memory."""
-        return self._descend(self._writable_root(), key, self._writable_kid)
-
-    def _writable_kid(self, node, i):
-        kid = node.kids[i]
-        if kid is None:
-            kid = node.kids[i] = self.tx._page(node.children[i]).copy()
-        return kid
+        return self._descend(self._writable_root(), key,
+                             lambda node, i: node.child_at(self.tx, i))
 
     def _put_raw(self, key, value, flags):
         leaf = self._writable_leaf(key)
@@ -859,7 +971,7 @@ class Bucket:
         child = Bucket(self.tx, 0, 0, _Node.empty_leaf())
         self._put_raw(name, BUCKET_HEADER.pack(0, 0) + _Node.empty_leaf().to_bytes(0, 0),
                       BUCKET_LEAF_FLAG)
-        self._children[name] = child
+        self._buckets[name] = child
         return child
 
     def create_bucket_if_not_exists(self, name):
@@ -879,7 +991,7 @@ class Bucket:
                 raise IncompatibleValueError("%r holds a value, not a bucket" % name)
             raise BucketNotFoundError("bucket %r not found" % name)
         child._free_all()
-        self._children.pop(name, None)
+        self._buckets.pop(name, None)
         self._delete_raw(name)
 
     def next_sequence(self):
@@ -898,11 +1010,11 @@ class Bucket:
         self._sequence = value
         self._sequence_changed = True
 
-    # -- commit: rebalance and spill (bbolt node.go) -----------------------
+    # -- commit: nested buckets first, then this one's nodes (bucket.go) ----
 
     def _changed(self):
         return self._root_node is not None or any(
-            child._changed() for child in self._children.values())
+            child._changed() for child in self._buckets.values())
 
     def _free_all(self):
         """Free every page of this bucket and of the buckets nested in it."""
@@ -931,13 +1043,13 @@ class Bucket:
     def _inline_value(self):
         return BUCKET_HEADER.pack(0, self._sequence) + self._root_node.to_bytes(0, 0)
 
-    def _spill_children(self):
+    def _spill_buckets(self):
         """Write changed nested buckets and put their new headers here."""
-        for name in sorted(self._children):
-            child = self._children[name]
+        for name in sorted(self._buckets):
+            child = self._buckets[name]
             if not child._changed():
                 continue
-            child._spill_children()
+            child._spill_buckets()
             child._rebalance()
             if child._inlineable():
                 if child._root_node.pgid:
@@ -951,140 +1063,29 @@ class Bucket:
             child._root_node = None
             self._put_raw(name, value, BUCKET_LEAF_FLAG)
 
-    def _underfull(self, node):
-        return len(node.keys) < (1 if node.is_leaf else 2) or \
-            node.size() < self.tx._db.page_size // 4
-
     def _rebalance(self):
         """Merge nodes left small by deletes; shrink a root of one child."""
         root = self._root_node
         if root is None:
             return
-        self._rebalance_node(root, 0)
+        root.rebalance(self.tx)
         while not root.is_leaf and len(root.keys) <= 1:
             if root.pgid:
                 self.tx._free(root.pgid, root.overflow)
-            root = self._writable_kid(root, 0) if root.keys else _Node.empty_leaf()
+            root = root.child_at(self.tx, 0) if root.keys else _Node.empty_leaf()
         self._root_node = root
-
-    def _rebalance_node(self, node, depth):
-        if node.is_leaf:
-            return
-        _assert(depth < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)", MAX_TREE_DEPTH)
-        for kid in node.kids:
-            if kid is not None:
-                self._rebalance_node(kid, depth + 1)
-        i = 0
-        while i < len(node.keys):
-            kid = node.kids[i]
-            if kid is None or not self._underfull(kid):
-                i += 1
-                continue
-            if not kid.keys:
-                self._remove_entry(node, i)
-                continue
-            if len(node.keys) == 1:
-                break
-            left = i - 1 if i > 0 else i
-            self._writable_kid(node, left)
-            self._writable_kid(node, left + 1)
-            self._merge(node, left)
-            i = left
-
-    def _remove_entry(self, node, i):
-        kid = node.kids[i]
-        if kid.pgid:
-            self.tx._free(kid.pgid, kid.overflow)
-        del node.keys[i], node.children[i], node.kids[i]
-
-    def _merge(self, node, left):
-        """Move all of kid left+1 into kid left, and drop the right entry."""
-        a, b = node.kids[left], node.kids[left + 1]
-        a.keys.extend(b.keys)
-        if a.is_leaf:
-            a.values.extend(b.values)
-            a.flags.extend(b.flags)
-        else:
-            a.children.extend(b.children)
-            a.kids.extend(b.kids)
-        self._remove_entry(node, left + 1)
 
     def _spill(self):
         """Write this bucket's changed nodes to new pages; set its root."""
-        entries = self._spill_node(self._root_node)
-        while len(entries) > 1:
+        entries = self._root_node.spill(self.tx, self.fill_percent)
+        while len(entries) > 1:  # the root split: a new root above the pieces
             keys = [key for key, _ in entries]
-            parent = _Node(0, 0, False, keys, children=[pgid for _, pgid in entries],
-                           kids=[None] * len(keys))
-            entries = self._spill_node(parent)
+            parent = _Node(0, 0, False, keys, pgids=[pgid for _, pgid in entries],
+                           children=[None] * len(keys))
+            entries = parent.spill(self.tx, self.fill_percent)
         self._root = entries[0][1]
         self._root_node = None
         self._inline_page = None
-
-    def _spill_node(self, node):
-        """Write `node` (children first) as one page or more after a split.
-
-        Returns (first key, page id) for each page written: the entries its
-        parent must hold in its place.
-        """
-        if not node.is_leaf:
-            keys, children = [], []
-            for i, kid in enumerate(node.kids):
-                if kid is None:
-                    keys.append(node.keys[i])
-                    children.append(node.children[i])
-                else:
-                    for key, pgid in self._spill_node(kid):
-                        keys.append(key)
-                        children.append(pgid)
-            node.keys, node.children, node.kids = keys, children, [None] * len(keys)
-        if node.pgid:
-            self.tx._free(node.pgid, node.overflow)
-            node.pgid = 0
-        entries = []
-        for piece in self._split(node):
-            size = piece.size()
-            pages = (size + self.tx._db.page_size - 1) // self.tx._db.page_size
-            pgid = self.tx._allocate(pages)
-            self.tx._write(pgid, piece.to_bytes(pgid, pages - 1, pages * self.tx._db.page_size),
-                           piece.frozen(pgid, pages - 1) if pages == 1 else None)
-            entries.append((piece.keys[0] if piece.keys else b"", pgid))
-        return entries
-
-    def _split(self, node):
-        """Cut a node bigger than a page into pieces filled to fill_percent."""
-        page_size = self.tx._db.page_size
-        fill = min(max(self.fill_percent, MIN_FILL_PERCENT), MAX_FILL_PERCENT)
-        threshold = int(page_size * fill)
-        min_keys = 2
-        pieces = []
-        start = 0
-        count = len(node.keys)
-        sizes = [ELEMENT_SIZE + len(k) for k in node.keys]
-        if node.is_leaf:
-            sizes = [s + len(v) for s, v in zip(sizes, node.values)]
-        remaining = PAGE_HEADER_SIZE + sum(sizes)
-        while count - start > 2 * min_keys and remaining > page_size:
-            size = PAGE_HEADER_SIZE
-            end = start
-            while end < count - min_keys:
-                if end - start >= min_keys and size + sizes[end] > threshold:
-                    break
-                size += sizes[end]
-                end += 1
-            pieces.append(self._slice(node, start, end))
-            remaining -= size - PAGE_HEADER_SIZE
-            start = end
-        pieces.append(self._slice(node, start, count) if start else node)
-        return pieces
-
-    @staticmethod
-    def _slice(node, start, end):
-        if node.is_leaf:
-            return _Node(0, 0, True, node.keys[start:end], node.values[start:end],
-                         node.flags[start:end])
-        return _Node(0, 0, False, node.keys[start:end], children=node.children[start:end],
-                     kids=[None] * (end - start))
 
 
 # ---------------------------------------------------------------------------
@@ -1378,7 +1379,7 @@ class Tx:
         saved_freelist = db._freelist.copy()
         try:
             root = self.root
-            root._spill_children()
+            root._spill_buckets()
             if root._root_node is not None:
                 root._rebalance()
                 root._spill()
@@ -1386,7 +1387,7 @@ class Tx:
             self._meta.sequence = root._sequence
             if self._meta.freelist != NO_FREELIST:
                 old = db._read_page_header(self._meta.freelist)
-                self._free(self._meta.freelist, old[3])
+                self._free(self._meta.freelist, old.overflow)
             page_size = db.page_size
             pages = db._freelist.page_size_needed() // page_size + 1
             freelist_pgid = self._allocate(pages)
@@ -1455,7 +1456,7 @@ class Tx:
         reachable = {0: "meta", 1: "meta"}
         if self._meta.freelist != NO_FREELIST:
             try:
-                overflow = db._read_page_header(self._meta.freelist)[3]
+                overflow = db._read_page_header(self._meta.freelist).overflow
             except Error as error:
                 problems.append(str(error))
                 overflow = 0
@@ -1526,7 +1527,7 @@ class Tx:
                 continue
             for i in range(len(node.keys) - 1, -1, -1):
                 upper = node.keys[i + 1] if i + 1 < len(node.keys) else high
-                stack.append((node.children[i], node.keys[i] if i else low, upper, depth + 1))
+                stack.append((node.pgids[i], node.keys[i] if i else low, upper, depth + 1))
         return leaves
 
     @staticmethod
@@ -1688,7 +1689,7 @@ class DB:
         self._check_open()
         buf = os.pread(self._fd, PAGE_HEADER_SIZE, pgid * self.page_size)
         _assert(len(buf) == PAGE_HEADER_SIZE, "page %d: beyond the end of the file", pgid)
-        return PAGE_HEADER.unpack(buf)
+        return _page_header(buf)
 
     def _read_span(self, pgid, high_water):
         """Page `pgid` with its overflow pages, as bytes."""
@@ -1696,7 +1697,7 @@ class DB:
         page_size = self.page_size
         buf = os.pread(self._fd, page_size, pgid * page_size)
         _assert(len(buf) == page_size, "page %d: beyond the end of the file", pgid)
-        overflow = PAGE_HEADER.unpack_from(buf, 0)[3]
+        overflow = _page_header(buf).overflow
         if overflow:
             _assert(pgid + overflow < high_water,
                     "page %d: %d overflow pages run past high-water mark %d",
@@ -1952,7 +1953,7 @@ def _pages(db, tx, out):
     meta = tx._meta
     if meta.freelist != NO_FREELIST:
         ids = _parse_freelist(db._read_span(meta.freelist, meta.pgid), meta.freelist, meta.pgid)
-        kinds[meta.freelist] = ("freelist", len(ids), db._read_page_header(meta.freelist)[3])
+        kinds[meta.freelist] = ("freelist", len(ids), db._read_page_header(meta.freelist).overflow)
         for pgid in ids:
             kinds.setdefault(pgid, ("free", 0, 0))
     stack = [tx.root]
@@ -1966,7 +1967,7 @@ def _pages(db, tx, out):
             kinds[node.pgid] = ("leaf" if node.is_leaf else "branch", len(node.keys),
                                 node.overflow)
             if not node.is_leaf:
-                nodes.extend(node.children)
+                nodes.extend(node.pgids)
                 continue
             for i, key in enumerate(node.keys):
                 if node.flags[i] & BUCKET_LEAF_FLAG:
