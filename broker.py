@@ -93,6 +93,10 @@ except ImportError:  # a Python built without OpenSSL: no --tls-cert here
 import bbolt_lite
 
 
+# ---------------------------------------------------------------------------
+# Constants, and the loggers
+# ---------------------------------------------------------------------------
+
 log = logging.getLogger("broker")
 # The lines an operator always wants: listening, progress, drain, stopped.
 # --log-level WARNING quietens the rest but not these.

@@ -48,6 +48,17 @@ def safe_seed(count, limit=800):
         seed += 1
 
 
+def wait_until(predicate, timeout=10, what=None):
+    """Poll `predicate` until it is true; fail after `timeout` s, naming `what`
+    (a string, or a callable giving one: the broker's output, say)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail("timed out after %g s%s" % (
+                timeout, ": " + (what() if callable(what) else what) if what else ""))
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def headless_chromium():
     """Debian's chromium driven by Playwright: yields the browser, closed after."""

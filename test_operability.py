@@ -14,7 +14,7 @@ import pytest
 
 import broker
 
-from conftest import HERE, SSEClient, headless_chromium, skip_or_fail
+from conftest import HERE, SSEClient, headless_chromium, skip_or_fail, wait_until
 
 
 @pytest.fixture
@@ -105,10 +105,7 @@ def test_dead_lists_dead_letters_oldest_first_in_pages(processes, db):
     for _ in range(2):
         batch, _answer = settle_batch(b, client, done_share=0)
         ids += [m["id"] for m in batch]
-    deadline = time.monotonic() + 10
-    while b.request("GET", "/dead?limit=100")[2]["dead"].__len__() < 10:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: len(b.request("GET", "/dead?limit=100")[2]["dead"]) == 10)
     first = b.request("GET", "/dead?limit=4")[2]
     assert len(first["dead"]) == 4 and first["more"]
     second = b.request("GET", "/dead?limit=100&after=" + first["next_after"])[2]
@@ -189,10 +186,7 @@ def test_workers_of_a_killed_broker_stop_too(processes, db):
     assert len(pids) == 3
     os.kill(b.popen.pid, 9)  # the broker alone, not its process group
     b.wait()
-    deadline = time.monotonic() + 15
-    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(running(pid) for pid in pids), b.output()
+    wait_until(lambda: not any(running(pid) for pid in pids), 15, b.output)
 
 
 def test_progress_lines_say_done_dead_in_flight_workers_and_share(processes, db):
@@ -291,10 +285,7 @@ def live_dead_letters(b, count):
     assert b.request("POST", "/report?worker=%s&batch=%d&last=1" % (
         client.token, batch[0]["batch"]), b"[]")[0] == 200  # all dead, and no next batch
     client.close()
-    deadline = time.monotonic() + 10
-    while len(dead_now(b)) < count:  # (saved by their own thread)
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: len(dead_now(b)) >= count)  # (saved by their own thread)
     return [m["id"] for m in batch]
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import bbolt_lite
-from conftest import HERE, SSEClient, safe_seed
+from conftest import HERE, SSEClient, safe_seed, wait_until
 
 sys.path.insert(0, os.path.join(HERE, "bench"))
 from client import Client  # noqa: E402
@@ -174,11 +174,9 @@ def test_a_durable_broker_restarted_five_times_under_real_workers_charges_no_bus
     assert pending == {} and counters["generated"] == total
 
 
-def test_slow_batches_are_touched_and_keep_their_lease_but_a_stopped_worker_loses_it(
-        processes, db, tmp_path):
+def test_slow_batches_are_touched_and_keep_their_lease(processes, db, tmp_path):
     """--lease-timeout 1 with tasks of up to 2.4 s (--time-scale 3): worker.py
-    touches its batches, so no lease expires; touches come from a live
-    worker only, so a SIGSTOPped one still loses its lease."""
+    touches its batches, so no lease expires."""
     trace = tmp_path / "trace.jsonl"
     b = processes.broker(db, "--lease-timeout", 1, "--total", 40, "--trace", trace,
                          "--heartbeat", 0.5)
@@ -195,8 +193,10 @@ def test_slow_batches_are_touched_and_keep_their_lease_but_a_stopped_worker_lose
     print("%d messages done that ran longer than the 1 s lease, %d touches, 0 leases expired"
           % (len(slow), touches))
 
-    stopped_db = tmp_path / "stopped.db"
-    b = processes.broker(stopped_db, "--lease-timeout", 1, "--heartbeat", 600,
+
+def test_a_stopped_worker_touches_nothing_and_loses_its_lease(processes, db):
+    """Touches come from a live worker only: a SIGSTOPped one loses its lease."""
+    b = processes.broker(db, "--lease-timeout", 1, "--heartbeat", 600,
                          "--seed", safe_seed(2))  # (no task ends the worker before the stop)
     worker = processes.worker("--url", b.url, "--batchsize", 2, "--time-scale", 3,
                               "--log-level", "DEBUG")
@@ -332,10 +332,7 @@ def test_a_body_never_finished_times_out_and_frees_its_thread(processes, db):
     conn.sendall(b"POST /report?worker=x&batch=1 HTTP/1.1\r\nContent-Length: 100\r\n\r\n[\"a")
     assert conn.recv(100) == b""  # the broker closed it after the read timeout
     conn.close()
-    deadline = time.monotonic() + 10
-    while b.threads() > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert b.threads() <= baseline
+    wait_until(lambda: b.threads() <= baseline, what="its thread is still there")
 
 
 def test_a_client_that_stops_reading_is_cut_after_the_read_timeout(processes, db):
@@ -349,12 +346,8 @@ def test_a_client_that_stops_reading_is_cut_after_the_read_timeout(processes, db
     conn.connect((b.host, b.port))
     requests = 20000  # ~117 MB of answers: more than any socket buffer holds
     conn.sendall(b"GET / HTTP/1.1\r\n\r\n" * requests)
-    deadline = time.monotonic() + 10
-    while b.threads() == baseline and time.monotonic() < deadline:
-        time.sleep(0.01)  # its thread has started
-    while b.threads() > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)  # and ended, though nothing was read
-    assert b.threads() <= baseline
+    wait_until(lambda: b.threads() > baseline, what="no thread started")
+    wait_until(lambda: b.threads() <= baseline, what="its thread did not end")  # nothing read
     received = 0
     try:
         while True:
@@ -411,10 +404,7 @@ def test_hundreds_of_idle_connections_do_not_stop_honest_workers(processes, db):
         assert conn.recv(10) == b""  # closed by the broker after the read timeout
         conn.close()
     honest.close()
-    deadline = time.monotonic() + 10
-    while b.threads() > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert b.threads() <= baseline
+    wait_until(lambda: b.threads() <= baseline, what="their threads are still there")
 
 
 def test_more_streams_than_max_workers_get_503(processes, db):
