@@ -318,6 +318,17 @@ def test_the_worker_reconnects_after_a_broker_restart(processes, tmp_path):
     assert w.popen.poll() is None
 
 
+def test_with_several_urls_a_worker_fails_over_to_the_next_broker(processes, tmp_path):
+    seed = str(safe_seed(6))
+    first = processes.broker(tmp_path / "a.db", "--total", "2", "--seed", seed)
+    second = processes.broker(tmp_path / "b.db", "--total", "4", "--seed", seed)
+    w = processes.worker("--url", "%s,%s" % (first.url, second.url), "--time-scale", "0.01",
+                         "--batchsize", "2")
+    assert first.wait() == 0 and "2 done, 0 dead" in first.output()  # then it left
+    assert second.wait() == 0 and "4 done, 0 dead" in second.output(), w.output()
+    w.wait_for_line(r"trying the next broker: " + re.escape(second.url))
+
+
 def test_a_refused_stream_ends_the_worker_with_a_clear_error(processes, tmp_path):
     b = processes.broker(tmp_path / "b.db", "--max-batchsize", "10")
     w = processes.worker("--url", b.url, "--batchsize", "11")

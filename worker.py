@@ -206,10 +206,13 @@ class Stream:
 
 class Worker:
     def __init__(self, url, batchsize, time_scale=1.0, rng=None, token=None, cafile=None):
-        self.url = url.rstrip("/")
+        # One broker, or several serving one queue (broker.py --jetstream):
+        # a stream that is lost or refused moves on to the next.
+        self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        self._at = 0
         # https://: the system's CA certificates, or those of --cafile.
         self._tls = None
-        if self.url.startswith("https://"):
+        if any(u.startswith("https://") for u in self.urls):
             if ssl is None:
                 raise FatalError("this Python has no ssl module: it cannot reach https:// URLs")
             self._tls = ssl.create_default_context(cafile=cafile)
@@ -228,6 +231,17 @@ class Worker:
 
     # -- connecting -----------------------------------------------------------
 
+    @property
+    def url(self):
+        """The broker served now."""
+        return self.urls[self._at]
+
+    def _fail_over(self):
+        """The broker did not serve: the next one of --url (if more are given)."""
+        if len(self.urls) > 1:
+            self._at = (self._at + 1) % len(self.urls)
+            log.info("trying the next broker: %s", self.url)
+
     def _open(self, request, timeout):
         return urllib.request.urlopen(request, timeout=timeout, context=self._tls)
 
@@ -240,9 +254,11 @@ class Worker:
                     backoff = BACKOFF_MIN  # it worked for a while: start over
             except urllib.error.HTTPError as error:
                 log.warning("broker answered %d: %s", error.code, _error_text(error))
+                self._fail_over()
             except NETWORK_ERRORS as error:
                 if not self.draining.is_set():  # (a drain ends its own stream)
                     log.warning("stream lost: %s", getattr(error, "reason", None) or error)
+                    self._fail_over()
             delay = backoff / 2 + self.rng.uniform(0, backoff / 2)
             if self.draining.is_set():
                 return
@@ -724,7 +740,9 @@ def parse_args(argv=None):
                     "in a thread (sleep `period` ms; > 800 raises, > 900 ends the process with "
                     "status 3), and report the ids that succeeded.")
     parser.add_argument("--url", default=DEFAULT_URL,
-                        help="the broker's base URL (default: %(default)s)")
+                        help="the broker's base URL, or several, comma-separated, of brokers "
+                             "that serve one queue (broker.py --jetstream): a lost or refused "
+                             "stream moves on to the next (default: %(default)s)")
     parser.add_argument("--batchsize", type=int, default=None,
                         help="tasks at once and messages per batch (default: random %d..%d)"
                              % (MIN_BATCHSIZE, MAX_BATCHSIZE))
@@ -775,8 +793,9 @@ def parse_args(argv=None):
         parser.error("--time-scale must be 0 or more")
     if args.processes is not None and args.processes < 1:
         parser.error("--processes must be 1 or more")
-    if not args.url.startswith(("http://", "https://")):
-        parser.error("--url must start with http:// or https://")
+    urls = [u.strip() for u in args.url.split(",")]
+    if not all(u.startswith(("http://", "https://")) for u in urls):
+        parser.error("--url: each URL must start with http:// or https://")
     return args
 
 
