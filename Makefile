@@ -13,7 +13,7 @@ run:
 
 # The programs must run on Python 3.9 and newer.
 check-py39:
-	vermin --no-tips -t=3.9- broker.py worker.py bbolt_lite.py
+	vermin --no-tips -t=3.9- broker.py worker.py bbolt_lite.py broker_jetstream.py
 
 # Benchmarks (minutes; see bench/README.md).
 bench:

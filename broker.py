@@ -24,7 +24,9 @@ Flags (``python broker.py --help`` says more): where to listen and store
 (--max-workers, --max-body, --read-timeout, --token, --token-file,
 --cors-origin, --tls-cert, --tls-key), and
 running and watching (--workers, --progress-every, --trace, --log-level,
---drain-timeout), and --version. SIGTERM, SIGINT or SIGHUP stop it gracefully: it leases
+--drain-timeout), more than one machine (--jetstream, --js-stream,
+--js-replicas, --backlog: the queue in NATS JetStream, shared by several
+brokers; needs nats-py), and --version. SIGTERM, SIGINT or SIGHUP stop it gracefully: it leases
 nothing more and lets busy workers report, up to --drain-timeout; a second
 signal stops it at once. Subcommands
 ``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
@@ -632,12 +634,8 @@ class Dispatcher:
             else:
                 batch = Batch(self._batch_number, session, {}, False)
                 while len(batch.messages) < session.batchsize:
-                    if self._retry:  # retries first
-                        message = self._retry.popleft()
-                    elif self.total is None or self.generated < self.total:
-                        message = Message(self._new_id(), draw_period(self._rng))
-                        self.generated += 1
-                    else:
+                    message = self._next_message_locked()
+                    if message is None:
                         break
                     self._reserve_locked(batch, message)
             batch.saved_seq = self._change_seq
@@ -648,6 +646,16 @@ class Dispatcher:
                 session.outbox = batch
                 session.batch_ready.notify()
         return taken
+
+    def _next_message_locked(self):
+        """The next message for a batch: a retry first, else a new one; None
+        when a --total run has generated all its messages."""
+        if self._retry:
+            return self._retry.popleft()
+        if self.total is None or self.generated < self.total:
+            self.generated += 1
+            return Message(self._new_id(), draw_period(self._rng))
+        return None
 
     def _reserve_locked(self, batch, message):
         message.attempts += 1
@@ -763,6 +771,7 @@ class Dispatcher:
                 if message.id in done_ids:
                     self.done += 1
                     self._save_locked(message, "done")
+                    self._settled_locked(message, "done", session)
                     if self._on_event:
                         self._on_event("done", message, session)
                 else:
@@ -809,7 +818,11 @@ class Dispatcher:
             batch.deadline = self._clock() + self.lease_timeout
             self._batches.move_to_end(batch.number)  # (the latest deadline: still in order)
             batch.touches += 1
+            self._touched_locked(batch)
             return int(self.lease_timeout * 1000)
+
+    def _touched_locked(self, batch):
+        """The worker still works at `batch` (a queue kept elsewhere hears of it)."""
 
     def _fail_locked(self, message, reason, session, leased=True, queue=True):
         """A failed attempt: dead-letter it, or (`queue`) queue a retry. True if dead."""
@@ -824,17 +837,26 @@ class Dispatcher:
             self._dead_letters.append((message, failed_at))
             self.recent_dead.append(dead_letter_record(message, failed_at))
             self._save_locked(message, "dead")
+            self._settled_locked(message, "dead", session, failed_at)
             if self._on_event:
                 self._on_event("dead", message, session)
             log.debug("dead letter %s after %d attempts (%s)", message.id, message.attempts,
                       reason)
             return True
         if queue:
-            self._retry.append(message)
+            self._retry_locked(message)
         self._save_locked(message, "waiting")
         if self._on_event:
             self._on_event("failed", message, session)
         return False
+
+    def _retry_locked(self, message):
+        """A failed attempt, not the last: the message waits for another."""
+        self._retry.append(message)
+
+    def _settled_locked(self, message, outcome, session, failed_at=None):
+        """`message` is done, or dead (failed at `failed_at`): nothing more
+        to do here (the state writer saves it); a queue kept elsewhere hears of it."""
 
     def _count_done_locked(self, count):
         second = int(self._clock())
@@ -896,6 +918,11 @@ class Dispatcher:
                 self._dead_letters[:0] = changes.dead_letters
                 self._requeue_settled[:0] = changes.requeue_settled
             self._notify_if_settled_locked()
+
+    def wait_reported(self, seq, timeout):
+        """A report's outcome (`seq`, from report()) is kept for good: with
+        --durable, once on disk; True at once otherwise. False on timeout."""
+        return not self.durable or self.wait_saved(seq, timeout)
 
     def wait_saved(self, seq, timeout):
         """Wait until change `seq` is on disk; False on timeout or stop."""
@@ -2091,10 +2118,12 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         except ReportError as error:
             self.send_error_json(error.status, str(error))
             return
-        # --durable: answer (and send the next batch) only once it is all on disk.
-        if dispatcher.durable and not dispatcher.wait_saved(seq, self.read_timeout):
-            self.send_error_json(503, "the report is taken but not yet saved: the disk is "
-                                      "failing (see /healthz)")
+        # --durable: answer (and send the next batch) only once it is all on
+        # disk; --jetstream: once JetStream has confirmed the acks.
+        if not dispatcher.wait_reported(seq, self.read_timeout):
+            self.send_error_json(503, "the report is taken but not yet saved: %s" % (
+                "the disk is failing (see /healthz)" if dispatcher.durable else
+                "JetStream has not confirmed it"))
             if next_batch is not None:
                 dispatcher.batch_not_written(next_batch.session, next_batch, "lease not saved")
             return
@@ -2123,6 +2152,11 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         """Dead letters back to the retry queue of this running broker."""
         body = self.read_body()
         if body is None:
+            return
+        if self.server.broker.queue is not None:
+            self.send_error_json(501, "with --jetstream the queue is the stream's: requeue is "
+                                      "not done by a broker (the dead letters are in the "
+                                      "stream %s-dead)" % self.server.broker.queue.stream)
             return
         request = _json_body(body)
         ids = None if request == {"all": True} else _id_list(request)
@@ -2178,7 +2212,15 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         if len(after) != 1:
             self.send_error_json(400, "after must be given at most once")
             return
-        letters, more = read_dead_letters(self.server.broker.db, limit, after[0])
+        queue = self.server.broker.queue
+        if queue is None:
+            letters, more = read_dead_letters(self.server.broker.db, limit, after[0])
+        else:  # (the cluster's list: the dead-letter stream)
+            try:
+                letters, more = queue.read_dead(limit, after[0])
+            except StartError as error:
+                self.send_error_json(503, str(error), [("Retry-After", "2")])
+                return
         self.send_json(200, {"dead": letters, "more": more,
                              "next_after": letters[-1]["id"] if more else None})
 
@@ -2307,6 +2349,19 @@ class TraceFile:
         return unwritten
 
 
+def _jetstream():
+    """broker_jetstream.py, imported for --jetstream only (it needs nats-py)."""
+    # It builds on this module: as `broker`, also when this file runs as __main__.
+    sys.modules.setdefault("broker", sys.modules[__name__])
+    try:
+        import broker_jetstream
+    except ImportError as error:
+        raise StartError(str(error) if "nats-py" in str(error) else
+                         "--jetstream needs broker_jetstream.py beside broker.py (%s)"
+                         % error) from None
+    return broker_jetstream
+
+
 def _tls_context(cert, key):
     """The server's TLS context (TLS 1.2 and newer); StartError if the files
     will not do."""
@@ -2344,14 +2399,20 @@ class Broker:
         try:
             if args.trace:
                 self.trace = TraceFile(args.trace)
-            self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
-                                         lease_timeout=args.lease_timeout, total=args.total,
-                                         seed=args.seed, on_event=self.trace,
-                                         durable=args.durable, max_workers=args.max_workers)
+            self.queue = None  # --jetstream: where the messages wait
+            if args.jetstream:
+                self.dispatcher, self.queue = _jetstream().dispatcher_for(args, self.trace)
+            else:
+                self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
+                                             lease_timeout=args.lease_timeout, total=args.total,
+                                             seed=args.seed, on_event=self.trace,
+                                             durable=args.durable, max_workers=args.max_workers)
             # A small page cache: the broker mostly appends, and reads back little.
             self.db = bbolt_lite.open(args.db, timeout=1.0, cache_pages=64)
             try:
                 self._open_state()
+                if self.queue is not None:
+                    self.queue.start(self.dispatcher)
             except BaseException:
                 self.db.close()
                 raise
@@ -2407,6 +2468,10 @@ class Broker:
             if records:
                 log.warning("%s holds %d unsettled messages of a --durable run: left as they "
                             "are (start with --durable to resume them)", self.args.db, len(records))
+            if requeued and self.queue is not None:
+                raise StartError("%s holds %d requeued dead letters: start without --jetstream "
+                                 "to send them, or give --jetstream another --db"
+                                 % (self.args.db, len(requeued)))
             self.dispatcher.requeue(requeued)
         else:
             self.dispatcher.restore(records, counters)
@@ -2572,6 +2637,8 @@ class Broker:
         self.server.shutdown()
         self.server.server_close()
         self.watcher.stop()
+        if self.queue is not None:  # (what it fetched and gave to no worker goes back)
+            self.queue.stop()
         # Nothing changes any more: the writer saves what is left, alone.
         writer.finish.set()
         dispatcher.wake_writer()
@@ -2600,6 +2667,9 @@ class Broker:
                 status = 1
         if dispatcher.durable:
             left = "%s stay pending in the db" % ("?" if pending is None else pending)
+        elif self.queue is not None:
+            left = "the stream %r keeps the rest (the leased ones come back after %.0f s)" % (
+                self.queue.stream, self.queue.ack_wait)
         else:
             left = "%d unsettled messages lost (without --durable they live in memory only)" \
                 % figures.unsettled()
@@ -2821,7 +2891,24 @@ def parse_args(argv=None):
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    more = parser.add_argument_group(
+        "more than one machine (needs nats-py and a NATS server with JetStream)")
+    more.add_argument("--jetstream", metavar="URL[,URL...]",
+                      help="keep the queue in NATS JetStream at these servers (nats://host:4222,"
+                           "...), shared by every broker given the same --js-stream; the "
+                           "protocol on the wire stays the same")
+    more.add_argument("--js-stream", default="broker", metavar="NAME",
+                      help="the JetStream stream of the queue; dead letters also go to "
+                           "NAME-dead (default: %(default)s)")
+    more.add_argument("--js-replicas", type=_positive_int, default=None, metavar="N",
+                      help="copies of each stream (default: 3 with 3 or more --jetstream URLs, "
+                           "else 1)")
+    more.add_argument("--backlog", type=_positive_int, default=1000, metavar="N",
+                      help="with --jetstream: generate while fewer than N messages wait "
+                           "(default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.jetstream and args.durable:
+        parser.error("--jetstream keeps the queue in JetStream: --durable is not needed there")
     try:
         args.token = _token(args.token, args.token_file)
     except ValueError as error:
@@ -3160,12 +3247,24 @@ def dead_command(argv):
                                                  "only read).")
     parser.add_argument("--db", default=DEFAULT_DB, help="(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead")
+    parser.add_argument("--jetstream", metavar="URL[,URL...]",
+                        help="instead of a db: the dead-letter stream of brokers run with "
+                             "--jetstream (the whole cluster's list; needs nats-py)")
+    parser.add_argument("--js-stream", default="broker", metavar="NAME",
+                        help="with --jetstream: the queue's stream; its dead letters are in "
+                             "NAME-dead (default: %(default)s)")
     args = parser.parse_args(argv)
-    with _tool_db(args.db, writable=False) as db:
+    if args.jetstream:
         try:
-            letters, _more = read_dead_letters(db, 1 << 62)
-        except bbolt_lite.Error as error:
-            raise ToolError("%s: cannot be read: %s" % (args.db, error)) from None
+            letters = _jetstream().read_dead_stream(args.jetstream, args.js_stream)
+        except StartError as error:
+            raise ToolError(str(error)) from None
+    else:
+        with _tool_db(args.db, writable=False) as db:
+            try:
+                letters, _more = read_dead_letters(db, 1 << 62)
+            except bbolt_lite.Error as error:
+                raise ToolError("%s: cannot be read: %s" % (args.db, error)) from None
     if args.json:
         for letter in letters:
             print(_compact_json(letter))

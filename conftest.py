@@ -90,6 +90,8 @@ def run_boltcheck(binary, *args, timeout=120):
 # ---------------------------------------------------------------------------
 
 import codecs  # noqa: E402
+import concurrent.futures  # noqa: E402
+import importlib.util  # noqa: E402
 import collections  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
@@ -105,9 +107,9 @@ PROCESS_TIMEOUT = 60
 class Process:
     """A child process whose stderr is collected line by line, for awaiting."""
 
-    def __init__(self, args, cwd=HERE, env=None, preexec_fn=None):
+    def __init__(self, args, cwd=HERE, env=None, preexec_fn=None, program=sys.executable):
         self.args = args
-        self.popen = subprocess.Popen([sys.executable] + args, cwd=cwd, env=env,
+        self.popen = subprocess.Popen([program] + args, cwd=cwd, env=env,
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True, preexec_fn=preexec_fn)
@@ -232,8 +234,10 @@ def processes():
     started = []
 
     class Starter:
+        broker_flags = []  # given to every broker (test_broker.py: the queue's mode)
+
         def broker(self, db, *flags, port=0, **popen_options):
-            process = BrokerProcess(db, *flags, port=port, **popen_options)
+            process = BrokerProcess(db, *flags, *self.broker_flags, port=port, **popen_options)
             started.append(process)
             return process
 
@@ -247,9 +251,94 @@ def processes():
             started.append(process)
             return process
 
+        def nats_cluster(self, folder, nodes=3):
+            """`nodes` nats-server processes with JetStream, clustered on
+            loopback when more than one; returns them (NatsServer)."""
+            servers = NatsServer.cluster(folder, nodes)
+            started.extend(servers)
+            return servers
+
     yield Starter()
     for process in started:
         process.stop()
+
+
+# ---------------------------------------------------------------------------
+# NATS servers with JetStream, for broker.py --jetstream
+# ---------------------------------------------------------------------------
+
+def jetstream_missing():
+    """Why --jetstream cannot be tested here (None when it can)."""
+    if shutil.which("nats-server") is None:
+        return "nats-server is not installed (Debian: apt install nats-server)"
+    if importlib.util.find_spec("nats") is None:
+        return "nats-py is not installed (pip install nats-py)"
+    return None
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NatsServer(Process):
+    """nats-server -js on loopback, its client port chosen by the OS."""
+
+    def __init__(self, config):
+        super().__init__(["-c", str(config)], program=shutil.which("nats-server"))
+        line = self.wait_for_line(r"Listening for client connections on", timeout=20)
+        self.port = int(line.rsplit(":", 1)[1])
+        self.url = "nats://127.0.0.1:%d" % self.port
+        self.wait_for_line(r"Server is ready", timeout=20)
+
+    @classmethod
+    def cluster(cls, folder, nodes):
+        folder = str(folder)
+        routes = [_free_port() for _ in range(nodes)] if nodes > 1 else []
+        configs = []
+        for i in range(nodes):
+            lines = ["server_name: n%d" % i, "host: 127.0.0.1", "port: -1",
+                     "jetstream { store_dir: %s }" % json.dumps(os.path.join(folder, "n%d" % i))]
+            if routes:
+                lines += ["cluster {", "  name: c", "  listen: 127.0.0.1:%d" % routes[i],
+                          "  routes: [%s]" % ", ".join("nats://127.0.0.1:%d" % p for j, p in
+                                                       enumerate(routes) if j != i), "}"]
+            config = os.path.join(folder, "n%d.conf" % i)
+            with open(config, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            configs.append(config)
+        servers = []
+        try:
+            # (All at once: a clustered node waits for a quorum before it is ready.)
+            with concurrent.futures.ThreadPoolExecutor(nodes) as pool:
+                for server in pool.map(cls, configs):
+                    servers.append(server)
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        return servers
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory):
+    """One nats-server with JetStream for the session (each test uses a stream
+    of its own)."""
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+    server = NatsServer.cluster(tmp_path_factory.mktemp("nats"), 1)[0]
+    yield server
+    server.stop()
+
+
+_streams = iter(range(1, 1 << 30))
+
+
+def jetstream_flags(nats_server):
+    """broker.py flags for a queue in JetStream, on a stream no other test uses."""
+    return ["--jetstream", nats_server.url, "--js-stream", "t%d" % next(_streams)]
 
 
 # ---------------------------------------------------------------------------
