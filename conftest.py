@@ -295,6 +295,7 @@ class NatsServer(Process):
     @classmethod
     def cluster(cls, folder, nodes):
         folder = str(folder)
+        os.makedirs(folder, exist_ok=True)
         routes = [_free_port() for _ in range(nodes)] if nodes > 1 else []
         configs = []
         for i in range(nodes):

@@ -13,6 +13,7 @@ import broker
 from conftest import HERE, skip_or_fail
 
 PROGRAMS = ("broker.py", "worker.py", "bbolt_lite.py")
+MODULES = PROGRAMS + ("broker_jetstream.py",)  # (imported by broker.py --jetstream)
 
 
 def test_each_program_is_executable_with_its_licence_header():
@@ -36,7 +37,7 @@ def test_pip_install_in_a_fresh_venv_gives_commands_that_run_the_whole_system(tm
         skip_or_fail("no setuptools or wheel (pip install -r requirements-test.txt)")
     source = tmp_path / "source"  # (a copy: the build leaves nothing in the work tree)
     source.mkdir()
-    for name in PROGRAMS + ("pyproject.toml", "README.md", "LICENSE"):
+    for name in MODULES + ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(os.path.join(HERE, name), source / name)
     # The wheel is built here, offline, and installed into a venv that has
     # nothing else: no dependency is needed at run time.
