@@ -23,3 +23,5 @@ bench:
 	$(PYTHON) bench/soak.py --total 1000000
 	$(PYTHON) bench/worker_bench.py --total 5000 --processes 4 --time-scale 0
 	$(PYTHON) bench/poison.py --total 3000 --runs 2 --compare 0aed286
+	if command -v nats-server >/dev/null; then $(PYTHON) bench/jetstream_bench.py --repeat 3; \
+	else echo 'no nats-server: bench/jetstream_bench.py not run'; fi

@@ -37,6 +37,7 @@ network under the lock.
 
 import asyncio
 import collections
+import concurrent.futures
 import json
 import logging
 import random
@@ -66,6 +67,8 @@ ACK_TIMEOUT = 5.0        # seconds JetStream has to confirm an ack or a term
 
 
 FORGOTTEN = "forgotten"  # an outcome no report waits for any more
+CHARGED_KEPT = 100000    # ids whose attempts a broker remembers (about 10 MB)
+WARN_EVERY = 10.0        # seconds between warnings of one kind while a failure repeats
 
 
 class JetStreamMessage(broker.Message):
@@ -93,6 +96,11 @@ class JetStreamDispatcher(broker.Dispatcher):
         super().__init__(on_event=self._event if on_event else None, **kwargs)
         self._queue = queue
         self._fetched = collections.deque()  # JetStreamMessages not yet in a batch
+        # Attempts charged here, by id (the latest CHARGED_KEPT): JetStream's
+        # delivery count can lag (nats-server 2.9 does not count a delivery
+        # to a pull request that expired as it arrived), so a message's
+        # attempt is the larger of the two.
+        self._charged = collections.OrderedDict()
         self.cluster_settled = False         # --total: every message generated and settled
         # Outcomes (acks and terms), numbered as they are sent: a batch's
         # numbers, and what JetStream said of each (None: not yet) while a
@@ -124,14 +132,23 @@ class JetStreamDispatcher(broker.Dispatcher):
         for message in messages:
             self._queue.send("nak", message)
 
+    def _reserve_locked(self, batch, message):
+        super()._reserve_locked(batch, message)
+        self._charged[message.id] = message.attempts
+        self._charged.move_to_end(message.id)
+        if len(self._charged) > CHARGED_KEPT:
+            self._charged.popitem(last=False)
+
     def _give_back_locked(self, batch):
         messages = list(batch.messages.values())
         for message in messages:
             del self._leases[message.id]
             message.attempts -= 1
+            self._charged[message.id] = message.attempts
         self._fetched.extendleft(reversed(messages))
 
     def _settled_locked(self, message, outcome, session, failed_at=None):
+        self._charged.pop(message.id, None)
         self._outcomes += 1
         self._outcome_results[self._outcomes] = None
         self._batch_outcomes.setdefault(message.batch, []).append(self._outcomes)
@@ -216,6 +233,13 @@ class JetStreamDispatcher(broker.Dispatcher):
         """Fetched messages: into batches for the free workers; what none of
         them takes now is returned, for the caller to give back."""
         with self._lock:
+            for message in messages:
+                message.attempts = max(message.attempts, self._charged.get(message.id, 0))
+            if any(m.attempts >= self.max_attempts for m in messages):
+                for message in messages:
+                    if message.attempts >= self.max_attempts:
+                        self._dead_on_arrival_locked(message)
+                messages = [m for m in messages if m.attempts < self.max_attempts]
             if self.stopping or self.draining:
                 return messages
             self._fetched.extend(messages)
@@ -226,15 +250,13 @@ class JetStreamDispatcher(broker.Dispatcher):
             self._fetched.clear()
             return left
 
-    def dead_on_arrival(self, message):
-        """A message JetStream delivers once more than --max-attempts: the
-        broker that held its last attempt died, and its lease ran out in
-        JetStream (ack_wait). It is dead here, as that broker would have
-        made it, and terminated."""
-        with self._lock:
-            message.attempts, message.batch = self.max_attempts, 0
-            self._fail_locked(message, "lease expired", None, leased=False, queue=False)
-            self._forget_locked(self._batch_outcomes.pop(0, []))  # (no report waits)
+    def _dead_on_arrival_locked(self, message):
+        """A message delivered after its last attempt: the broker that held
+        that attempt died, and its lease ran out in JetStream (ack_wait). It
+        is dead here, as that broker would have made it, and terminated."""
+        message.attempts, message.batch = self.max_attempts, 0
+        self._fail_locked(message, "lease expired", None, leased=False, queue=False)
+        self._forget_locked(self._batch_outcomes.pop(0, []))  # (no report waits)
 
     def add_generated(self, count):
         with self._lock:
@@ -282,6 +304,8 @@ class JetStreamQueue:
         self._nc = self._js = self._sub = None
         self._wake_fetcher = None
         self._tasks = []
+        self._last_error, self._last_error_at = None, 0.0  # (from the client's error callback)
+        self._warned = {}  # warning form -> (when last shown, how many not shown since)
 
     # -- start and stop (from broker.py's threads) ----------------------------
 
@@ -292,11 +316,17 @@ class JetStreamQueue:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
         try:
-            future.result(CONNECT_TIMEOUT + 5.0)
+            future.result(CONNECT_TIMEOUT)
         except Exception as error:
+            future.cancel()
             self._loop.call_soon_threadsafe(self._loop.stop)
-            raise broker.StartError("--jetstream %s: %s" % (
-                ",".join(self.servers), str(error) or type(error).__name__)) from None
+            if isinstance(error, concurrent.futures.TimeoutError):
+                why = "no NATS server with JetStream answered within %.0f s (last: %s)" % (
+                    CONNECT_TIMEOUT, self._last_error or "no answer")
+            else:
+                why = str(error) or type(error).__name__
+            raise broker.StartError("--jetstream %s: %s" % (",".join(self.servers), why)) \
+                from None
 
     def stop(self, timeout=5.0):
         """Give back what this broker holds (nak: sent again at once by
@@ -403,15 +433,31 @@ class JetStreamQueue:
             ok = await self._settle(msg.ack_sync, timeout=ACK_TIMEOUT)
             self.dispatcher.confirmed(outcome[0], "done" if ok else None, message, outcome[1])
         else:  # dead: one list for the cluster, then no more deliveries
+            ok = await self._publish_dead(message, record) and \
+                await self._settle(self._term_sync, msg)
+            self.dispatcher.confirmed(outcome[0], "dead" if ok else None, message, outcome[1])
+
+    async def _publish_dead(self, message, record):
+        """The dead letter into the cluster's list, retried (its id is its
+        Nats-Msg-Id: never stored twice) until stored or the stop. Not
+        stored: the message is not terminated, and JetStream delivers it
+        once more after ack_wait, to a broker that makes it dead again."""
+        data = broker._compact_json(record).encode()
+        while True:
             try:
-                await self._js.publish(self.dead_subject, broker._compact_json(record).encode(),
+                await self._js.publish(self.dead_subject, data,
                                        headers={"Nats-Msg-Id": message.id})
+                return True
             except Exception as error:
                 self.errors += 1
-                log.error("dead letter %s not published to %s: %s (it is in the db)",
-                          message.id, self.dead_stream, str(error) or type(error).__name__)
-            ok = await self._settle(self._term_sync, msg)
-            self.dispatcher.confirmed(outcome[0], "dead" if ok else None, message, outcome[1])
+                if self._stopping:
+                    log.error("dead letter %s not published to %s: %s (it is in the db, and "
+                              "JetStream sends it again)", message.id, self.dead_stream,
+                              str(error) or type(error).__name__)
+                    return False
+                self._warn("publishing dead letter %s: %s (again)", message.id,
+                           str(error) or type(error).__name__)
+                await asyncio.sleep(0.2)
 
     async def _term_sync(self, msg):
         """+TERM, confirmed by the server (nats-py's term() is not)."""
@@ -423,8 +469,8 @@ class JetStreamQueue:
             return True
         except Exception as error:  # (JetStream sends it again after ack_wait)
             self.errors += 1
-            log.warning("%s failed: %s", getattr(method, "__name__", "ack"),
-                        str(error) or type(error).__name__)
+            self._warn("%s failed: %s", getattr(method, "__name__", "ack").strip("_"),
+                       str(error) or type(error).__name__)
             return False
 
     async def _fetch_forever(self):
@@ -450,7 +496,7 @@ class JetStreamQueue:
                 continue
             except Exception as error:
                 self.errors += 1
-                log.warning("fetch failed: %s", str(error) or type(error).__name__)
+                self._warn("fetch failed: %s", str(error) or type(error).__name__)
                 await asyncio.sleep(0.5)
                 continue
             messages = []
@@ -461,8 +507,6 @@ class JetStreamQueue:
                 message = self._message(msg)
                 if message is None:
                     await self._settle(msg.term)
-                elif message.attempts >= self.max_attempts:
-                    self.dispatcher.dead_on_arrival(message)
                 else:
                     messages.append(message)
             for message in self.dispatcher.offer(messages):
@@ -478,6 +522,8 @@ class JetStreamQueue:
             return None
         message.msg = msg
         message.attempts = msg.metadata.num_delivered - 1  # (a batch adds this one)
+        log.debug("fetched %s (stream seq %d, delivery %d)", message.id,
+                  msg.metadata.sequence.stream, msg.metadata.num_delivered)
         return message
 
     def wake_fetcher(self):
@@ -509,14 +555,14 @@ class JetStreamQueue:
                     self._filled.set()
                     await asyncio.sleep(0.05)
                     continue
-                for _ in range(count):
-                    if not await self._publish_new():
-                        break
+                # All at once: one stored after another would be one Raft
+                # round trip each (about 600 messages/s on this machine).
+                await asyncio.gather(*(self._publish_new() for _ in range(count)))
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 self.errors += 1
-                log.warning("generating: %s", str(error) or type(error).__name__)
+                self._warn("generating: %s", str(error) or type(error).__name__)
                 await asyncio.sleep(0.5)
 
     async def _publish_new(self):
@@ -534,7 +580,7 @@ class JetStreamQueue:
                     nats.js.errors.ServiceUnavailableError) as error:
                 if self._stopping:
                     return False
-                log.info("publishing %s: %s (again)", message_id, str(error) or "timeout")
+                self._warn("publishing %s: %s (again)", message_id, str(error) or "timeout")
                 await asyncio.sleep(0.2)
         if self.total is not None and ack.seq > self.total:
             return False
@@ -552,14 +598,33 @@ class JetStreamQueue:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("checking the run: %s", str(error) or type(error).__name__)
+                self._warn("checking the run: %s", str(error) or type(error).__name__)
                 continue
             if info.state.last_seq >= self.total and info.state.messages == 0:
                 self.dispatcher.mark_settled()
                 return
 
+    def _warn(self, form, *args):
+        """A warning of a failure that repeats while a node is down (each
+        message retried): the first of its kind, then one every 10 s with
+        how many were not shown."""
+        now = time.monotonic()
+        shown_at, hidden = self._warned.get(form, (-WARN_EVERY, 0))
+        if now - shown_at < WARN_EVERY:
+            self._warned[form] = (shown_at, hidden + 1)
+            return
+        self._warned[form] = (now, 0)
+        log.warning(form + (" (and %d more like it)" % hidden if hidden else ""), *args)
+
     async def _on_error(self, error):
-        log.warning("NATS: %s", str(error) or type(error).__name__)
+        # (Each attempt to reach a server that is down fails the same way:
+        # said once, then every 10 s.)
+        text = str(error) or type(error).__name__
+        now = time.monotonic()
+        if text != self._last_error or now - self._last_error_at >= WARN_EVERY:
+            log.warning("NATS: %s", text)
+            self._last_error_at = now
+        self._last_error = text
 
     async def _on_disconnected(self):
         log.warning("NATS: disconnected; reconnecting")

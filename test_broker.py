@@ -277,7 +277,8 @@ def test_lease_timeout_closes_the_stream_first_then_offers_the_messages_again(pr
     assert slow.next_event(timeout=10) == ("bye", {"reason": "lease expired"})
     assert slow.next_item(timeout=10) is None
     [again] = other.batch()
-    assert (again["id"], again["attempt"]) == (m["id"], 2)
+    assert (again["id"], again["attempt"]) == (m["id"], 2), "\n".join(
+        l for l in b.output().splitlines() if "fetched" in l or "lease" in l or "w2" in l)
     assert b.report(slow.token, m["batch"], [m["id"]])[0] == 404  # its token died
     other.close()
 

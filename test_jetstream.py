@@ -5,14 +5,23 @@ The protocol suite itself runs against --jetstream in test_broker.py."""
 
 import collections
 import json
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from conftest import HERE, jetstream_missing, skip_or_fail
+import pytest
+
+from conftest import HERE, jetstream_flags, jetstream_missing, skip_or_fail
 
 TOTAL = 3000
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "broker.db"
 
 
 def trace_events(path):
@@ -53,6 +62,8 @@ def test_two_brokers_over_a_nats_cluster_lose_nothing_when_a_broker_and_a_node_a
     nodes[0].wait()
     assert b.wait(180) == 0, b.output()[-3000:]
     assert "all %d messages settled" % TOTAL in b.output()
+    warnings = [line for broker in (a, b) for line in broker.output().splitlines()
+                if " WARNING " in line or " ERROR " in line]
 
     events = {name: trace_events(path) for name, path in traces.items()}
     dead = dead_stream(",".join(node.url for node in nodes[1:]), "work")
@@ -72,11 +83,14 @@ def test_two_brokers_over_a_nats_cluster_lose_nothing_when_a_broker_and_a_node_a
         for e in events[name]:
             if e["event"] == "lease":
                 last_lease[e["id"]] = max(last_lease.get(e["id"], (0, "")), (e["t"], name))
-    assert all(last_lease[i][1] == "a" for i in unexplained), unexplained
-    assert len(unexplained) <= 20, unexplained
+    assert all(last_lease[i][1] == "a" for i in unexplained), (unexplained, warnings)
+    assert len(unexplained) <= 20, (unexplained, warnings)
     assert len(set(done) | set(dead_ids) | unexplained) == TOTAL  # nothing lost
-    # Attempts <= 3, and the dead letters have used them all.
+    # Attempts <= 3 (leases counted in both traces), and the dead letters used them all.
     assert max(e["attempt"] for name in "ab" for e in events[name]) <= 3
+    leases = collections.Counter(e["id"] for name in "ab" for e in events[name]
+                                 if e["event"] == "lease")
+    assert max(leases.values()) <= 3, [(i, n) for i, n in leases.items() if n > 3]
     assert all(d["attempts"] == 3 for d in dead)
     # No message leased to two workers at once while both brokers lived.
     spans = collections.defaultdict(list)  # id -> [(start, end, broker, worker)]
@@ -98,5 +112,65 @@ def test_two_brokers_over_a_nats_cluster_lose_nothing_when_a_broker_and_a_node_a
                 overlaps.append((message_id, n1, w1, n2, w2))
     assert overlaps == []
     print("%d done, %d dead, %d done by the killed broker with its trace line lost; "
-          "no message leased twice at once" % (len(set(done) | unexplained), len(dead_ids),
-                                               len(unexplained)))
+          "no message leased twice at once; warnings in the brokers' logs: %s"
+          % (len(set(done) | unexplained), len(dead_ids), len(unexplained),
+             collections.Counter(re.sub(r"^\S+ \w+ broker: (w\d+: )?", "", line)[:40]
+                                 for line in warnings).most_common(4)))
+
+
+# --- one broker over one NATS server: what differs, and the start errors ------------------
+
+def test_dead_letters_are_listed_from_the_dead_letter_stream(processes, db, nats_server):
+    flags = jetstream_flags(nats_server)
+    b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600", *flags)
+    client = b.stream(3)
+    client.hello()
+    batch = client.batch()
+    assert b.report(client.token, batch[0]["batch"], [])[0] == 200  # all three dead
+    status, _headers, body = b.request("GET", "/dead?limit=2")
+    assert status == 200 and body["more"] is True
+    status, _headers, rest = b.request("GET", "/dead?limit=10&after=" + body["next_after"])
+    listed = [d["id"] for d in body["dead"] + rest["dead"]]
+    assert sorted(listed) == sorted(m["id"] for m in batch) and rest["more"] is False
+    assert all(d["reason"] == "not reported" for d in body["dead"] + rest["dead"])
+    tool = dead_stream(nats_server.url, flags[flags.index("--js-stream") + 1])
+    assert sorted(d["id"] for d in tool) == sorted(listed)
+
+
+def test_requeue_is_refused_with_501_naming_the_dead_letter_stream(processes, db, nats_server):
+    b = processes.broker(db, *jetstream_flags(nats_server))
+    status, _headers, body = b.request("POST", "/requeue", b'{"all": true}')
+    assert status == 501 and "-dead" in body["error"]
+
+
+def test_without_nats_py_the_start_error_says_how_to_install_it(tmp_path):
+    hide = ("import runpy, sys; sys.modules['nats'] = None; "
+            "sys.argv = ['broker.py'] + sys.argv[1:]; runpy.run_path('broker.py', "
+            "run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hide, "--port", "0", "--db",
+                             str(tmp_path / "b.db"), "--jetstream", "nats://127.0.0.1:1"],
+                            cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "pip install nats-py" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "b.db").exists()
+
+
+def test_durable_and_jetstream_together_are_refused(tmp_path):
+    result = subprocess.run([sys.executable, "broker.py", "--db", str(tmp_path / "b.db"),
+                             "--jetstream", "nats://127.0.0.1:1", "--durable"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--durable is not needed" in result.stderr
+
+
+def test_an_unreachable_cluster_is_a_start_error_naming_it(tmp_path):
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = "nats://127.0.0.1:%d" % s.getsockname()[1]
+    result = subprocess.run([sys.executable, "broker.py", "--port", "0", "--db",
+                             str(tmp_path / "b.db"), "--jetstream", url], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert url in result.stderr and "Traceback" not in result.stderr
