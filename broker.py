@@ -420,6 +420,14 @@ class Dispatcher:
     worker or a message (connect, report, disconnect, the loop's lease
     expiry): a worker that reports gets its next batch within that report,
     with no hop through another thread.
+
+    Where messages come from and go is a seam: a queue kept elsewhere
+    (broker_jetstream.py) overrides `_can_give_locked` and
+    `_next_message_locked` (the next message for a batch), `_retry_locked`
+    and `_bisect_locked` (a failed attempt), `_give_back_locked` (a batch
+    never written), `_settled_locked` and `_touched_locked` (done or dead; a
+    touch), and `wait_reported` (when a report may be answered). The HTTP
+    layer and the wiring use the public methods only.
     """
 
     def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, lease_timeout=DEFAULT_LEASE_TIMEOUT,
