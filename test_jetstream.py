@@ -50,7 +50,8 @@ def test_two_brokers_over_a_nats_cluster_lose_nothing_when_a_broker_and_a_node_a
     brokers = {name: processes.broker(tmp_path / ("%s.db" % name), *flags, "--trace", traces[name])
                for name in "ab"}
     a, b = brokers["a"], brokers["b"]
-    processes.worker("--url", "%s,%s" % (a.url, b.url), "--processes", 3, "--time-scale", 0.01)
+    a_workers = processes.worker("--url", "%s,%s" % (a.url, b.url), "--processes", 3,
+                                 "--time-scale", 0.01)
     processes.worker("--url", "%s,%s" % (b.url, a.url), "--processes", 3, "--time-scale", 0.01)
 
     # Mid-run: the first broker dies (its workers move to the other), then a NATS node.
@@ -60,6 +61,7 @@ def test_two_brokers_over_a_nats_cluster_lose_nothing_when_a_broker_and_a_node_a
     killed_at = time.time()
     nodes[0].signal(signal.SIGKILL)
     nodes[0].wait()
+    a_workers.wait_for_line(r"trying the next broker: " + re.escape(b.url))  # they moved
     assert b.wait(180) == 0, b.output()[-3000:]
     assert "all %d messages settled" % TOTAL in b.output()
     warnings = [line for broker in (a, b) for line in broker.output().splitlines()
