@@ -476,6 +476,7 @@ class Dispatcher:
         self._change_seq = 0                      # changes made so far
         self._saved_seq = 0                       # changes on disk so far
         self._writer_called = False               # wake_writer() since the last take
+        self._writer_ended = False                # the state writer saves nothing more
         self._batch_number = 0
         self._session_number = 0
         self.stopping = False
@@ -930,13 +931,17 @@ class Dispatcher:
     def wait_reported(self, seq, timeout):
         """A report's outcome (`seq`, from report()) is kept for good: with
         --durable, once on disk; True at once otherwise. False on timeout."""
-        return not self.durable or self.wait_saved(seq, timeout)
+        # (Not cut short by the stop: a drain's last reports are answered 200
+        # once saved, and the state writer goes on saving after the stop.)
+        return not self.durable or self.wait_saved(seq, timeout, until_stop=False)
 
-    def wait_saved(self, seq, timeout):
-        """Wait until change `seq` is on disk; False on timeout or stop."""
+    def wait_saved(self, seq, timeout, until_stop=True):
+        """Wait until change `seq` is on disk; False on timeout, or once the
+        state writer has ended (or, `until_stop`, once the broker stops)."""
         with self._lock:
             deadline = self._clock() + timeout
-            while self._saved_seq < seq and not self.stopping:
+            while self._saved_seq < seq and not self._writer_ended and \
+                    not (until_stop and self.stopping):
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return False
@@ -1004,6 +1009,12 @@ class Dispatcher:
                     break
                 self.settled.wait(remaining)
             return self.settled_locked()
+
+    def writer_ended(self):
+        """The state writer has ended: nothing more will be saved."""
+        with self._lock:
+            self._writer_ended = True
+            self.changes_saved.notify_all()
 
     def wake_writer(self):
         """The state writer has something else to do (a requeue, the stop)."""
@@ -1258,17 +1269,20 @@ class StateWriter:
         self.thread = threading.Thread(target=self.run, name="state-writer", daemon=True)
 
     def run(self):
-        while True:
-            self.beat = time.monotonic()
-            self._serve_requeues()
-            changes = self.dispatcher.take_changes(timeout=1.0)
-            if changes is None:
-                if self.finish.is_set():
-                    return
-                continue
-            if not self.save(changes):
-                if self.give_up.wait(self.RETRY_SECONDS):
-                    return
+        try:
+            while True:
+                self.beat = time.monotonic()
+                self._serve_requeues()
+                changes = self.dispatcher.take_changes(timeout=1.0)
+                if changes is None:
+                    if self.finish.is_set():
+                        return
+                    continue
+                if not self.save(changes):
+                    if self.give_up.wait(self.RETRY_SECONDS):
+                        return
+        finally:
+            self.dispatcher.writer_ended()  # (a report waiting for a save hears it)
 
     def requeue(self, ids, timeout):
         """POST /requeue: move the dead letters `ids` (None: all) from `failed`

@@ -41,6 +41,23 @@ def read_db(db):
 
 # --- durable mode -------------------------------------------------------------
 
+def test_a_durable_drain_answers_a_busy_workers_report_200_once_it_is_saved(processes, db):
+    """PROTOCOL.md, graceful stop: a busy worker's report is answered 200.
+    With --durable that answer waits for the commit, which the stop that
+    follows the last report must not cut short."""
+    b = processes.broker(db, "--durable", "--heartbeat", "600")
+    client = b.stream(3)
+    client.hello()
+    batch = client.batch()
+    b.signal(signal.SIGTERM)
+    b.wait_for_line(r"draining: waiting")
+    ids = [m["id"] for m in batch]
+    assert b.report(client.token, batch[0]["batch"], ids)[0] == 200
+    assert b.wait() == 0
+    _dead, pending, counters = read_db(db)
+    assert counters["done"] == 3 and not set(ids) & set(pending)
+
+
 def test_durable_broker_killed_resumes_its_messages_counting_the_lost_lease_as_a_failure(
         processes, db):
     b = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
