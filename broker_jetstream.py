@@ -214,12 +214,6 @@ class JetStreamDispatcher(broker.Dispatcher):
         return (self.total is not None and self.cluster_settled
                 and self._saved_seq == self._change_seq)
 
-    def requeue(self, records, counted=False):
-        if not records:
-            return
-        raise broker.RequeueError("with --jetstream, dead letters are requeued from the "
-                                  "stream's own dead-letter stream, not by this broker")
-
     # -- called from the NATS thread ------------------------------------------
 
     def wanted(self):
@@ -296,22 +290,20 @@ class JetStreamQueue:
         self._rng = random.Random(seed)
         self._new_id = broker.new_id_function()
         self.dispatcher = None
-        self.published = 0
-        self.errors = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats", daemon=True)
         self._stopping = False
         self._nc = self._js = self._sub = None
         self._wake_fetcher = None
         self._tasks = []
-        self._last_error, self._last_error_at = None, 0.0  # (from the client's error callback)
+        self._last_error = None  # (from the client's error callback: for the start error)
         self._warned = {}  # warning form -> (when last shown, how many not shown since)
 
     # -- start and stop (from broker.py's threads) ----------------------------
 
     def start(self, dispatcher):
-        """Connect and set up the streams, the consumer and the counter;
-        raises broker.StartError naming what failed."""
+        """Connect and set up the streams and the consumer; raises
+        broker.StartError naming what failed."""
         self.dispatcher = dispatcher
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
@@ -390,7 +382,7 @@ class JetStreamQueue:
                  self.replicas, self._nc.connected_url.netloc if self._nc.connected_url else "?")
 
     async def _create(self):
-        """The streams, the consumer and the counter, unless they exist."""
+        """The streams and the consumer, unless they exist."""
         await self._ensure_stream(StreamConfig(
             name=self.stream, subjects=[self.subject], retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE, num_replicas=self.replicas, duplicate_window=120.0))
@@ -400,7 +392,7 @@ class JetStreamQueue:
             num_replicas=self.replicas, duplicate_window=120.0))
         self._sub = await self._js.pull_subscribe(
             self.subject, durable=CONSUMER, stream=self.stream,
-            # (One delivery more than the attempts: see dead_on_arrival.)
+            # (One delivery more than the attempts: see _dead_on_arrival_locked.)
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
                                   max_deliver=self.max_attempts + 1,
                                   ack_wait=self.ack_wait, max_ack_pending=-1))
@@ -449,7 +441,6 @@ class JetStreamQueue:
                                        headers={"Nats-Msg-Id": message.id})
                 return True
             except Exception as error:
-                self.errors += 1
                 if self._stopping:
                     log.error("dead letter %s not published to %s: %s (it is in the db, and "
                               "JetStream sends it again)", message.id, self.dead_stream,
@@ -468,7 +459,6 @@ class JetStreamQueue:
             await method(*args, **kwargs)
             return True
         except Exception as error:  # (JetStream sends it again after ack_wait)
-            self.errors += 1
             self._warn("%s failed: %s", getattr(method, "__name__", "ack").strip("_"),
                        str(error) or type(error).__name__)
             return False
@@ -495,7 +485,6 @@ class JetStreamQueue:
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as error:
-                self.errors += 1
                 self._warn("fetch failed: %s", str(error) or type(error).__name__)
                 await asyncio.sleep(0.5)
                 continue
@@ -539,7 +528,7 @@ class JetStreamQueue:
         compare-and-set counter would not do on nats-server 2.9: its
         expected-sequence checks are not serialised in a cluster,
         nats-server issue 4320.) What a race publishes beyond N is dropped
-        when fetched (see _message).
+        when fetched (see _fetch_forever).
         """
         while not self._stopping:
             try:
@@ -557,18 +546,19 @@ class JetStreamQueue:
                     continue
                 # All at once: one stored after another would be one Raft
                 # round trip each (about 600 messages/s on this machine).
-                await asyncio.gather(*(self._publish_new() for _ in range(count)))
+                stored = await asyncio.gather(*(self._publish_new() for _ in range(count)))
+                self.dispatcher.add_generated(sum(stored))
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                self.errors += 1
                 self._warn("generating: %s", str(error) or type(error).__name__)
                 await asyncio.sleep(0.5)
 
     async def _publish_new(self):
         """Publish a new message; retried as it is (the same Nats-Msg-Id:
-        JetStream drops a copy it already has) until it is stored. False
-        once --total messages are in the stream."""
+        JetStream drops a copy it already has) until it is stored. 1 if it
+        is a new message of the run, else 0 (a copy, beyond --total, or the
+        stop came first)."""
         message_id = self._new_id()
         data = broker._compact_json({"id": message_id, "period": broker.draw_period(self._rng)})
         while True:
@@ -579,15 +569,12 @@ class JetStreamQueue:
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                     nats.js.errors.ServiceUnavailableError) as error:
                 if self._stopping:
-                    return False
+                    return 0
                 self._warn("publishing %s: %s (again)", message_id, str(error) or "timeout")
                 await asyncio.sleep(0.2)
-        if self.total is not None and ack.seq > self.total:
-            return False
-        if not ack.duplicate:
-            self.published += 1
-            self.dispatcher.add_generated(1)
-        return True
+        if ack.duplicate or (self.total is not None and ack.seq > self.total):
+            return 0
+        return 1
 
     async def _watch_settled(self):
         """--total: settled once N messages were stored and none is left."""
@@ -617,14 +604,9 @@ class JetStreamQueue:
         log.warning(form + (" (and %d more like it)" % hidden if hidden else ""), *args)
 
     async def _on_error(self, error):
-        # (Each attempt to reach a server that is down fails the same way:
-        # said once, then every 10 s.)
-        text = str(error) or type(error).__name__
-        now = time.monotonic()
-        if text != self._last_error or now - self._last_error_at >= WARN_EVERY:
-            log.warning("NATS: %s", text)
-            self._last_error_at = now
-        self._last_error = text
+        # (Each attempt to reach a server that is down fails the same way.)
+        self._last_error = str(error) or type(error).__name__
+        self._warn("NATS: %s", self._last_error)
 
     async def _on_disconnected(self):
         log.warning("NATS: disconnected; reconnecting")

@@ -19,6 +19,9 @@ REQUIRE_INTEROP = os.environ.get("REQUIRE_INTEROP") == "1"
 sys.path.insert(0, os.path.join(HERE, "interop"))
 from gobuild import GoMissing, build as build_go  # noqa: E402
 
+sys.path.insert(0, os.path.join(HERE, "bench"))
+from jetstream_bench import nats_configs  # noqa: E402
+
 
 def skip_or_fail(reason):
     """Skip, or fail when REQUIRE_INTEROP=1 forbids skipping interop tests."""
@@ -276,12 +279,6 @@ def jetstream_missing():
     return None
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class NatsServer(Process):
     """nats-server -js on loopback, its client port chosen by the OS."""
 
@@ -294,21 +291,7 @@ class NatsServer(Process):
 
     @classmethod
     def cluster(cls, folder, nodes):
-        folder = str(folder)
-        os.makedirs(folder, exist_ok=True)
-        routes = [_free_port() for _ in range(nodes)] if nodes > 1 else []
-        configs = []
-        for i in range(nodes):
-            lines = ["server_name: n%d" % i, "host: 127.0.0.1", "port: -1",
-                     "jetstream { store_dir: %s }" % json.dumps(os.path.join(folder, "n%d" % i))]
-            if routes:
-                lines += ["cluster {", "  name: c", "  listen: 127.0.0.1:%d" % routes[i],
-                          "  routes: [%s]" % ", ".join("nats://127.0.0.1:%d" % p for j, p in
-                                                       enumerate(routes) if j != i), "}"]
-            config = os.path.join(folder, "n%d.conf" % i)
-            with open(config, "w") as f:
-                f.write("\n".join(lines) + "\n")
-            configs.append(config)
+        configs = nats_configs(str(folder), nodes)
         servers = []
         try:
             # (All at once: a clustered node waits for a quorum before it is ready.)

@@ -41,19 +41,31 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_cluster(folder, nodes=3):
-    """`nodes` nats-server processes clustered on loopback: (processes, URLs)."""
-    routes = [free_port() for _ in range(nodes)]
-    processes, urls = [], []
+def nats_configs(folder, nodes):
+    """Config files of `nodes` nats-server nodes with JetStream on loopback,
+    clustered when more than one (client ports: any free one, logged at
+    start); the tests use them too."""
+    os.makedirs(folder, exist_ok=True)
+    routes = [free_port() for _ in range(nodes)] if nodes > 1 else []
+    configs = []
     for i in range(nodes):
+        lines = ["server_name: n%d" % i, "host: 127.0.0.1", "port: -1",
+                 "jetstream { store_dir: %s }" % json.dumps(os.path.join(folder, "n%d" % i))]
+        if routes:
+            lines += ["cluster {", "  name: c", "  listen: 127.0.0.1:%d" % routes[i],
+                      "  routes: [%s]" % ", ".join("nats://127.0.0.1:%d" % p for j, p in
+                                                   enumerate(routes) if j != i), "}"]
         config = os.path.join(folder, "n%d.conf" % i)
         with open(config, "w") as f:
-            f.write("server_name: n%d\nhost: 127.0.0.1\nport: -1\n"
-                    "jetstream { store_dir: %s }\n"
-                    "cluster {\n  name: bench\n  listen: 127.0.0.1:%d\n  routes: [%s]\n}\n"
-                    % (i, json.dumps(os.path.join(folder, "n%d" % i)), routes[i],
-                       ", ".join("nats://127.0.0.1:%d" % p for j, p in enumerate(routes)
-                                 if j != i)))
+            f.write("\n".join(lines) + "\n")
+        configs.append(config)
+    return configs
+
+
+def start_cluster(folder, nodes=3):
+    """`nodes` nats-server processes clustered on loopback: (processes, URLs)."""
+    processes, urls = [], []
+    for config in nats_configs(folder, nodes):
         processes.append(subprocess.Popen(["nats-server", "-c", config], text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for process in processes:
