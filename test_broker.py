@@ -556,7 +556,7 @@ BROKER_FLAGS = {"--help", "--host", "--port", "--db", "--max-attempts", "--lease
                 "--max-workers", "--max-body", "--read-timeout", "--token", "--cors-origin",
                 "--drain-timeout", "--token-file", "--tls-cert", "--tls-key", "--version",
                 "--workers", "--jetstream", "--js-stream", "--js-replicas", "--backlog",
-                "--progress-every", "--trace", "--log-level"}
+                "--progress-every", "--trace", "--log-level", "--pin"}
 
 
 def test_help_explains_every_flag():

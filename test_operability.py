@@ -468,3 +468,63 @@ def test_a_start_that_fails_leaves_no_new_file_and_says_why(tmp_path):
     assert result.returncode == 2
     assert "cannot open the trace file" in result.stderr and "No such file" in result.stderr
     assert os.listdir(str(tmp_path)) == []
+
+
+# -- --pin: the broker's threads on one CPU --------------------------------------
+
+several_cpus = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="pinning needs Linux and two CPUs to choose from")
+
+
+def cpus_of_threads(pid):
+    """The set of CPUs each thread of `pid` may run on, as a set of strings."""
+    lists = set()
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                lists.add(re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1))
+        except FileNotFoundError:
+            pass  # (a thread that has just ended)
+    return lists
+
+
+@several_cpus
+def test_the_broker_keeps_its_threads_on_one_cpu_and_gives_its_workers_all(processes, db):
+    b = processes.broker(db, "--workers", "2", "--heartbeat", "600")
+    b.wait_for_line(r"w2: connected")
+    output = b.output()
+    cpu = re.search(r"the broker's threads run on CPU (\d+) of ", output).group(1)
+    assert cpus_of_threads(b.popen.pid) == {cpu}
+    pids = [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", output)]
+    pids += [int(p) for p in re.findall(r"started worker\.py --processes 2 \(pid (\d+)\)",
+                                        output)]
+    assert len(pids) == 3
+    for pid in pids:
+        assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+
+
+@several_cpus
+def test_no_pin_leaves_the_threads_on_every_cpu(processes, db):
+    b = processes.broker(db, "--no-pin", "--heartbeat", "600")
+    b.wait_for_line(r"dashboard: ")
+    everywhere = cpus_of_threads(os.getpid())
+    assert cpus_of_threads(b.popen.pid) == everywhere and len(everywhere) == 1
+    assert "threads run on CPU" not in b.output()
+
+
+@several_cpus
+def test_a_pinned_broker_moves_off_a_cpu_that_other_work_keeps_busy(processes, db):
+    b = processes.broker(db, "--heartbeat", "600")
+    cpu = int(re.search(r"the broker's threads run on CPU (\d+) of ",
+                        b.wait_for_line(r"threads run on CPU")).group(1))
+    hog = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {%d})\n"
+                            "while True: pass" % cpu])
+    try:
+        line = b.wait_for_line(r"moving the broker's threads there", timeout=30)
+        moved_to = re.search(r"CPU (\d+) \d+%: moving", line).group(1)
+        assert int(moved_to) != cpu
+        assert cpus_of_threads(b.popen.pid) == {moved_to}
+    finally:
+        hog.kill()
+        hog.wait()
