@@ -140,6 +140,7 @@ MAX_HEADERS, MAX_HEADER_LINE = 100, 65536
 CLIENT_GONE = (ConnectionError, BlockingIOError) + ((ssl.SSLError,) if ssl else ())
 # Secrets that travel in a query string: never written to a log.
 _SECRET_IN_QUERY = re.compile(r"\b(worker|access_token)=[^&\s\"]*")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
 _HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,3})\.([0-9]{1,3})")
 # field-name ":" OWS field-value OWS CRLF (RFC 9112 section 5; a token, then a
 # value of visible characters, spaces and tabs; no obs-fold).
@@ -252,20 +253,33 @@ class XidGenerator:
         self._head = self._middle = ""
 
     def new(self):
+        return self.take(1)[0]
+
+    def take(self, count):
+        """`count` new ids, in order. (A batch's 10 took 9.9 µs one call
+        each; here, one lock and one clock read for all: 3.3 µs.)"""
         with self._lock:
-            self._counter = counter = (self._counter + 1) & 0xFFFFFF
-            second = int(time.time()) & 0xFFFFFFFF
-            if second != self._second:
-                self._second = second
-                raw = struct.pack(">I", second) + self._machine + self._pid + b"\0\0\0"
-                self._head = xid_encode(raw)[:8]
-            if counter >> 16 != self._high:
-                self._high = counter >> 16
-                raw = b"\0\0\0\0" + self._machine + self._pid + bytes((self._high, 0, 0))
-                self._middle = xid_encode(raw)[8:16]
-            head, middle = self._head, self._middle
-        low = (counter & 0xFFFF) << 4  # 16 bits, padded to 20 = 4 characters
-        return head + middle + _XID_PAIRS[low >> 10] + _XID_PAIRS[low & 1023]
+            first = (self._counter + 1) & 0xFFFFFF
+            here = min(count, 0x10000 - (first & 0xFFFF))  # (until the high byte changes)
+            self._counter = first + here - 1
+            prefix = self._prefix_locked(first)
+        low = (first & 0xFFFF) << 4  # 16 bits, padded to 20 = 4 characters
+        ids = [prefix + _XID_PAIRS[bits >> 10] + _XID_PAIRS[bits & 1023]
+               for bits in range(low, low + 16 * here, 16)]
+        return ids if here == count else ids + self.take(count - here)
+
+    def _prefix_locked(self, counter):
+        """Characters 0-15 of the ids made now with this counter's high byte."""
+        second = int(time.time()) & 0xFFFFFFFF
+        if second != self._second:
+            self._second = second
+            raw = struct.pack(">I", second) + self._machine + self._pid + b"\0\0\0"
+            self._head = xid_encode(raw)[:8]
+        if counter >> 16 != self._high:
+            self._high = counter >> 16
+            raw = b"\0\0\0\0" + self._machine + self._pid + bytes((self._high, 0, 0))
+            self._middle = xid_encode(raw)[8:16]
+        return self._head + self._middle
 
 
 def _pypi_xid_generator():
@@ -293,12 +307,19 @@ def _pypi_xid_generator():
     return new
 
 
-def new_id_function():
-    """The id source the broker uses: PyPI's xid if sound, else ours."""
+def new_ids_function():
+    """The id source the broker uses, as a function of how many: PyPI's xid
+    if sound, else ours."""
     pypi = _pypi_xid_generator()
     if pypi is not None:
-        return pypi
-    return XidGenerator().new
+        return lambda count: [pypi() for _ in range(count)]
+    return XidGenerator().take
+
+
+def new_id_function():
+    """One id at a time, from the same source."""
+    new_ids = new_ids_function()
+    return lambda: new_ids(1)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -430,7 +451,7 @@ class Dispatcher:
 
     Where messages come from and go is a seam: a queue kept elsewhere
     (broker_jetstream.py) overrides `_can_give_locked` and
-    `_next_message_locked` (the next message for a batch), `_retry_locked`
+    `_next_messages_locked` (the messages for a batch), `_retry_locked`
     and `_bisect_locked` (a failed attempt), `_give_back_locked` (a batch
     never written), `_settled_locked` and `_touched_locked` (done or dead; a
     touch), and `wait_reported` (when a report may be answered). The HTTP
@@ -446,7 +467,9 @@ class Dispatcher:
         self.lease_timeout = lease_timeout
         self.total = total
         self._rng = random.Random(seed)
-        self._new_id = new_id or new_id_function()
+        # (The ids of a batch are made at once: see XidGenerator.take.)
+        self._new_ids = new_ids_function() if new_id is None else \
+            (lambda count: [new_id() for _ in range(count)])
         self._clock = clock
         self._on_event = on_event  # on_event(kind, message, session), under the lock
 
@@ -649,10 +672,7 @@ class Dispatcher:
                     self._reserve_locked(batch, message)
             else:
                 batch = Batch(self._batch_number, session, {}, False)
-                while len(batch.messages) < session.batchsize:
-                    message = self._next_message_locked()
-                    if message is None:
-                        break
+                for message in self._next_messages_locked(session.batchsize):
                     self._reserve_locked(batch, message)
             batch.saved_seq = self._change_seq
             session.batch = batch
@@ -663,22 +683,27 @@ class Dispatcher:
                 session.batch_ready.notify()
         return taken
 
-    def _next_message_locked(self):
-        """The next message for a batch: a retry first, else a new one; None
-        when a --total run has generated all its messages."""
-        if self._retry:
-            return self._retry.popleft()
-        if self.total is None or self.generated < self.total:
-            self.generated += 1
-            return Message(self._new_id(), draw_period(self._rng))
-        return None
+    def _next_messages_locked(self, count):
+        """Up to `count` messages for a batch: retries first, then new ones
+        (fewer once a --total run has generated all its messages)."""
+        retry = self._retry
+        messages = [retry.popleft() for _ in range(min(count, len(retry)))]
+        new = count - len(messages)
+        if self.total is not None:
+            new = min(new, self.total - self.generated)
+        if new > 0:
+            self.generated += new
+            rng = self._rng
+            messages += [Message(message_id, draw_period(rng)) for message_id in self._new_ids(new)]
+        return messages
 
     def _reserve_locked(self, batch, message):
         message.attempts += 1
         message.batch = batch.number
         batch.messages[message.id] = message
         self._leases[message.id] = batch
-        self._save_locked(message, "leased")
+        if self.durable:  # (the one case _save_locked keeps a lease: 1 µs a batch of 10)
+            self._save_locked(message, "leased")
 
     # -- stream writers ---------------------------------------------------
 
@@ -1472,6 +1497,9 @@ def _shutdown_socket(sock):
         pass
 
 
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # (the enum's | took 1.4 µs a batch)
+
+
 class StreamChannel:
     """A stream's connection: whole writes, one at a time, and once one
     fails, none after it (a cut event must never be followed by a ping)."""
@@ -1510,7 +1538,7 @@ class StreamChannel:
         """Whether the client has closed its end (EOF, or an error, is readable)."""
         try:
             # (socket.socket.recv: the bytes on the wire, also under TLS.)
-            return socket.socket.recv(self._sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            return socket.socket.recv(self._sock, 1, _PEEK_NOW) == b""
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -1669,7 +1697,7 @@ class _RequestReader(socket.SocketIO):
 
     def readinto(self, buffer):
         if self.deadline is None:
-            count = super().readinto(buffer)  # waiting for a request: the idle limit
+            count = self._recv(buffer)  # waiting for a request: the idle limit
             if count:
                 self.deadline = time.monotonic() + self._timeout
             return count
@@ -1678,7 +1706,14 @@ class _RequestReader(socket.SocketIO):
             return None
         if remaining < self._kernel_timeout:
             self._set_kernel_timeout(remaining)
-        return super().readinto(buffer)
+        return self._recv(buffer)
+
+    def _recv(self, buffer):
+        # (recv_into itself: SocketIO.readinto's checks cost a read 0.4 µs more.)
+        try:
+            return self._socket.recv_into(buffer)
+        except BlockingIOError:
+            return None  # SO_RCVTIMEO ran out
 
     def end_request(self):
         self.deadline = None
@@ -2155,7 +2190,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.send_error_json(411, "Content-Length required")
             return None
-        if not re.fullmatch(r"[0-9]{1,12}", length_header.strip()):
+        if not _CONTENT_LENGTH.fullmatch(length_header.strip()):
             self.close_connection = True
             self.send_error_json(400, "malformed Content-Length")
             return None

@@ -120,8 +120,9 @@ class JetStreamDispatcher(broker.Dispatcher):
     def _can_give_locked(self):
         return not (self.stopping or self.draining) and bool(self._fetched)
 
-    def _next_message_locked(self):
-        return self._fetched.popleft() if self._fetched else None
+    def _next_messages_locked(self, count):
+        fetched = self._fetched
+        return [fetched.popleft() for _ in range(min(count, len(fetched)))]
 
     def _retry_locked(self, message):
         self._queue.send("nak", message)

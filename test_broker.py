@@ -602,6 +602,18 @@ def test_vendored_xids_are_unique_and_ordered_across_threads():
     assert counters[-1] - counters[0] == 7999 or counters[0] < 8000  # consecutive, or wrapped
 
 
+@pytest.mark.parametrize("start", [0x00FFF8, 0xFFFFF8, 0x123456])
+def test_a_batch_of_ids_at_once_counts_on_across_the_high_byte_and_the_wrap(start):
+    generator = broker.XidGenerator()
+    generator._counter = start - 1
+    ids = generator.take(13) + [generator.new()]
+    raw = [broker.xid_decode(i) for i in ids]
+    assert [int.from_bytes(r[9:], "big") for r in raw] == \
+        [(start + n) & 0xFFFFFF for n in range(14)]
+    assert len({r[:9] for r in raw}) <= 2  # the same machine and pid (the second may tick)
+    assert [broker.xid_encode(r) for r in raw] == ids  # canonical text
+
+
 def test_ids_parse_with_go_xid_from_string(processes, db, boltcheck):
     b = processes.broker(db)
     client = b.stream(10)
