@@ -55,8 +55,8 @@ wraps to 0; ``set_sequence()`` outside 0..2**64-1 raises ``SequenceError``),
 a commit with no change still advances the transaction id, an aborted
 transaction gives back the pages it freed, and ``Bucket.stats()`` counts as
 Go's ``Stats()`` (its fields, in snake_case). Differences kept on purpose:
-values and keys are ``bytes`` copies, not slices of a memory map (so they
-stay valid after the transaction); the page size of a new file must be a
+values and keys are ``bytes`` copies out of the file's memory map, not
+slices of it (so they stay valid after the transaction); the page size of a new file must be a
 power of two from 1024 (Go's own minimum in practice: it cannot open smaller
 pages); a read-only open never rebuilds a ``NoFreelistSync`` file's freelist
 (as Go), so ``info()`` counts no free pages there.
@@ -70,6 +70,7 @@ import errno
 import fcntl
 import itertools
 import json
+import mmap
 import operator
 import os
 import struct
@@ -512,11 +513,13 @@ class _Node:
     def split(self, page_size, fill_percent):
         """Cut a node bigger than a page into pieces filled to `fill_percent`,
         each of MIN_KEYS_PER_PAGE keys at least."""
+        count = len(self.keys)
+        if count <= 2 * MIN_KEYS_PER_PAGE or self.size() <= page_size:
+            return [self]  # (most nodes: sum(map(len)) in C, not sizes key by key)
         fill = min(max(fill_percent, MIN_FILL_PERCENT), MAX_FILL_PERCENT)
         threshold = int(page_size * fill)
         pieces = []
         start = 0
-        count = len(self.keys)
         sizes = [ELEMENT_SIZE + len(k) for k in self.keys]
         if self.is_leaf:
             sizes = [s + len(v) for s, v in zip(sizes, self.values)]
@@ -543,6 +546,42 @@ class _Node:
                      children=[None] * (end - start))
 
 
+def _leaf_columns(buf, offset, end, count, where):
+    """The elements of the leaf page at `offset` in `buf` (its data ending
+    at `end`), as columns: flags, and where each key starts, its value
+    starts and its value stops. Checked: every element within the page,
+    and no flag but BUCKET_LEAF_FLAG. `where` names the page in an error:
+    a page id, or words.
+
+    (One pass in C per column: iter_unpack over the element array, then
+    map(add). A Python loop over the elements was a third of a read-all.)
+    """
+    base = offset + PAGE_HEADER_SIZE
+    if base + ELEMENT_SIZE * count > end:
+        _assert(False, "%s: %d elements do not fit in %d bytes",
+                _page_name(where), count, end - offset)
+    if not count:
+        return [], [], [], []
+    leaf_flags, pos, key_sizes, value_sizes = zip(
+        *LEAF_ELEMENT.iter_unpack(buf[base:base + ELEMENT_SIZE * count]))
+    starts = list(map(operator.add, range(base, base + ELEMENT_SIZE * count, ELEMENT_SIZE), pos))
+    mids = list(map(operator.add, starts, key_sizes))
+    stops = list(map(operator.add, mids, value_sizes))
+    if max(stops) > end:
+        i = next(i for i, stop in enumerate(stops) if stop > end)
+        _assert(False, "%s: element %d runs past the page end (%d > %d)",
+                _page_name(where), i, stops[i] - offset, end - offset)
+    if max(leaf_flags) > BUCKET_LEAF_FLAG:
+        i = next(i for i, flag in enumerate(leaf_flags) if flag & ~BUCKET_LEAF_FLAG)
+        _assert(False, "%s: element %d has unknown flags %#x", _page_name(where), i,
+                leaf_flags[i])
+    return leaf_flags, starts, mids, stops
+
+
+def _page_name(where):
+    return "page %d" % where if isinstance(where, int) else where
+
+
 def _parse_node(buf, where, expect_pgid=None):
     """Parse a branch or leaf page out of `buf`, checking every bound (node.go's read).
 
@@ -560,30 +599,18 @@ def _parse_node(buf, where, expect_pgid=None):
         raise CorruptionError("%s: invalid type %s, expected branch or leaf"
                               % (where, _page_type_name(flags)))
     end = len(buf)
-    _assert(PAGE_HEADER_SIZE + ELEMENT_SIZE * count <= end,
-            "%s: %d elements do not fit in %d bytes", where, count, end)
-    element_starts = range(PAGE_HEADER_SIZE, PAGE_HEADER_SIZE + ELEMENT_SIZE * count, ELEMENT_SIZE)
-    elements = buf[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
     if is_leaf:
-        # One column per field of the element struct (zip(*...) runs in C).
-        leaf_flags, pos, key_sizes, value_sizes = (
-            zip(*LEAF_ELEMENT.iter_unpack(elements)) if count else ((), (), (), ()))
-        leaf_flags = list(leaf_flags)
-        starts = list(map(operator.add, element_starts, pos))
-        mids = list(map(operator.add, starts, key_sizes))
-        stops = list(map(operator.add, mids, value_sizes))
-        if count and max(stops) > end:
-            i = next(i for i, stop in enumerate(stops) if stop > end)
-            _assert(False, "%s: element %d runs past the page end (%d > %d)",
-                    where, i, stops[i], end)
-        if count and max(leaf_flags) > BUCKET_LEAF_FLAG:
-            i = next(i for i, flag in enumerate(leaf_flags) if flag & ~BUCKET_LEAF_FLAG)
-            _assert(False, "%s: element %d has unknown flags %#x", where, i, leaf_flags[i])
+        leaf_flags, starts, mids, stops = _leaf_columns(buf, 0, end, count, where)
+        leaf_flags = list(leaf_flags)  # (a node's flags change as it is written to)
         keys = [buf[a:b] for a, b in zip(starts, mids)]
         values = [buf[a:b] for a, b in zip(mids, stops)]
         return _Node(pgid if expect_pgid is not None else 0, overflow, True,
                      keys, values, leaf_flags)
     _assert(count > 0, "%s: branch page with no elements", where)
+    _assert(PAGE_HEADER_SIZE + ELEMENT_SIZE * count <= end,
+            "%s: %d elements do not fit in %d bytes", where, count, end)
+    element_starts = range(PAGE_HEADER_SIZE, PAGE_HEADER_SIZE + ELEMENT_SIZE * count, ELEMENT_SIZE)
+    elements = buf[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
     pos, key_sizes, pgids = zip(*BRANCH_ELEMENT.iter_unpack(elements))
     starts = list(map(operator.add, element_starts, pos))
     stops = list(map(operator.add, starts, key_sizes))
@@ -778,6 +805,14 @@ class Bucket:
 
     def items(self):
         """(key, value) pairs in byte order; value is None for a nested bucket."""
+        if self._root_node is None and self._root != 0:  # as on disk: read it in place
+            self.tx._check_open()
+            # (A leaf's pairs at a time: no Python frame per pair.)
+            return itertools.chain.from_iterable(
+                self.tx._db._leaf_pairs(self._root, self.tx._meta.pgid, self.tx._check_open))
+        return self._node_items()
+
+    def _node_items(self):
         for leaf in self._leaves(self._root_ref(), 0):
             if any(leaf.flags):
                 for key, value, flags in zip(leaf.keys, leaf.values, leaf.flags):
@@ -1386,8 +1421,9 @@ class Tx:
             self._meta.root = root._root
             self._meta.sequence = root._sequence
             if self._meta.freelist != NO_FREELIST:
-                old = db._read_page_header(self._meta.freelist)
-                self._free(self._meta.freelist, old.overflow)
+                # (Its size is remembered: reading its header back was the one
+                # system call of a commit that Go's does not make.)
+                self._free(self._meta.freelist, db._freelist_overflow)
             page_size = db.page_size
             pages = db._freelist.page_size_needed() // page_size + 1
             freelist_pgid = self._allocate(pages)
@@ -1405,6 +1441,7 @@ class Tx:
             raise
         with db._meta_lock:
             db._meta = self._meta
+        db._freelist_overflow = pages - 1
         db._cache_nodes(self._written_nodes)
         self._close()
 
@@ -1552,7 +1589,8 @@ class Tx:
 # ---------------------------------------------------------------------------
 
 # Parsed pages kept in memory by default, oldest dropped first: reading a
-# page is a pread and a parse, which cost far more in Python than Go's mmap.
+# page is a slice of the map and a parse, which cost far more in Python than
+# Go's reading the map in place.
 DEFAULT_CACHE_PAGES = 8192
 
 
@@ -1574,6 +1612,8 @@ class DB:
         # _cache_lock guards changes to _page_cache (readers in many threads).
         self._cache_lock = threading.Lock()
         self._page_cache = collections.OrderedDict()  # pgid -> _Node, single pages only
+        self._map = None  # the file, read-only in memory (see _mapped)
+        self._freelist_overflow = 0  # the overflow pages of the freelist on disk
         self._fd = -1
         if not readonly:
             _create_if_missing(self.path, page_size or _os_page_size(), mode)
@@ -1681,6 +1721,7 @@ class DB:
                 raise CorruptionError("cannot rebuild the freelist: " + problems[0])
             return _Freelist(pgid for pgid in range(2, meta.pgid) if pgid not in reachable)
         buf = self._read_span(meta.freelist, meta.pgid)
+        self._freelist_overflow = _page_header(buf).overflow
         return _Freelist(_parse_freelist(buf, meta.freelist, meta.pgid))
 
     # -- pages --------------------------------------------------------------
@@ -1691,22 +1732,100 @@ class DB:
         _assert(len(buf) == PAGE_HEADER_SIZE, "page %d: beyond the end of the file", pgid)
         return _page_header(buf)
 
+    def _mapped(self, size):
+        """The file, mapped read-only into memory, at least `size` bytes of
+        it (mapped anew, whole, once it has grown past the last map).
+
+        Reading a page is then a slice, where a pread was a system call and
+        a GIL hand-off; a read-all streams from the map (_leaf_pairs). A
+        reader keeps the map it got while a newer one replaces it.
+        """
+        mapped = self._map
+        if mapped is None or len(mapped) < size:
+            with self._cache_lock:
+                self._check_open()
+                mapped = self._map
+                if mapped is None or len(mapped) < size:
+                    mapped = self._map = self._map_file()
+                    _assert(len(mapped) >= size, "the file ends at %d bytes, before its "
+                            "pages do (%d)", len(mapped), size)
+        return mapped
+
+    def _map_file(self):
+        # From a descriptor of its own, closed at once: the map keeps a
+        # duplicate, which must not share the one that holds the flock (the
+        # lock would then outlive close()).
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            mine, ours = os.fstat(fd), os.fstat(self._fd)
+            if (mine.st_dev, mine.st_ino) != (ours.st_dev, ours.st_ino):
+                raise Error("%s was replaced by another file while open" % self.path)
+            return mmap.mmap(fd, ours.st_size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
     def _read_span(self, pgid, high_water):
         """Page `pgid` with its overflow pages, as bytes."""
-        self._check_open()
         page_size = self.page_size
-        buf = os.pread(self._fd, page_size, pgid * page_size)
-        _assert(len(buf) == page_size, "page %d: beyond the end of the file", pgid)
-        overflow = _page_header(buf).overflow
+        start = pgid * page_size
+        mapped = self._mapped(min(start + page_size, high_water * page_size))
+        _assert(start + page_size <= len(mapped), "page %d: beyond the end of the file", pgid)
+        overflow = _page_header(mapped, start).overflow
         if overflow:
             _assert(pgid + overflow < high_water,
                     "page %d: %d overflow pages run past high-water mark %d",
                     pgid, overflow, high_water)
-            rest = os.pread(self._fd, overflow * page_size, (pgid + 1) * page_size)
-            _assert(len(rest) == overflow * page_size,
-                    "page %d: overflow pages beyond the end of the file", pgid)
-            buf += rest
-        return buf
+            mapped = self._mapped((pgid + 1 + overflow) * page_size)
+        return mapped[start:start + (1 + overflow) * page_size]
+
+    def _leaf_pairs(self, root, high_water, check_open):
+        """For each leaf under page `root`, in key order, an iterator of its
+        (key, value) pairs, read in place from the map: no node is built, no
+        page copied, and the pairs are sliced out by C loops (map, zip) over
+        the columns of the leaf's elements. (100,000 keys from a fresh open:
+        170 ms through nodes, 124 ms here, of which 110 ms are the floor of
+        any reader of bytes: two slices and a loop turn per pair.) The bounds read are checked as
+        _parse_node checks them; `check_open()` is called before each page
+        (the transaction must still be open)."""
+        page_size = self.page_size
+        mapped = self._mapped(high_water * page_size)
+        get = mapped.__getitem__
+        pending = [(root, 0)]  # pages to read, the next one last; and their depth
+        while pending:
+            check_open()
+            pgid, depth = pending.pop()
+            offset = pgid * page_size
+            if not 2 <= pgid < high_water:
+                _assert(False, "page %d: out of bounds 2..%d", pgid, high_water)
+            header_pgid, flags, count, overflow = PAGE_HEADER.unpack_from(mapped, offset)
+            if header_pgid != pgid or pgid + overflow >= high_water:
+                _assert(header_pgid == pgid, "page %d: header says page %d (damaged or not a "
+                        "tree page)", pgid, header_pgid)
+                _assert(False, "page %d: %d overflow pages run past high-water mark %d",
+                        pgid, overflow, high_water)
+            end = offset + (1 + overflow) * page_size
+            if flags == LEAF_PAGE:
+                leaf_flags, starts, mids, stops = _leaf_columns(mapped, offset, end, count, pgid)
+                keys = map(get, map(slice, starts, mids))
+                values = map(get, map(slice, mids, stops))
+                if any(leaf_flags):  # nested buckets: no value
+                    values = [None if flag & BUCKET_LEAF_FLAG else value
+                              for flag, value in zip(leaf_flags, values)]
+                yield zip(keys, values)
+            elif flags == BRANCH_PAGE:
+                where = "page %d" % pgid
+                _assert(count > 0, "%s: branch page with no elements", where)
+                _assert(offset + PAGE_HEADER_SIZE + ELEMENT_SIZE * count <= end,
+                        "%s: %d elements do not fit in %d bytes", where, count, end - offset)
+                _assert(depth < MAX_TREE_DEPTH, "%s: tree deeper than %d (a cycle?)",
+                        where, MAX_TREE_DEPTH)
+                elements = mapped[offset + PAGE_HEADER_SIZE:
+                                  offset + PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
+                children = [child for _pos, _size, child in BRANCH_ELEMENT.iter_unpack(elements)]
+                pending += [(child, depth + 1) for child in reversed(children)]
+            else:
+                raise CorruptionError("page %d: invalid type %s, expected branch or leaf"
+                                      % (pgid, _page_type_name(flags)))
 
     def _read_node(self, pgid, high_water):
         node = self._page_cache.get(pgid)
@@ -1789,6 +1908,7 @@ class DB:
         with self._write_lock:
             fd, self._fd = self._fd, -1
             self._page_cache = collections.OrderedDict()
+            self._map = None  # (unmapped once no reader holds it)
             os.close(fd)
 
 

@@ -1112,3 +1112,64 @@ def test_a_read_only_open_of_a_nofreelistsync_file_does_not_rebuild_its_freelist
         assert tx.buckets()
     with pytest.raises(AssertionError, match="rebuilt"):  # a writer needs it, as in Go
         bbolt_lite.open(path)
+
+
+# -- reading in place from the file's map ----------------------------------------
+
+def test_a_read_all_from_the_map_yields_what_the_nodes_hold(db_path):
+    with bbolt_lite.open(db_path, page_size=1024) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(3000):
+                b.put(key(i * 7 % 3000), b"v" * (i % 300))
+            b.put(b"big", b"B" * 5000)  # an overflow page
+            b.create_bucket(b"sub").put(b"k", b"v")
+    with bbolt_lite.open(db_path, readonly=True) as db:
+        with db.view() as tx:
+            bucket = tx.bucket(b"b")
+            from_map = list(bucket.items())
+            from_nodes = list(bucket._node_items())
+    assert from_map == from_nodes and len(from_map) == 3002
+    assert dict(from_map)[b"sub"] is None and dict(from_map)[b"big"] == b"B" * 5000
+    assert all(type(k) is bytes and type(v) in (bytes, type(None)) for k, v in from_map)
+
+
+def test_a_leaf_that_runs_past_its_page_is_refused_by_the_read_all(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(300):
+                b.put(key(i), b"v" * 10)
+        with db.view() as tx:
+            leaf = tx.bucket(b"b")._root
+            while not tx._page(leaf).is_leaf:
+                leaf = tx._page(leaf).pgids[0]
+        page_size = db.page_size
+    with open(db_path, "r+b") as f:
+        f.seek(leaf * page_size + 16 + 12)  # element 0's value size
+        f.write(struct.pack("<I", 70000))
+    with bbolt_lite.open(db_path, readonly=True) as db:
+        with db.view() as tx:
+            with pytest.raises(bbolt_lite.CorruptionError,
+                               match="page %d: element 0 runs past the page end" % leaf):
+                list(tx.bucket(b"b").items())
+
+
+def test_close_lets_another_process_lock_the_file_though_an_iterator_holds_the_map(
+        db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            for i in range(200):
+                tx.create_bucket_if_not_exists(b"b").put(key(i), b"v" * 50)
+    db = bbolt_lite.open(db_path)
+    tx = db.view()
+    pairs = tx.bucket(b"b").items()  # (holds the map)
+    next(pairs)
+    tx.rollback()
+    db.close()
+    code = "import bbolt_lite,sys\nbbolt_lite.open(sys.argv[1], timeout=0.5).close()\n"
+    result = subprocess.run([sys.executable, "-c", code, db_path], cwd=HERE,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(bbolt_lite.TxClosedError):  # (the rest of its leaf, then no more)
+        list(pairs)
