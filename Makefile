@@ -15,9 +15,11 @@ run:
 check-py39:
 	vermin --no-tips -t=3.9- broker.py worker.py bbolt_lite.py broker_jetstream.py
 
-# Benchmarks (minutes; see bench/README.md).
+# Benchmarks (minutes; see bench/README.md). The Go comparisons need Go and
+# Debian's bbolt and rs/xid sources (see README.md); without Go they are skipped.
 bench:
-	$(PYTHON) bench/bbolt_bench.py
+	if command -v go >/dev/null; then $(PYTHON) bench/gobench.py && $(PYTHON) bench/bbolt_bench.py; \
+	else echo 'no Go: bench/gobench.py and bench/bbolt_bench.py not run'; fi
 	$(PYTHON) bench/broker_bench.py --repeat 5 --half-load
 	$(PYTHON) bench/broker_bench.py --fail 0.2 --no-ceiling
 	$(PYTHON) bench/soak.py --total 1000000

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -22,6 +23,8 @@ import time
 import urllib.parse
 
 import pytest
+
+import bbolt_lite
 
 from conftest import HERE, GoMissing, build_go, headless_chromium, safe_seed, skip_or_fail
 
@@ -403,3 +406,38 @@ def test_the_readme_examples_run_as_written(processes, db, index):
     assert example.wait(60) == 0, example.output()
     assert b.wait() == 0
     assert "%d done, 0 dead" % total in b.output()  # every batch reported, in time
+
+
+def test_the_go_benchmark_tools_load_both_brokers(processes, db, tmp_path):
+    """bench/gobench.py's goload drives broker.py and bench's gobroker, whose
+    dead letters are a bbolt file that bbolt_lite reads."""
+    try:
+        gobroker, goload = build_go("gobroker", tmp_path), build_go("goload", tmp_path)
+    except GoMissing as missing:
+        skip_or_fail(str(missing))
+
+    def load(url):
+        done = subprocess.run([goload, "-url", url, "-c", "4", "-b", "5", "-s", "1.5",
+                               "-f", "0.5"], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    b = processes.broker(db, "--heartbeat", "600")
+    row = load(b.url)
+    assert row["errors"] == 0 and row["done"] > 0 and row["dead"] > 0, row
+    go_db = tmp_path / "go.db"
+    go = subprocess.Popen([gobroker, "--port", "0", "--db", str(go_db), "--lease-timeout", "30"],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        url = re.match(r"listening on (http://\S+)", go.stdout.readline()).group(1)
+        row = load(url)
+        assert row["errors"] == 0 and row["done"] > 0 and row["dead"] > 0, row
+    finally:
+        go.send_signal(signal.SIGTERM)
+        go.wait(15)
+    with bbolt_lite.open(go_db, readonly=True) as saved:
+        with saved.view() as tx:
+            letters = [json.loads(v) for _k, v in tx.bucket(b"failed").items()]
+    # (and a few more: batches in flight when the load stopped, on their last attempt)
+    assert row["dead"] <= len(letters) <= row["dead"] + 4 * 5
+    assert all(d["attempts"] == 3 for d in letters)

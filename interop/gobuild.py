@@ -1,9 +1,9 @@
-"""Build the Go helpers of interop/ offline, in GOPATH mode.
+"""Build the Go helpers offline, in GOPATH mode: interop/'s, and bench/'s.
 
-`boltcheck` drives Debian's bbolt and rs/xid (the Go packages that `apt-get
-install golang-go golang-github-coreos-bbolt-dev golang-github-rs-xid-dev`
-puts under /usr/share/gocode); `goworker` needs only Go's standard library.
-No module proxy is asked for anything.
+`boltcheck` (and bench/'s `gobroker`) drive Debian's bbolt and rs/xid (the Go
+packages that `apt-get install golang-go golang-github-coreos-bbolt-dev
+golang-github-rs-xid-dev` puts under /usr/share/gocode); `goworker` and
+`goload` need only Go's standard library. No module proxy is asked for anything.
 """
 
 import os
@@ -13,7 +13,9 @@ import subprocess
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GOPATH = os.environ.get("INTEROP_GOPATH", "/usr/share/gocode")
-GO_PACKAGES = {"boltcheck": ("go.etcd.io/bbolt", "github.com/rs/xid"), "goworker": ()}
+GO_PACKAGES = {"boltcheck": ("go.etcd.io/bbolt", "github.com/rs/xid"), "goworker": (),
+               "gobroker": ("go.etcd.io/bbolt", "github.com/rs/xid"), "goload": ()}
+SOURCES = {"boltcheck": "interop", "goworker": "interop", "gobroker": "bench", "goload": "bench"}
 
 
 class GoMissing(Exception):
@@ -21,7 +23,7 @@ class GoMissing(Exception):
 
 
 def build(command, out_dir):
-    """Build interop/<command> into `out_dir`; return the binary's path."""
+    """Build <interop or bench>/<command> into `out_dir`; return the binary's path."""
     go = shutil.which("go")
     if go is None:
         raise GoMissing("no Go toolchain (apt-get install golang-go)")
@@ -34,9 +36,10 @@ def build(command, out_dir):
     env = dict(os.environ, GOPATH=GOPATH, GO111MODULE="off", GOFLAGS="",
                GOCACHE=os.path.join(out_dir, "cache"), GOPROXY="off", CGO_ENABLED="0")
     binary = os.path.join(out_dir, command)
-    result = subprocess.run([go, "build", "-o", binary, "./interop/" + command], cwd=ROOT,
+    source = "%s/%s" % (SOURCES[command], command)
+    result = subprocess.run([go, "build", "-o", binary, "./" + source], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        raise RuntimeError("building interop/%s failed:\n%s" % (command, result.stderr))
+        raise RuntimeError("building %s failed:\n%s" % (source, result.stderr))
     return binary
 
