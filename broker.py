@@ -803,13 +803,15 @@ class Dispatcher:
             self.round_trip_sum += round_trip
             self.round_trips[bisect.bisect_left(ROUND_TRIP_BUCKETS, round_trip)] += 1
             self.done += len(done_ids)
+            leases, on_event = self._leases, self._on_event
             for message in batch.messages.values():
-                del self._leases[message.id]
+                del leases[message.id]
                 if message.id in done_ids:
-                    self._save_locked(message, "done")
+                    if self.durable or message.requeued:  # (else _save_locked keeps nothing)
+                        self._save_locked(message, "done")
                     self._settled_locked(message, "done", session)
-                    if self._on_event:
-                        self._on_event("done", message, session)
+                    if on_event:
+                        on_event("done", message, session)
                 else:
                     if self._fail_locked(message, "not reported", session, leased=False):
                         dead += 1
@@ -1504,9 +1506,8 @@ class StreamChannel:
     """A stream's connection: whole writes, one at a time, and once one
     fails, none after it (a cut event must never be followed by a ping)."""
 
-    def __init__(self, sock, wfile, chunked):
+    def __init__(self, sock, chunked):
         self._sock = sock
-        self._wfile = wfile
         self._chunked = chunked  # HTTP/1.1: Transfer-Encoding: chunked, a chunk per write
         self._write_lock = threading.Lock()  # the stream's thread and reports' threads write
         self.broken = False
@@ -1525,7 +1526,7 @@ class StreamChannel:
             if self.broken:
                 raise ConnectionAbortedError("the stream was cut")
             try:
-                self._wfile.write(data)
+                self._sock.sendall(data)
             except OSError:
                 self.broken = True
                 _shutdown_socket(self._sock)
@@ -1994,7 +1995,8 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         headers.append("\r\n")
         if self.command == "HEAD":
             body = b""
-        self.wfile.write("".join(headers).encode("latin-1") + body)
+        # (sendall itself: the handler's wfile is a Python layer over it.)
+        self.connection.sendall("".join(headers).encode("latin-1") + body)
 
     def start_event_stream(self):
         """The 200 of an event stream, and its StreamChannel.
@@ -2015,7 +2017,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
-        return StreamChannel(self.connection, self.wfile, chunked)
+        return StreamChannel(self.connection, chunked)
 
     def cors_headers(self):
         """The CORS headers of an answer (none without --cors-origin, or for a
