@@ -130,6 +130,9 @@ DEFAULT_PROGRESS_EVERY = 10.0  # seconds between progress lines in the log
 STUCK_SECONDS = 10.0
 # At a stop, how long the state writer may go on trying to save what is left.
 STOP_SAVE_SECONDS = 10.0
+# Without --durable, the state writer's pause between commits: dead letters
+# reach the db within this (and a commit) of their last attempt.
+COALESCE_SECONDS = 0.1
 # How often a broker kept on one CPU checks whether other work crowds it (OneCore).
 BALANCE_SECONDS = 5.0
 # Request headers: at most this many lines of at most this many bytes (as
@@ -1310,6 +1313,13 @@ class StateWriter:
                 if not self.save(changes):
                     if self.give_up.wait(self.RETRY_SECONDS):
                         return
+                elif not self.dispatcher.durable:
+                    # Without --durable nothing waits for a save: gather what
+                    # comes for a moment before the next commit. With 20% of
+                    # messages unreported, 47 commits a second of 10 dead
+                    # letters each took 8% of the broker's CPU; 9 commits of
+                    # 55 take 2% (yappi).
+                    self.finish.wait(COALESCE_SECONDS)
         finally:
             self.dispatcher.writer_ended()  # (a report waiting for a save hears it)
 
