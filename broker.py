@@ -2379,10 +2379,10 @@ class OneCore:
 
     The broker's Python threads take turns holding the GIL, handing it to
     each other several times for every report. Spread over cores, each
-    hand-off wakes a thread on another core and waits for it: under 8
-    clients (bench/gobench.py, 2 cores) the broker made 27,000 context
-    switches and 2,400 migrations a second and spent 300 µs of CPU per
-    report. On one core the next thread simply runs after the last: 6,600
+    hand-off wakes a thread on another core and waits for it: under 8 Go
+    clients (as bench/gobench.py loads it, 2 cores) the broker made 27,000
+    context switches and 2,400 migrations a second and spent 300 µs of CPU
+    per report. On one core the next thread simply runs after the last: 6,600
     switches a second, 170 µs a report, 1.6 times the messages a second.
     What pinning gives up is the kernel's work on the broker's sockets
     running beside its Python code on another core: the kernel is 11% of
