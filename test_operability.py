@@ -176,17 +176,22 @@ def running(pid):
         return False
 
 
+def started_pids(output):
+    """The supervisor's pid and those of the workers it started, from the output."""
+    pids = [int(p) for p in re.findall(r"started worker\.py --processes \d+ \(pid (\d+)\)",
+                                       output)]
+    return pids + [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", output)]
+
+
 def test_workers_of_a_killed_broker_stop_too(processes, db):
     b = processes.broker(db, "--workers", "2", "--heartbeat", "600")
     b.wait_for_line(r"w2: connected")
-    output = b.output()
-    pids = [int(p) for p in re.findall(r"started worker\.py --processes 2 \(pid (\d+)\)",
-                                       output)]
-    pids += [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", output)]
-    assert len(pids) == 3
+    # The supervisor and its 2 workers, and any that replaced one a message ended.
+    assert len(started_pids(b.output())) >= 3
     os.kill(b.popen.pid, 9)  # the broker alone, not its process group
     b.wait()
-    wait_until(lambda: not any(running(pid) for pid in pids), 15, b.output)
+    wait_until(lambda: not any(running(pid) for pid in started_pids(b.output())), 15,
+               b.output)
 
 
 def test_progress_lines_say_done_dead_in_flight_workers_and_share(processes, db):
@@ -496,12 +501,13 @@ def test_the_broker_keeps_its_threads_on_one_cpu_and_gives_its_workers_all(proce
     output = b.output()
     cpu = re.search(r"the broker's threads run on CPU (\d+) of ", output).group(1)
     assert cpus_of_threads(b.popen.pid) == {cpu}
-    pids = [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", output)]
-    pids += [int(p) for p in re.findall(r"started worker\.py --processes 2 \(pid (\d+)\)",
-                                        output)]
-    assert len(pids) == 3
+    pids = started_pids(output)
+    assert len(pids) >= 3
     for pid in pids:
-        assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+        try:
+            assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+        except ProcessLookupError:
+            pass  # (a worker a message ended)
 
 
 @several_cpus
