@@ -56,10 +56,11 @@ a commit with no change still advances the transaction id, an aborted
 transaction gives back the pages it freed, and ``Bucket.stats()`` counts as
 Go's ``Stats()`` (its fields, in snake_case). Differences kept on purpose:
 values and keys are ``bytes`` copies out of the file's memory map, not
-slices of it (so they stay valid after the transaction); the page size of a new file must be a
-power of two from 1024 (Go's own minimum in practice: it cannot open smaller
-pages); a read-only open never rebuilds a ``NoFreelistSync`` file's freelist
-(as Go), so ``info()`` counts no free pages there.
+slices of it (so they stay valid after the transaction); the page size of
+a new file must be a power of two from 1024 (Go's own minimum in practice:
+it cannot open smaller pages); a read-only open never rebuilds a
+``NoFreelistSync`` file's freelist (as Go), so ``info()`` counts no free
+pages there.
 """
 
 __version__ = "1.1.0"

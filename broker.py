@@ -705,8 +705,7 @@ class Dispatcher:
         message.batch = batch.number
         batch.messages[message.id] = message
         self._leases[message.id] = batch
-        if self.durable:  # (the one case _save_locked keeps a lease: 1 µs a batch of 10)
-            self._save_locked(message, "leased")
+        self._save_locked(message, "leased")
 
     # -- stream writers ---------------------------------------------------
 
@@ -810,8 +809,7 @@ class Dispatcher:
             for message in batch.messages.values():
                 del leases[message.id]
                 if message.id in done_ids:
-                    if self.durable or message.requeued:  # (else _save_locked keeps nothing)
-                        self._save_locked(message, "done")
+                    self._save_locked(message, "done")
                     self._settled_locked(message, "done", session)
                     if on_event:
                         on_event("done", message, session)
