@@ -226,6 +226,7 @@ META_SIZE = META.size  # 64
 META_CHECKSUMMED_SIZE = META_SIZE - 8  # 56
 BRANCH_ELEMENT = struct.Struct("<IIQ")
 LEAF_ELEMENT = struct.Struct("<IIII")
+LEAF_PAGE_START = struct.Struct("<QHHIIIII")  # a page header and a leaf's first element
 ELEMENT_SIZE = 16
 assert BRANCH_ELEMENT.size == LEAF_ELEMENT.size == ELEMENT_SIZE
 BUCKET_HEADER = struct.Struct("<QQ")
@@ -577,6 +578,44 @@ def _leaf_columns(buf, offset, end, count, where):
         _assert(False, "%s: element %d has unknown flags %#x", _page_name(where), i,
                 leaf_flags[i])
     return leaf_flags, starts, mids, stops
+
+
+class _UniformLeaf:
+    """What a leaf of `count` elements with flags 0, keys of `key_size`
+    bytes and values of `value_size` bytes looks like as bbolt (and this
+    module) writes it: its element array, byte for byte (each pos points
+    just past the data before it), and a Struct that splits its data into
+    (key, value) pairs. A leaf whose element array equals `elements` is
+    read by one `pairs.iter_unpack` over its data: the pairs are made in C,
+    with no Python step per pair, and the one comparison checks every
+    element's bounds and flags (100,000 keys of 12 bytes and values of 100
+    from a fresh open: 90 ms by slicing the map pair by pair, 23 ms so).
+    """
+
+    # Shapes kept: a bucket of fixed-size keys and values has a few dozen;
+    # at most 1,024 of at most 512 elements (8 KB each) are kept, so that
+    # odd files cannot fill the memory with them.
+    CACHED, CACHED_COUNT = 1024, 512
+    shapes = {}  # (count, key_size, value_size): _UniformLeaf
+
+    def __init__(self, count, key_size, value_size):
+        pair = key_size + value_size
+        self.elements = b"".join(
+            LEAF_ELEMENT.pack(0, ELEMENT_SIZE * (count - i) + pair * i, key_size, value_size)
+            for i in range(count))
+        self.pairs = struct.Struct("<%ds%ds" % (key_size, value_size))
+
+    @classmethod
+    def of(cls, count, key_size, value_size):
+        shapes = cls.shapes
+        shape = shapes.get((count, key_size, value_size))
+        if shape is None:
+            shape = cls(count, key_size, value_size)
+            if count <= cls.CACHED_COUNT:
+                if len(shapes) >= cls.CACHED:
+                    shapes.clear()
+                shapes[count, key_size, value_size] = shape
+        return shape
 
 
 def _page_name(where):
@@ -1781,16 +1820,18 @@ class DB:
 
     def _leaf_pairs(self, root, high_water, check_open):
         """For each leaf under page `root`, in key order, an iterator of its
-        (key, value) pairs, read in place from the map: no node is built, no
-        page copied, and the pairs are sliced out by C loops (map, zip) over
-        the columns of the leaf's elements. (100,000 keys from a fresh open:
-        170 ms through nodes, 124 ms here, of which 110 ms are the floor of
-        any reader of bytes: two slices and a loop turn per pair.) The bounds read are checked as
-        _parse_node checks them; `check_open()` is called before each page
-        (the transaction must still be open)."""
+        (key, value) pairs, read in place from the map: no node is built and
+        no Python code runs per pair. A leaf of keys of one size and values
+        of one size is split by one Struct (_UniformLeaf); any other leaf by
+        C loops (map, zip) over the columns of its elements. (100,000 keys
+        from a fresh open: 170 ms through nodes, 90 ms by columns, 23 ms with
+        uniform leaves.) The bounds read are checked as _parse_node checks
+        them; `check_open()` is called before each page (the transaction
+        must still be open)."""
         page_size = self.page_size
         mapped = self._mapped(high_water * page_size)
         get = mapped.__getitem__
+        uniform_shape = _UniformLeaf.shapes.get
         pending = [(root, 0)]  # pages to read, the next one last; and their depth
         while pending:
             check_open()
@@ -1798,7 +1839,9 @@ class DB:
             offset = pgid * page_size
             if not 2 <= pgid < high_water:
                 _assert(False, "page %d: out of bounds 2..%d", pgid, high_water)
-            header_pgid, flags, count, overflow = PAGE_HEADER.unpack_from(mapped, offset)
+            # (The header, and the first element of a leaf, in one unpack.)
+            header_pgid, flags, count, overflow, _, _, key_size, value_size = \
+                LEAF_PAGE_START.unpack_from(mapped, offset)
             if header_pgid != pgid or pgid + overflow >= high_water:
                 _assert(header_pgid == pgid, "page %d: header says page %d (damaged or not a "
                         "tree page)", pgid, header_pgid)
@@ -1806,6 +1849,17 @@ class DB:
                         pgid, overflow, high_water)
             end = offset + (1 + overflow) * page_size
             if flags == LEAF_PAGE:
+                # The usual leaf, of keys of one size and values of one size,
+                # and no nested bucket: in C (_UniformLeaf).
+                elements = offset + PAGE_HEADER_SIZE
+                data = elements + ELEMENT_SIZE * count
+                stop = data + (key_size + value_size) * count
+                if count and key_size and stop <= end:
+                    shape = (uniform_shape((count, key_size, value_size))
+                             or _UniformLeaf.of(count, key_size, value_size))
+                    if mapped[elements:data] == shape.elements:
+                        yield shape.pairs.iter_unpack(mapped[data:stop])
+                        continue
                 leaf_flags, starts, mids, stops = _leaf_columns(mapped, offset, end, count, pgid)
                 keys = map(get, map(slice, starts, mids))
                 values = map(get, map(slice, mids, stops))

@@ -1173,3 +1173,61 @@ def test_close_lets_another_process_lock_the_file_though_an_iterator_holds_the_m
     assert result.returncode == 0, result.stderr
     with pytest.raises(bbolt_lite.TxClosedError):  # (the rest of its leaf, then no more)
         list(pairs)
+
+
+def uniform_bucket(db_path, count=2000):
+    """A bucket of keys of one size and values of one size: the leaves that
+    the read-all takes in one piece (bbolt_lite._UniformLeaf)."""
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(count):
+                b.put(key(i * 7 % count), b"%07d" % i)
+        with db.view() as tx:
+            leaves, pending = [], [tx.bucket(b"b")._root]
+            while pending:
+                page = tx._page(pending.pop(0))
+                if page.is_leaf:
+                    leaves.append(page.pgid)
+                else:
+                    pending += page.pgids
+        return leaves, db.page_size
+
+
+def test_a_read_all_of_uniform_leaves_yields_what_the_nodes_hold_without_a_step_per_pair(
+        db_path, monkeypatch):
+    leaves, _ = uniform_bucket(db_path)
+    assert len(leaves) > 10
+    with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
+        from_nodes = list(tx.bucket(b"b")._node_items())
+
+        def per_element(*args):
+            raise AssertionError("a uniform leaf was read element by element")
+
+        monkeypatch.setattr(bbolt_lite, "_leaf_columns", per_element)
+        from_map = list(tx.bucket(b"b").items())
+    assert from_map == from_nodes and len(from_map) == 2000
+    assert from_map[0] == (key(0), b"0000000")
+    assert all(type(k) is bytes and type(v) is bytes for k, v in from_map)
+
+
+def test_a_uniform_leaf_with_one_element_damaged_is_read_element_by_element(db_path):
+    leaves, page_size = uniform_bucket(db_path)
+    leaf = leaves[len(leaves) // 2]
+    with open(db_path, "r+b") as f:  # element 3's value size; element 0 still looks uniform
+        f.seek(leaf * page_size + 16 + 3 * 16 + 12)
+        f.write(struct.pack("<I", page_size))
+    with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
+        with pytest.raises(bbolt_lite.CorruptionError,
+                           match="page %d: element 3 runs past the page end" % leaf):
+            list(tx.bucket(b"b").items())
+
+
+def test_a_uniform_bucket_with_a_nested_bucket_gives_it_no_value(db_path):
+    uniform_bucket(db_path)
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            tx.bucket(b"b").create_bucket(key(5) + b"/").put(b"k", b"v")
+    with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
+        pairs = dict(tx.bucket(b"b").items())
+    assert len(pairs) == 2001 and pairs[key(5) + b"/"] is None and pairs[key(5)] == b"%07d" % 1715  # (1715 * 7 % 2000 == 5)
