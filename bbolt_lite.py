@@ -69,6 +69,7 @@ import bisect
 import collections
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import mmap
@@ -261,10 +262,28 @@ def _page_header(buf, offset=0):
     return _PageHeader._make(PAGE_HEADER.unpack_from(buf, offset))
 
 
-def _fnv1a64(data):
-    h = _FNV64_OFFSET
+def _fnv1a64(data, h=_FNV64_OFFSET):
+    """FNV-1a, 64 bits, of `data` (bbolt's meta checksum), continued from
+    the hash `h` of what came before it."""
     for byte in data:
         h = ((h ^ byte) * _FNV64_PRIME) & _U64
+    return h
+
+
+# A zero byte only multiplies the hash by the prime: n of them at once, by its nth power.
+_FNV64_PRIME_POWERS = [pow(_FNV64_PRIME, n, 1 << 64) for n in range(9)]
+
+
+def _fnv1a64_u64s(h, values):
+    """_fnv1a64 continued from `h` over `values` as little-endian uint64s,
+    with one step for the zero bytes above each value's highest. (A meta's
+    ids are small: 1.8 µs where byte by byte took 6, a twentieth of a
+    one-put commit.)"""
+    for value in values:
+        size = (value.bit_length() + 7) >> 3
+        for byte in value.to_bytes(size, "little"):
+            h = ((h ^ byte) * _FNV64_PRIME) & _U64
+        h = (h * _FNV64_PRIME_POWERS[8 - size]) & _U64
     return h
 
 
@@ -274,6 +293,12 @@ def _page_type_name(flags):
         if flags & flag:
             return name
     return "unknown<%02x>" % flags
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_prefix_hash(page_size, flags):
+    """The checksum's hash of a meta's first four fields, the same in every commit."""
+    return _fnv1a64(META.pack(MAGIC, VERSION, page_size, flags, 0, 0, 0, 0, 0, 0)[:16])
 
 
 class _Meta:
@@ -297,14 +322,11 @@ class _Meta:
 
     def to_page(self):
         """The whole meta page: it is page txid % 2, as in bbolt."""
-        body = META.pack(MAGIC, VERSION, self.page_size, self.flags,
-                         self.root, self.sequence, self.freelist, self.pgid,
-                         self.txid, 0)
-        checksum = _fnv1a64(body[:META_CHECKSUMMED_SIZE])
-        body = body[:META_CHECKSUMMED_SIZE] + PGID.pack(checksum)
-        header = PAGE_HEADER.pack(self.txid % 2, META_PAGE, 0, 0)
-        page = header + body
-        return page + bytes(self.page_size - len(page))
+        ids = (self.root, self.sequence, self.freelist, self.pgid, self.txid)
+        checksum = _fnv1a64_u64s(_meta_prefix_hash(self.page_size, self.flags), ids)
+        return b"".join((PAGE_HEADER.pack(self.txid % 2, META_PAGE, 0, 0),
+                         META.pack(MAGIC, VERSION, self.page_size, self.flags, *ids, checksum),
+                         bytes(self.page_size - PAGE_HEADER_SIZE - META_SIZE)))
 
     @classmethod
     def from_bytes(cls, buf, page_id):
@@ -394,29 +416,35 @@ class _Node:
         return i if i > 0 else 0
 
     def to_bytes(self, pgid, overflow, pad_to=0):
-        """Serialize as a page; pad with zeros up to `pad_to` bytes."""
+        """Serialize as a page; pad with zeros up to `pad_to` bytes.
+
+        (Each column in one C loop: a Python loop for the element offsets
+        was a twentieth of a one-put commit. A leaf of keys of one size and
+        values of one size, the usual one, takes its element array ready
+        made from _UniformLeaf: 11 µs for 25 elements, 5 µs so.)
+        """
         count = len(self.keys)
         key_sizes = list(map(len, self.keys))
         if self.is_leaf:
             value_sizes = list(map(len, self.values))
-            data_sizes = list(map(operator.add, key_sizes, value_sizes))
+            data = b"".join(itertools.chain.from_iterable(zip(self.keys, self.values)))
+            if (count and key_sizes.count(key_sizes[0]) == count
+                    and value_sizes.count(value_sizes[0]) == count and not any(self.flags)):
+                elements = _UniformLeaf.of(count, key_sizes[0], value_sizes[0]).elements
+            else:
+                elements = b"".join(map(LEAF_ELEMENT.pack, self.flags,
+                                        _element_offsets(map(operator.add, key_sizes, value_sizes),
+                                                         count),
+                                        key_sizes, value_sizes))
             flag = LEAF_PAGE
         else:
-            data_sizes = key_sizes
-            flag = BRANCH_PAGE
-        # pos of element i: from the element to its data, past the elements after it
-        before = itertools.accumulate(itertools.chain((0,), data_sizes))
-        pos = [ELEMENT_SIZE * (count - i) + b for i, b in zip(range(count), before)]
-        if self.is_leaf:
-            elements = b"".join(map(LEAF_ELEMENT.pack, self.flags, pos, key_sizes, value_sizes))
-            data = b"".join(itertools.chain.from_iterable(zip(self.keys, self.values)))
-        else:
-            elements = b"".join(map(BRANCH_ELEMENT.pack, pos, key_sizes, self.pgids))
             data = b"".join(self.keys)
-        page = PAGE_HEADER.pack(pgid, flag, count, overflow) + elements + data
-        if len(page) < pad_to:
-            page += bytes(pad_to - len(page))
-        return page
+            elements = b"".join(map(BRANCH_ELEMENT.pack, _element_offsets(key_sizes, count),
+                                    key_sizes, self.pgids))
+            flag = BRANCH_PAGE
+        pad = pad_to - PAGE_HEADER_SIZE - len(elements) - len(data)
+        return b"".join((PAGE_HEADER.pack(pgid, flag, count, overflow), elements, data,
+                         bytes(pad) if pad > 0 else b""))
 
     def frozen(self, pgid, overflow):
         """This node as written to page `pgid`: read-only, for the page cache."""
@@ -441,16 +469,18 @@ class _Node:
         if self.is_leaf:
             return
         _assert(depth < MAX_TREE_DEPTH, "tree deeper than %d (a cycle?)", MAX_TREE_DEPTH)
-        for child in self.children:
-            if child is not None:
-                child.rebalance(tx, depth + 1)
+        children = self.children
+        for child in filter(None, children):
+            child.rebalance(tx, depth + 1)
         threshold = tx._db.page_size // 4
-        i = 0
-        while i < len(self.keys):
-            child = self.children[i]
-            if child is None or (len(child.keys) >= child.min_keys()
-                                 and child.size() >= threshold):
-                i += 1
+        # Only the children in memory can have shrunk: their indexes, found
+        # in C, highest first, so that a merge moves none still to be seen.
+        # (A loop over every child was a tenth of a one-put commit.)
+        pending = list(itertools.compress(range(len(children)), children))
+        while pending:
+            i = pending.pop()
+            child = children[i]
+            if len(child.keys) >= child.min_keys() and child.size() >= threshold:
                 continue
             if not child.keys:
                 self._remove_child(tx, i)
@@ -461,7 +491,8 @@ class _Node:
             self.child_at(tx, left)
             self.child_at(tx, left + 1)
             self._merge_children(tx, left)
-            i = left
+            if not pending or pending[-1] != left:
+                pending.append(left)  # (the merged child, seen again)
 
     def _remove_child(self, tx, i):
         child = self.children[i]
@@ -489,35 +520,37 @@ class _Node:
         parent must hold in its place.
         """
         if not self.is_leaf:
-            keys, pgids = [], []
-            for i, child in enumerate(self.children):
-                if child is None:
-                    keys.append(self.keys[i])
-                    pgids.append(self.pgids[i])
-                else:
-                    for key, pgid in child.spill(tx, fill_percent):
-                        keys.append(key)
-                        pgids.append(pgid)
-            self.keys, self.pgids, self.children = keys, pgids, [None] * len(keys)
+            # Only the children in memory are written, in key order, and
+            # each one's entries put in its place, highest first. (Their
+            # indexes found in C: a loop over every child was a fifth of a
+            # one-put commit.)
+            children, keys, pgids = self.children, self.keys, self.pgids
+            spilled = [(i, children[i].spill(tx, fill_percent))
+                       for i in itertools.compress(range(len(children)), children)]
+            for i, entries in reversed(spilled):
+                keys[i:i + 1] = [key for key, _ in entries]
+                pgids[i:i + 1] = [pgid for _, pgid in entries]
+            self.children = [None] * len(keys)
         if self.pgid:
             tx._free(self.pgid, self.overflow)
             self.pgid = 0
         page_size = tx._db.page_size
         entries = []
-        for piece in self.split(page_size, fill_percent):
-            pages = (piece.size() + page_size - 1) // page_size
+        for piece, size in self.split(page_size, fill_percent, self.size()):
+            pages = (size + page_size - 1) // page_size
             pgid = tx._allocate(pages)
             tx._write(pgid, piece.to_bytes(pgid, pages - 1, pages * page_size),
                       piece.frozen(pgid, pages - 1) if pages == 1 else None)
             entries.append((piece.keys[0] if piece.keys else b"", pgid))
         return entries
 
-    def split(self, page_size, fill_percent):
-        """Cut a node bigger than a page into pieces filled to `fill_percent`,
-        each of MIN_KEYS_PER_PAGE keys at least."""
+    def split(self, page_size, fill_percent, size):
+        """Cut a node of `size` bytes, if bigger than a page, into pieces
+        filled to `fill_percent`, each of MIN_KEYS_PER_PAGE keys at least:
+        (piece, its size) for each."""
         count = len(self.keys)
-        if count <= 2 * MIN_KEYS_PER_PAGE or self.size() <= page_size:
-            return [self]  # (most nodes: sum(map(len)) in C, not sizes key by key)
+        if count <= 2 * MIN_KEYS_PER_PAGE or size <= page_size:
+            return [(self, size)]  # (most nodes: no size key by key)
         fill = min(max(fill_percent, MIN_FILL_PERCENT), MAX_FILL_PERCENT)
         threshold = int(page_size * fill)
         pieces = []
@@ -534,10 +567,10 @@ class _Node:
                     break
                 size += sizes[end]
                 end += 1
-            pieces.append(self._slice(start, end))
+            pieces.append((self._slice(start, end), size))
             remaining -= size - PAGE_HEADER_SIZE
             start = end
-        pieces.append(self._slice(start, count) if start else self)
+        pieces.append((self._slice(start, count) if start else self, remaining))
         return pieces
 
     def _slice(self, start, end):
@@ -599,10 +632,11 @@ class _UniformLeaf:
     shapes = {}  # (count, key_size, value_size): _UniformLeaf
 
     def __init__(self, count, key_size, value_size):
-        pair = key_size + value_size
-        self.elements = b"".join(
-            LEAF_ELEMENT.pack(0, ELEMENT_SIZE * (count - i) + pair * i, key_size, value_size)
-            for i in range(count))
+        repeat = itertools.repeat
+        self.elements = b"".join(map(
+            LEAF_ELEMENT.pack, repeat(0, count),
+            _element_offsets(repeat(key_size + value_size, count), count),
+            repeat(key_size, count), repeat(value_size, count)))
         self.pairs = struct.Struct("<%ds%ds" % (key_size, value_size))
 
     @classmethod
@@ -616,6 +650,13 @@ class _UniformLeaf:
                     shapes.clear()
                 shapes[count, key_size, value_size] = shape
         return shape
+
+
+def _element_offsets(data_sizes, count):
+    """Each element's pos, from the element to its data: past the elements
+    after it and the data before its own."""
+    return map(operator.add, range(ELEMENT_SIZE * count, 0, -ELEMENT_SIZE),
+               itertools.accumulate(itertools.chain((0,), data_sizes)))
 
 
 def _page_name(where):
@@ -795,6 +836,7 @@ class Bucket:
         self._inline_page = inline_page   # the parsed page of an inline bucket
         self._root_node = None            # the root, once changed in memory
         self._sequence_changed = False
+        self._shrunk = False              # a key deleted or a value shortened in this tx
         self._buckets = {}                # name -> nested Bucket opened in this tx
         #: How full split pages are made (bbolt's FillPercent): raise it for
         #: keys that only ever grow, such as time-ordered ids.
@@ -980,6 +1022,8 @@ class Bucket:
         leaf = self._writable_leaf(key)
         i = bisect.bisect_left(leaf.keys, key)
         if i < len(leaf.keys) and leaf.keys[i] == key:
+            if len(value) < len(leaf.values[i]):
+                self._shrunk = True
             leaf.values[i] = value
             leaf.flags[i] = flags
         else:
@@ -992,6 +1036,7 @@ class Bucket:
         i = bisect.bisect_left(leaf.keys, key)
         if i < len(leaf.keys) and leaf.keys[i] == key:
             del leaf.keys[i], leaf.values[i], leaf.flags[i]
+            self._shrunk = True
 
     def _lookup_flags(self, key):
         """The leaf flags of `key`, or None if it is missing."""
@@ -1139,9 +1184,12 @@ class Bucket:
             self._put_raw(name, value, BUCKET_LEAF_FLAG)
 
     def _rebalance(self):
-        """Merge nodes left small by deletes; shrink a root of one child."""
+        """Merge nodes left small by deletes; shrink a root of one child.
+        (Only when something shrank, as bbolt rebalances only nodes that
+        lost a key: a commit of puts alone no longer weighs each node it
+        changed, a twentieth of a one-put commit.)"""
         root = self._root_node
-        if root is None:
+        if root is None or not self._shrunk:
             return
         root.rebalance(self.tx)
         while not root.is_leaf and len(root.keys) <= 1:
@@ -1902,12 +1950,13 @@ class DB:
     def _write_pages(self, pages):
         cache = self._page_cache
         page_size = self.page_size
-        for pgid in sorted(pages):
-            page = pages[pgid]
-            with self._cache_lock:
-                for covered in range(pgid, pgid + len(page) // page_size):
+        order = sorted(pages)
+        with self._cache_lock:  # (what the cache holds of these pages is stale)
+            for pgid in order:
+                for covered in range(pgid, pgid + len(pages[pgid]) // page_size):
                     cache.pop(covered, None)
-            _pwrite_all(self._fd, page, pgid * page_size)
+        for pgid in order:
+            _pwrite_all(self._fd, pages[pgid], pgid * page_size)
 
     def _write_meta(self, meta):
         _pwrite_all(self._fd, meta.to_page(), (meta.txid % 2) * self.page_size)
@@ -1994,14 +2043,18 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 def _pwrite_all(fd, data, offset):
     """Write all of `data` at `offset`: a short write (a full disk) is
     continued, and one that writes nothing raises ENOSPC, never passes."""
+    written = os.pwrite(fd, data, offset)
+    if written == len(data):
+        return  # (the usual case: no memoryview made)
     view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written <= 0:
-            raise OSError(errno.ENOSPC, "no space left: %d bytes not written at offset %d"
-                          % (len(view), offset))
+    while written > 0:
         view = view[written:]
         offset += written
+        if not view:
+            return
+        written = os.pwrite(fd, view, offset)
+    raise OSError(errno.ENOSPC, "no space left: %d bytes not written at offset %d"
+                  % (len(view), offset))
 
 
 def _create_if_missing(path, page_size, mode):

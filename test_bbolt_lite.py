@@ -1,5 +1,6 @@
 """bbolt_lite: the format, transactions, the B+tree, and interop with Go's bbolt."""
 
+import errno
 import json
 import os
 import random
@@ -1231,3 +1232,62 @@ def test_a_uniform_bucket_with_a_nested_bucket_gives_it_no_value(db_path):
     with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
         pairs = dict(tx.bucket(b"b").items())
     assert len(pairs) == 2001 and pairs[key(5) + b"/"] is None and pairs[key(5)] == b"%07d" % 1715  # (1715 * 7 % 2000 == 5)
+
+
+# -- short writes -------------------------------------------------------------
+
+def test_short_writes_are_continued_and_a_write_of_nothing_is_a_full_disk(
+        db_path, monkeypatch):
+    real_pwrite = os.pwrite
+    calls = []
+
+    def short(fd, data, offset):  # at most 1,000 bytes at a time
+        calls.append(len(data))
+        return real_pwrite(fd, bytes(data[:1000]), offset)
+
+    with bbolt_lite.open(db_path) as db:
+        monkeypatch.setattr(bbolt_lite.os, "pwrite", short)
+        with db.update() as tx:
+            tx.create_bucket(b"b").put(b"k", b"v" * 3000)
+        size = db.page_size  # (each page continued where its last write stopped)
+        assert calls[:5] == [size, size - 1000, size - 2000, size - 3000, size - 4000]
+        monkeypatch.setattr(bbolt_lite.os, "pwrite", lambda fd, data, offset: 0)
+        with pytest.raises(OSError) as raised:
+            with db.update() as tx:
+                tx.bucket(b"b").put(b"k2", b"v")
+        assert raised.value.errno == errno.ENOSPC and "not written at offset" in str(raised.value)
+        monkeypatch.setattr(bbolt_lite.os, "pwrite", real_pwrite)
+    with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
+        assert dict(tx.bucket(b"b").items()) == {b"k": b"v" * 3000}
+        assert tx.check() == []
+
+
+def test_values_shortened_in_place_leave_their_leaves_merged(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(200):
+                b.put(key(i), b"v" * 500)
+        with db.update() as tx:
+            before = tx.bucket(b"b").stats()["leaf_page_n"]
+            for i in range(200):
+                tx.bucket(b"b").put(key(i), b"v")
+        with db.view() as tx:
+            after = tx.bucket(b"b").stats()["leaf_page_n"]
+        assert before >= 25 and after <= 8, (before, after)  # (200 keys of 29 bytes: 6 KB)
+        assert db.check() == []
+
+
+_u64 = st.one_of(st.integers(0, 300), st.integers(0, 2 ** 64 - 1), st.just(2 ** 64 - 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.tuples(_u64, _u64, _u64, _u64, _u64),
+       page_size=st.sampled_from([1024, 4096, 65536]), flags=st.integers(0, 2 ** 32 - 1))
+def test_a_meta_page_carries_the_fnv1a_checksum_of_its_bytes(ids, page_size, flags):
+    page = bbolt_lite._Meta(page_size, flags, *ids).to_page()
+    body = page[16:16 + 56]
+    assert len(page) == page_size
+    assert struct.unpack_from("<Q", page, 16 + 56)[0] == bbolt_lite._fnv1a64(body)
+    assert body == struct.pack("<IIIIQQQQQ", 0xED0CDAED, 2, page_size, flags, *ids)
+    assert bbolt_lite._fnv1a64(b"a") == 0xAF63DC4C8601EC8C  # (FNV-1a's published vector)
