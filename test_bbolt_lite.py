@@ -1291,3 +1291,35 @@ def test_a_meta_page_carries_the_fnv1a_checksum_of_its_bytes(ids, page_size, fla
     assert struct.unpack_from("<Q", page, 16 + 56)[0] == bbolt_lite._fnv1a64(body)
     assert body == struct.pack("<IIIIQQQQQ", 0xED0CDAED, 2, page_size, flags, *ids)
     assert bbolt_lite._fnv1a64(b"a") == 0xAF63DC4C8601EC8C  # (FNV-1a's published vector)
+
+
+def test_a_failed_commit_gives_back_the_free_pages_it_took(db_path, monkeypatch):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            b = tx.create_bucket(b"b")
+            for i in range(300):
+                b.put(key(i), b"v" * 100)
+        with db.update() as tx:  # (pages freed: the next commits take them)
+            for i in range(0, 300, 2):
+                tx.bucket(b"b").delete(key(i))
+        with db.update() as tx:
+            tx.bucket(b"b").put(b"x", b"1")
+        real_pwrite = os.pwrite
+        monkeypatch.setattr(bbolt_lite.os, "pwrite", lambda fd, data, offset: 0)
+        with pytest.raises(OSError):
+            with db.update() as tx:  # (as it begins: older pending pages are free now)
+                freelist = db._freelist
+                free_before = (list(freelist.ids), {txid: list(ids) for txid, ids in
+                                                    freelist.pending.items()}, set(freelist.cache))
+                assert free_before[0], "the failing commit must take pages from the freelist"
+                for i in range(1, 300, 2):
+                    tx.bucket(b"b").put(key(i), b"w" * 100)
+        monkeypatch.setattr(bbolt_lite.os, "pwrite", real_pwrite)
+        assert (db._freelist.ids, db._freelist.pending, db._freelist.cache) == free_before
+        for round in range(3):  # the pages are used again, and none twice
+            with db.update() as tx:
+                for i in range(1, 300, 2):
+                    tx.bucket(b"b").put(key(i), b"%d" % round * 100)
+        assert db.check() == []
+    with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
+        assert len(list(tx.bucket(b"b").items())) == 151
