@@ -53,7 +53,9 @@ last key), ``Cursor.delete()``, a closed transaction raises
 an empty value as Go's nil does, a sequence is a uint64 (``next_sequence()``
 wraps to 0; ``set_sequence()`` outside 0..2**64-1 raises ``SequenceError``),
 a commit with no change still advances the transaction id, an aborted
-transaction gives back the pages it freed, and ``Bucket.stats()`` counts as
+transaction gives back the pages it freed (and a failed commit the pages it
+took), pages left small are merged at commit only in a bucket that lost a
+key (or, here also, had a value shortened), and ``Bucket.stats()`` counts as
 Go's ``Stats()`` (its fields, in snake_case). Differences kept on purpose:
 values and keys are ``bytes`` copies out of the file's memory map, not
 slices of it (so they stay valid after the transaction); the page size of
