@@ -496,7 +496,7 @@ class _Node:
         threshold = tx._db.page_size // 4
         # Only the children in memory can have shrunk: their indexes, found
         # in C, highest first, so that a merge moves none still to be seen.
-        # (A loop over every child was a tenth of a one-put commit.)
+        # (Not a Python step for every child of the branch.)
         pending = list(itertools.compress(range(len(children)), children))
         while pending:
             i = pending.pop()
