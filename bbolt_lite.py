@@ -266,9 +266,9 @@ def _page_header(buf, offset=0):
     return _PageHeader._make(PAGE_HEADER.unpack_from(buf, offset))
 
 
-def _fnv1a64(data, h=_FNV64_OFFSET):
-    """FNV-1a, 64 bits, of `data` (bbolt's meta checksum), continued from
-    the hash `h` of what came before it."""
+def _fnv1a64(data):
+    """FNV-1a, 64 bits, of `data` (bbolt's meta checksum)."""
+    h = _FNV64_OFFSET
     for byte in data:
         h = ((h ^ byte) * _FNV64_PRIME) & _U64
     return h
@@ -1933,7 +1933,6 @@ class DB:
         page_size = self.page_size
         mapped = self._mapped(high_water * page_size)
         get = mapped.__getitem__
-        uniform_shape = _UniformLeaf.shapes.get
         pending = [(root, 0)]  # pages to read, the next one last; and their depth
         while pending:
             check_open()
@@ -1957,8 +1956,7 @@ class DB:
                 data = elements + ELEMENT_SIZE * count
                 stop = data + (key_size + value_size) * count
                 if count and key_size and stop <= end:
-                    shape = (uniform_shape((count, key_size, value_size))
-                             or _UniformLeaf.of(count, key_size, value_size))
+                    shape = _UniformLeaf.of(count, key_size, value_size)
                     if mapped[elements:data] == shape.elements:
                         yield shape.pairs.iter_unpack(mapped[data:stop])
                         continue
@@ -2008,8 +2006,9 @@ class DB:
         with self._cache_lock:  # (what the cache holds of these pages is stale)
             for pgid in order:
                 cache.pop(pgid, None)
-                if len(pages[pgid]) > page_size:  # (and of the pages it runs over)
-                    for covered in range(pgid + 1, pgid + len(pages[pgid]) // page_size):
+                span = len(pages[pgid]) // page_size
+                if span > 1:  # (and of the pages it runs over)
+                    for covered in range(pgid + 1, pgid + span):
                         cache.pop(covered, None)
         for pgid in order:
             _pwrite_all(self._fd, pages[pgid], pgid * page_size)
