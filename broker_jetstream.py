@@ -133,12 +133,13 @@ class JetStreamDispatcher(broker.Dispatcher):
         for message in messages:
             self._queue.send("nak", message)
 
-    def _reserve_locked(self, batch, message):
-        super()._reserve_locked(batch, message)
-        self._charged[message.id] = message.attempts
-        self._charged.move_to_end(message.id)
-        if len(self._charged) > CHARGED_KEPT:
-            self._charged.popitem(last=False)
+    def _reserve_locked(self, batch, messages):
+        super()._reserve_locked(batch, messages)
+        for message in messages:
+            self._charged[message.id] = message.attempts
+            self._charged.move_to_end(message.id)
+            if len(self._charged) > CHARGED_KEPT:
+                self._charged.popitem(last=False)
 
     def _give_back_locked(self, batch):
         messages = list(batch.messages.values())
@@ -148,14 +149,15 @@ class JetStreamDispatcher(broker.Dispatcher):
             self._charged[message.id] = message.attempts
         self._fetched.extendleft(reversed(messages))
 
-    def _settled_locked(self, message, outcome, session, failed_at=None):
-        self._charged.pop(message.id, None)
-        self._outcomes += 1
-        self._outcome_results[self._outcomes] = None
-        self._batch_outcomes.setdefault(message.batch, []).append(self._outcomes)
-        record = broker.dead_letter_record(message, failed_at) if outcome == "dead" else None
-        self._queue.send("ack" if outcome == "done" else "dead", message, record,
-                         (self._outcomes, session))
+    def _settled_locked(self, messages, outcome, session, failed_at=None):
+        for message in messages:
+            self._charged.pop(message.id, None)
+            self._outcomes += 1
+            self._outcome_results[self._outcomes] = None
+            self._batch_outcomes.setdefault(message.batch, []).append(self._outcomes)
+            record = broker.dead_letter_record(message, failed_at) if outcome == "dead" else None
+            self._queue.send("ack" if outcome == "done" else "dead", message, record,
+                             (self._outcomes, session))
 
     def report(self, token, batch_number, ids, last=False):
         result, _seq, next_batch = super().report(token, batch_number, ids, last)
@@ -505,6 +507,8 @@ class JetStreamQueue:
     def _message(self, msg):
         try:
             body = json.loads(msg.data)
+            if not broker._is_int(body["period"], broker.MIN_PERIOD_MS, broker.MAX_PERIOD_MS):
+                raise ValueError("period out of range")  # (batch_events relies on it)
             message = JetStreamMessage(body["id"], body["period"])
         except (ValueError, KeyError, TypeError):
             log.error("a message that is not {id, period} in %s: %r (terminated)",

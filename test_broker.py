@@ -1,5 +1,6 @@
 """broker.py against PROTOCOL.md: a real broker process, spoken to over loopback."""
 
+import collections
 import http.client
 import json
 import os
@@ -602,7 +603,7 @@ def test_vendored_xids_are_unique_and_ordered_across_threads():
     assert counters[-1] - counters[0] == 7999 or counters[0] < 8000  # consecutive, or wrapped
 
 
-@pytest.mark.parametrize("start", [0x00FFF8, 0xFFFFF8, 0x123456])
+@pytest.mark.parametrize("start", [0x00FFF8, 0xFFFFF8, 0x123456, 0x12343A, 0x1234C0])
 def test_a_batch_of_ids_at_once_counts_on_across_the_high_byte_and_the_wrap(start):
     generator = broker.XidGenerator()
     generator._counter = start - 1
@@ -612,6 +613,48 @@ def test_a_batch_of_ids_at_once_counts_on_across_the_high_byte_and_the_wrap(star
         [(start + n) & 0xFFFFFF for n in range(14)]
     assert len({r[:9] for r in raw}) <= 2  # the same machine and pid (the second may tick)
     assert [broker.xid_encode(r) for r in raw] == ids  # canonical text
+
+
+def test_ids_carry_the_second_they_were_made_in_as_the_clock_moves(monkeypatch):
+    generator = broker.XidGenerator()
+    clock = [1_800_000_000.9]
+    monkeypatch.setattr(broker.time, "time", lambda: clock[0])
+    seconds = []
+    for step in (0.0, 0.05, 0.2, 3.0, -7.5, 0.0):  # (the clock may be set back)
+        clock[0] += step
+        text = generator.take(3)[2]
+        seconds.append(int.from_bytes(broker.xid_decode(text)[:4], "big"))
+    assert seconds == [int(c) for c in (1_800_000_000.9, 1_800_000_000.95, 1_800_000_001.15,
+                                        1_800_000_004.15, 1_799_999_996.65, 1_799_999_996.65)]
+
+
+def test_periods_drawn_a_batch_at_a_time_are_those_drawn_one_at_a_time():
+    import random
+    one, batches = random.Random(11), random.Random(11)
+    singly = [broker.draw_period(one) for _ in range(20000)]
+    together = []
+    sizes = random.Random(3)
+    while len(together) < len(singly):
+        together += broker.draw_periods(batches, sizes.randint(0, 12))
+    assert together[:len(singly)] == singly
+    assert min(singly) == broker.MIN_PERIOD_MS and max(singly) == broker.MAX_PERIOD_MS
+    # Uniform: each tenth of the range holds a tenth of the draws, give or take.
+    tenths = collections.Counter((p - 1) * 10 // 1000 for p in singly)
+    assert sorted(tenths) == list(range(10))
+    assert all(abs(n - 2000) < 300 for n in tenths.values()), tenths
+
+
+def test_batch_events_are_the_compact_json_of_each_message_whatever_its_attempts():
+    batch = broker.Batch(7, None, False)
+    messages = [broker.Message("9m4e2mr0ui3e8a215n4g", 1), broker.Message("9m4e2mr0ui3e8a215n50", 1000),
+                broker.Message("9m4e2mr0ui3e8a215n5g", 917)]
+    for message, attempts in zip(messages, (1, 1000, 123456)):
+        message.attempts = attempts
+    batch.messages = {m.id: m for m in messages}
+    text = broker.batch_events(batch).decode("ascii")
+    assert text == "".join(broker.sse_event("msg", {
+        "id": m.id, "period": m.period, "attempt": m.attempts, "batch": 7, "size": 3}).decode()
+        for m in messages)
 
 
 def test_ids_parse_with_go_xid_from_string(processes, db, boltcheck):

@@ -180,3 +180,25 @@ def test_an_unreachable_cluster_is_a_start_error_naming_it(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert url in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_fetched_message_without_an_id_and_a_period_in_range_is_refused():
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+    import types
+    import broker_jetstream
+    queue = object.__new__(broker_jetstream.JetStreamQueue)  # (_message reads its stream only)
+    queue.stream = "test"
+
+    def fetched(body):
+        metadata = types.SimpleNamespace(num_delivered=2, sequence=types.SimpleNamespace(stream=9))
+        return types.SimpleNamespace(data=json.dumps(body).encode(), metadata=metadata)
+
+    message = queue._message(fetched({"id": "9m4e2mr0ui3e8a215n4g", "period": 1000}))
+    assert (message.id, message.period, message.attempts) == ("9m4e2mr0ui3e8a215n4g", 1000, 1)
+    for body in ({"id": "9m4e2mr0ui3e8a215n4g", "period": 1001},
+                 {"id": "9m4e2mr0ui3e8a215n4g", "period": 0},
+                 {"id": "9m4e2mr0ui3e8a215n4g", "period": 5.0},
+                 {"id": "9m4e2mr0ui3e8a215n4g"}, [1, 2]):
+        assert queue._message(fetched(body)) is None, body
