@@ -96,6 +96,36 @@ def test_commit_writes_meta_page_of_txid_mod_2(db_path):
             assert meta[8] == expected_txid
 
 
+def test_every_page_written_is_zero_after_its_content(db_path):
+    with bbolt_lite.open(db_path) as db:
+        with db.update() as tx:
+            bucket = tx.create_bucket(b"b")
+            bucket.put(b"big", b"x" * (3 * db.page_size))  # a leaf over several pages
+            for i in range(300):
+                bucket.put(b"key-%04d" % i, os.urandom(40 + i % 60))
+        with db.update() as tx:
+            for i in range(0, 300, 3):
+                tx.bucket(b"b").delete(b"key-%04d" % i)  # freed pages: a freelist of ids
+        page_size, meta = db.page_size, db._meta
+    raw = open(db_path, "rb").read()
+    used = {0: 16 + bbolt_lite.META_SIZE, 1: 16 + bbolt_lite.META_SIZE}
+    with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
+        freelist = db._read_span(meta.freelist, meta.pgid)
+        used[meta.freelist] = len(bbolt_lite._Freelist(bbolt_lite._parse_freelist(
+            freelist, meta.freelist, meta.pgid)).to_bytes(meta.freelist, 0, 0))
+        pending = [meta.root, tx.bucket(b"b")._root]  # (the root bucket's pages, then b's)
+        while pending:
+            node = db._read_node(pending.pop(), meta.pgid)
+            used[node.pgid] = node.size()
+            if not node.is_leaf:
+                pending.extend(node.pgids)
+    assert len(used) > 5
+    for pgid, size in used.items():
+        overflow = bbolt_lite.PAGE_HEADER.unpack_from(raw, pgid * page_size)[3]
+        end = (pgid + overflow + 1) * page_size
+        assert raw[pgid * page_size + size:end] == bytes(end - pgid * page_size - size), pgid
+
+
 def test_freelist_of_0xffff_ids_or_more_keeps_its_count_in_the_first_id():
     ids = list(range(2, 70002))
     freelist = bbolt_lite._Freelist(ids)
