@@ -553,8 +553,11 @@ class _Node:
             spilled = [(i, children[i].spill(tx, fill_percent))
                        for i in itertools.compress(range(len(children)), children)]
             for i, entries in reversed(spilled):
-                keys[i:i + 1] = [key for key, _ in entries]
-                pgids[i:i + 1] = [pgid for _, pgid in entries]
+                if len(entries) == 1:  # (not split, the usual case: no lists made)
+                    keys[i], pgids[i] = entries[0]
+                else:
+                    keys[i:i + 1] = [key for key, _ in entries]
+                    pgids[i:i + 1] = [pgid for _, pgid in entries]
             self.children = [None] * len(keys)
         if self.pgid:
             tx._free(self.pgid, self.overflow)
