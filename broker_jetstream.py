@@ -507,12 +507,18 @@ class JetStreamQueue:
     def _message(self, msg):
         try:
             body = json.loads(msg.data)
+            # (batch_events writes both as they are: a quote in an id would
+            # be invalid JSON on a worker's stream, and a non-ASCII one an
+            # error that leaves its batch unwritten.)
+            if not (isinstance(body["id"], str) and broker.XID_PATTERN.fullmatch(body["id"])):
+                raise ValueError("its id is not an xid")
             if not broker._is_int(body["period"], broker.MIN_PERIOD_MS, broker.MAX_PERIOD_MS):
-                raise ValueError("period out of range")  # (batch_events relies on it)
+                raise ValueError("its period is out of range")
             message = JetStreamMessage(body["id"], body["period"])
-        except (ValueError, KeyError, TypeError):
-            log.error("a message that is not {id, period} in %s: %r (terminated)",
-                      self.stream, msg.data[:200])
+        except (ValueError, KeyError, TypeError) as error:
+            log.error("a message in %s that no broker made (%s), terminated: %r",
+                      self.stream, error if isinstance(error, ValueError) else
+                      "it is not {id, period}", msg.data[:200])
             return None
         message.msg = msg
         message.attempts = msg.metadata.num_delivered - 1  # (a batch adds this one)

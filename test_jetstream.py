@@ -200,5 +200,47 @@ def test_a_fetched_message_without_an_id_and_a_period_in_range_is_refused():
     for body in ({"id": "9m4e2mr0ui3e8a215n4g", "period": 1001},
                  {"id": "9m4e2mr0ui3e8a215n4g", "period": 0},
                  {"id": "9m4e2mr0ui3e8a215n4g", "period": 5.0},
-                 {"id": "9m4e2mr0ui3e8a215n4g"}, [1, 2]):
+                 {"id": "9m4e2mr0ui3e8a215n4g"}, [1, 2], {"id": 'ab"c', "period": 5},
+                 {"id": "9m4e2mr0ui3e8a215n4\u00e9", "period": 5}, {"id": 7, "period": 5},
+                 {"period": 5}):
         assert queue._message(fetched(body)) is None, body
+
+
+def test_a_fetched_message_whose_id_is_not_an_xid_is_terminated_and_never_written(
+        processes, tmp_path, nats_server):
+    # A NATS client publishes to the stream what no broker made: an id with a
+    # quote (invalid JSON if written as it is) and one with a non-ASCII
+    # character, before one good message. Only the good one reaches a worker.
+    import asyncio
+    import nats
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+    stream = jetstream_flags(nats_server)[-1]
+    good = "9m4e2mr0ui3e8a215n4g"
+
+    async def publish():
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(
+                name=stream, subjects=[stream + ".tasks"], retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE, num_replicas=1, duplicate_window=120.0))
+            for body in ({"id": 'ab"c', "period": 5}, {"id": "caf\u00e9", "period": 5},
+                         {"id": good, "period": 5}):
+                await js.publish(stream + ".tasks", json.dumps(body).encode())
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+    b = processes.broker(tmp_path / "b.db", "--jetstream", nats_server.url, "--js-stream",
+                         stream, "--total", 3, "--heartbeat", 600)
+    client = b.stream(10)
+    client.hello()
+    batch = client.batch()  # (the strict client: valid UTF-8, and each event's JSON parses)
+    assert [m["id"] for m in batch] == [good]
+    assert b.report(client.token, batch[0]["batch"], [good])[0] == 200
+    assert b.wait(60) == 0, b.output()[-3000:]
+    output = b.output()
+    assert "all 3 messages settled: 1 done, 0 dead" in output
+    assert output.count("not an xid") == 2 and "terminated" in output
+
