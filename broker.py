@@ -379,7 +379,7 @@ def draw_period(rng):
 
 
 class Message:
-    __slots__ = ("id", "period", "attempts", "reason", "requeued", "batch")
+    __slots__ = ("id", "period", "attempts", "reason", "requeued", "batch", "handle")
 
     def __init__(self, message_id, period, requeued=False):
         self.id = message_id
@@ -388,6 +388,33 @@ class Message:
         self.reason = None     # why the last attempt failed
         self.requeued = requeued  # a dead letter brought back: it stays in `requeue` until settled
         self.batch = 0         # the number of its last batch (0: none in this run)
+        self.handle = None     # what a queue kept elsewhere settles it by (a JetStream message)
+
+
+class MessageMaker:
+    """The seed's new messages: an xid and a random period each (a seed
+    gives the same periods)."""
+
+    def __init__(self, seed=None, new_id=None):
+        self._rng = random.Random(seed)
+        # (The ids of a batch are made at once: see XidGenerator.take.)
+        self._new_ids = new_ids_function() if new_id is None else \
+            (lambda count: [new_id() for _ in range(count)])
+
+    def __call__(self, count):
+        """`count` new messages."""
+        return list(map(Message, self._new_ids(count), draw_periods(self._rng, count)))
+
+
+def checked_message(message_id, period):
+    """A message that comes from outside this process (a queue kept
+    elsewhere): ValueError unless its id is an xid and its period an integer
+    in 1..1000, as `batch_events` writes them without escaping."""
+    if not (type(message_id) is str and XID_PATTERN.fullmatch(message_id)):
+        raise ValueError("its id is not an xid")
+    if not _is_int(period, MIN_PERIOD_MS, MAX_PERIOD_MS):
+        raise ValueError("its period is not an integer in %d..%d" % (MIN_PERIOD_MS, MAX_PERIOD_MS))
+    return Message(message_id, period)
 
 
 class Batch:
@@ -477,6 +504,128 @@ def _rfc3339_now():
 
 
 # ---------------------------------------------------------------------------
+# Queues: where messages wait for a worker
+# ---------------------------------------------------------------------------
+#
+# The Dispatcher keeps the workers and the leases; the messages that wait for
+# a worker are a queue's. The Dispatcher calls its queue through these hooks
+# alone, always under its own lock, which it hands the queue in bind() and
+# which guards the queue's fields too. Override these methods to implement
+# other queue organizations:
+#
+#   bind(dispatcher, lock)  once, at the Dispatcher's start
+#   waiting()               how many messages wait here (for the figures)
+#   take(count)             (messages, half): up to `count` for one batch, and
+#                           whether they are a half (it goes alone); no messages
+#                           when none wait now
+#   put(messages, where)    messages back in line: FIRST (a batch never written,
+#                           its attempt uncharged, or dead letters requeued),
+#                           FIRST_HALF (such a batch that was a half), RETRY (failed
+#                           attempts), BISECT (a batch whose worker died)
+#   settled(messages, outcome, session, failed_at, tickets)
+#                           done, or dead; a queue that has it confirmed elsewhere
+#                           appends to `tickets` what the report's answer waits for
+#                           (None: no report waits)
+#   touched(messages)       a worker is still at them
+#   run_settled(settled)    whether a --total run is over, `settled` being this
+#                           broker's messages done or dead (and saved)
+#   generated               messages made or taken in so far (for the figures)
+#   traces_settled          True: the queue writes the trace's done and dead lines
+#                           itself, once they are confirmed
+# and outside the lock: wait_confirmed(tickets, timeout), and (not for the
+# Dispatcher: for the wiring) start() and stop().
+#
+# LocalQueue keeps the messages in this process, made by the seed's loop (or
+# taken in from producers by a subclass of it: `_new_messages`);
+# broker_jetstream.JetStreamQueue keeps them in a NATS JetStream stream that
+# several brokers share.
+
+FIRST, FIRST_HALF, RETRY, BISECT = "first", "first half", "retry", "bisect"
+
+
+class LocalQueue:
+    """The messages that wait, in this process: the retries (first in line),
+    the halves of batches whose worker died (each given alone, before the
+    retries), then new messages from the seed's loop (up to --total)."""
+
+    traces_settled = False
+
+    def __init__(self, total=None, new_messages=None):
+        self.total = total
+        self.generated = 0
+        self._make = new_messages or MessageMaker()
+        # (Guarded by the Dispatcher's lock: see bind.)
+        self._retry = collections.deque()    # Messages waiting for another attempt
+        self._halves = collections.deque()   # [Message]: halves of a batch whose worker died
+        self._waiting_in_halves = 0          # messages in all those halves
+
+    def bind(self, dispatcher, lock):
+        pass  # (nothing here runs outside the dispatcher's lock)
+
+    def waiting(self):
+        return len(self._retry) + self._waiting_in_halves
+
+    def take(self, count):
+        if self._halves:  # a half goes alone, and first
+            half = self._halves[0]
+            messages = half[:count]
+            if len(messages) == len(half):
+                self._halves.popleft()
+            else:
+                del half[:count]
+            self._waiting_in_halves -= len(messages)
+            return messages, True
+        retry = self._retry
+        messages = [retry.popleft() for _ in range(min(count, len(retry)))] if retry else []
+        new = count - len(messages)
+        if self.total is not None:
+            new = min(new, self.total - self.generated)
+        if new > 0:
+            made = self._new_messages(new)
+            self.generated += len(made)
+            messages += made
+        return messages, False
+
+    def _new_messages(self, count):
+        """Up to `count` new messages (fewer, or none, when no more are
+        there now)."""
+        return self._make(count)
+
+    def put(self, messages, where):
+        if where == RETRY:
+            self._retry.extend(messages)
+        elif where == FIRST:
+            self._retry.extendleft(reversed(messages))
+        elif where == FIRST_HALF:
+            self._halves.appendleft(messages)
+            self._waiting_in_halves += len(messages)
+        else:  # BISECT: two halves, each a batch of its own (PROTOCOL.md v1.1:
+            # one of them may have ended the worker; it takes fewer batch-mates
+            # down each time)
+            middle = (len(messages) + 1) // 2
+            for half in (messages[:middle], messages[middle:]):
+                if half:
+                    self._halves.append(half)
+                    self._waiting_in_halves += len(half)
+
+    def settled(self, messages, outcome, session, failed_at, tickets):
+        pass  # (nothing more to do here: the state writer saves them)
+
+    def touched(self, messages):
+        pass
+
+    def run_settled(self, settled):
+        return self.total is not None and self.generated == self.total and settled == self.total
+
+    def wait_confirmed(self, tickets, timeout):
+        return True  # (it appends no tickets)
+
+    def snapshot(self):
+        """(For the invariant tests) the halves and the retries, in line order."""
+        return [list(half) for half in self._halves], list(self._retry)
+
+
+# ---------------------------------------------------------------------------
 # The Dispatcher: who holds which message
 # ---------------------------------------------------------------------------
 
@@ -489,40 +638,36 @@ class ReportError(Exception):
 
 
 class Dispatcher:
-    """All dispatch state, behind one lock (see `_lock` in __init__).
+    """All dispatch state, behind one lock (see `_lock` in __init__): the
+    workers and the leases. The messages that wait are its queue's, called
+    through the hooks of "Queues" above (a LocalQueue of --total and
+    --seed's messages unless a `queue` is given).
 
     Batches are given out by `_assign_locked`, from whichever call freed a
     worker or a message (connect, report, disconnect, the loop's lease
     expiry): a worker that reports gets its next batch within that report,
-    with no hop through another thread.
-
-    Where messages come from and go is a seam: a queue kept elsewhere
-    (broker_jetstream.py) overrides `_can_give_locked` and
-    `_next_messages_locked` (the messages for a batch), `_retry_locked`
-    and `_bisect_locked` (a failed attempt), `_give_back_locked` (a batch
-    never written), `_settled_locked` and `_touched_locked` (done or dead; a
-    touch), and `wait_reported` (when a report may be answered). The HTTP
-    layer and the wiring use the public methods only.
+    with no hop through another thread. The HTTP layer and the wiring use
+    the public methods only.
     """
 
     def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, lease_timeout=DEFAULT_LEASE_TIMEOUT,
                  total=None, seed=None, new_id=None, clock=time.monotonic, on_event=None,
-                 durable=False, max_workers=None):
+                 durable=False, max_workers=None, queue=None):
         self.max_attempts = max_attempts
         self.durable = durable
         self.max_workers = max_workers
         self.lease_timeout = lease_timeout
         self.total = total
-        self._rng = random.Random(seed)
-        # (The ids of a batch are made at once: see XidGenerator.take.)
-        self._new_ids = new_ids_function() if new_id is None else \
-            (lambda count: [new_id() for _ in range(count)])
+        self.queue = queue if queue is not None else \
+            LocalQueue(total, MessageMaker(seed, new_id))
         self._clock = clock
         self._on_event = on_event  # on_event(kind, message, session), under the lock
+        # (The done and dead lines of a queue that confirms them elsewhere are its own.)
+        self._on_settled = None if self.queue.traces_settled else on_event
 
-        # `_lock` guards every field below it: the sessions and free workers,
-        # the retry queue and the halves, the leases, the changes not yet
-        # saved, the flags and the counters. Every method takes it; nothing
+        # `_lock` guards every field below it, and the queue's: the sessions
+        # and free workers, the leases, the changes not yet saved, the flags
+        # and the counters. Every method takes it; nothing
         # does I/O while holding it (log records and trace lines are queued
         # for threads of their own; the one system call is the shutdown()
         # that cuts an expired lease's stream, which does not block). Each
@@ -542,9 +687,6 @@ class Dispatcher:
         # (and one per stream, Session.batch_ready: a batch for its writer)
         self._sessions = {}                       # token -> Session
         self._free_workers = collections.deque()  # Sessions, in the order they became free
-        self._retry = collections.deque()         # Messages waiting for another attempt
-        self._halves = collections.deque()        # [Message]: halves of a batch whose worker died
-        self._waiting_in_halves = 0               # messages in all those halves
         self._leases = {}                         # message id -> Batch holding it
         self._batches = collections.OrderedDict()  # number -> Batch in flight, by deadline
         self._dead_letters = []                   # (Message, failed_at) not yet saved
@@ -560,7 +702,7 @@ class Dispatcher:
         self.draining = False  # give out nothing more; busy workers may still report
         self.started_at = self.loop_beat = clock()  # loop_beat: the dispatch loop's last turn
         self.stop_counts = None  # (leased, waiting for a retry) when stop() began
-        self.generated = self.dispatched = self.done = self.dead = self.dead_saved = 0
+        self.dispatched = self.done = self.dead = self.dead_saved = 0
         self.requeued = 0                         # dead letters brought back by `requeue`
         self.failed_by_reason = dict.fromkeys(FAILURE_REASONS, 0)  # failed attempts
         self.dead_by_reason = dict.fromkeys(FAILURE_REASONS, 0)    # dead letters, this run
@@ -568,6 +710,7 @@ class Dispatcher:
         self.round_trip_sum = 0.0
         self.recent_dead = collections.deque(maxlen=20)  # for the dashboard
         self._done_times = collections.deque()    # (second, done count) for done_per_s
+        self.queue.bind(self, self._lock)
 
     # -- workers come and go ---------------------------------------------
 
@@ -620,21 +763,11 @@ class Dispatcher:
         if self.draining:
             self.worker_freed.notify_all()
         survivors = [m for m in batch.messages.values()
-                     if not self._fail_locked(m, reason, session, queue=False)]
-        self._bisect_locked(survivors)
+                     if not self._fail_locked(m, reason, session)]
+        self.queue.put(survivors, BISECT)
         # (Told in the stream's one closing line.)
         session.end_note = "batch %d in flight: %d messages back in halves" % (
             batch.number, len(survivors))
-
-    def _bisect_locked(self, messages):
-        """Retry the messages of a batch whose worker died or hung as two
-        halves, each a batch of its own (PROTOCOL.md v1.1: one of them may
-        have ended the worker; it takes fewer batch-mates down each time)."""
-        middle = (len(messages) + 1) // 2
-        for half in (messages[:middle], messages[middle:]):
-            if half:
-                self._halves.append(half)
-                self._waiting_in_halves += len(half)
 
     def _give_back_locked(self, batch):
         """A batch that was never written: its messages go back to the head
@@ -644,11 +777,7 @@ class Dispatcher:
             del self._leases[message.id]
             message.attempts -= 1
         self._save_locked(messages, "waiting")
-        if batch.half:
-            self._halves.appendleft(messages)
-            self._waiting_in_halves += len(messages)
-        else:
-            self._retry.extendleft(reversed(messages))
+        self.queue.put(messages, FIRST_HALF if batch.half else FIRST)
 
     # -- the dispatch loop -------------------------------------------------
 
@@ -690,11 +819,6 @@ class Dispatcher:
                 session.channel.close(reason="lease expired")
             self._end_session_locked(session, "lease expired")
 
-    def _can_give_locked(self):
-        return not (self.stopping or self.draining) and (
-            bool(self._halves) or bool(self._retry) or
-            self.total is None or self.generated < self.total)
-
     def _assign_locked(self, caller=None):
         """Give batches to free workers while there are messages (none once
         the broker stops).
@@ -703,21 +827,14 @@ class Dispatcher:
         in its outbox: the report's thread writes it, saving a thread hop.
         """
         taken = None
-        while self._free_workers and self._can_give_locked():
-            session = self._free_workers.popleft()
+        free_workers, take = self._free_workers, self.queue.take
+        while free_workers and not (self.stopping or self.draining):
+            messages, half = take(free_workers[0].batchsize)
+            if not messages:
+                break
+            session = free_workers.popleft()
             self._batch_number += 1
-            if self._halves:  # a half goes alone, and first
-                half = self._halves[0]
-                messages = half[:session.batchsize]
-                if len(messages) == len(half):
-                    self._halves.popleft()
-                else:
-                    del half[:session.batchsize]
-                self._waiting_in_halves -= len(messages)
-                batch = Batch(self._batch_number, session, True)
-            else:
-                messages = self._next_messages_locked(session.batchsize)
-                batch = Batch(self._batch_number, session, False)
+            batch = Batch(self._batch_number, session, half)
             self._reserve_locked(batch, messages)
             batch.saved_seq = self._change_seq
             session.batch = batch
@@ -727,19 +844,6 @@ class Dispatcher:
                 session.outbox = batch
                 session.batch_ready.notify()
         return taken
-
-    def _next_messages_locked(self, count):
-        """Up to `count` messages for a batch: retries first, then new ones
-        (fewer once a --total run has generated all its messages)."""
-        retry = self._retry
-        messages = [retry.popleft() for _ in range(min(count, len(retry)))] if retry else []
-        new = count - len(messages)
-        if self.total is not None:
-            new = min(new, self.total - self.generated)
-        if new > 0:
-            self.generated += new
-            messages += map(Message, self._new_ids(new), draw_periods(self._rng, new))
-        return messages
 
     def _reserve_locked(self, batch, messages):
         """Lease `messages` to `batch`: this delivery is an attempt of each.
@@ -837,8 +941,9 @@ class Dispatcher:
         """Settle a worker's batch: `ids` done, the rest failed this attempt.
         `last`: the worker takes no next batch; its stream ends.
 
-        Returns (the answer, the change to wait for with --durable, and the
-        worker's next batch, for the caller to write on its stream, or None).
+        Returns (the answer, what to wait for before answering: a ticket for
+        `wait_reported`, and the worker's next batch, for the caller to write
+        on its stream, or None).
         """
         with self._lock:
             session, batch = self._batch_in_flight_locked(token, batch_number)
@@ -859,16 +964,17 @@ class Dispatcher:
             else:
                 done = [m for m in messages.values() if m.id in done_ids]
                 failed = [m for m in messages.values() if m.id not in done_ids]
+            tickets = []  # (what the queue has confirmed elsewhere, if it does)
             self._save_locked(done, "done")
-            self._settled_locked(done, "done", session)
-            if self._on_event:
+            self.queue.settled(done, "done", session, None, tickets)
+            if self._on_settled:
                 for message in done:
-                    self._on_event("done", message, session)
-            for message in failed:
-                if self._fail_locked(message, "not reported", session, leased=False):
-                    dead += 1
-                else:
-                    retried += 1
+                    self._on_settled("done", message, session)
+            if failed:
+                survivors = [m for m in failed if not self._fail_locked(
+                    m, "not reported", session, leased=False, tickets=tickets)]
+                self.queue.put(survivors, RETRY)
+                retried, dead = len(survivors), len(failed) - len(survivors)
             self._count_done_locked(len(done_ids))
             session.batch = session.outbox = None
             del self._batches[batch.number]
@@ -884,7 +990,7 @@ class Dispatcher:
             self._notify_if_settled_locked()
             result = {"batch": batch.number, "done": len(done_ids), "retried": retried,
                       "dead": dead, "ignored": ignored}
-            return result, self._change_seq, next_batch
+            return result, (self._change_seq, tickets), next_batch
 
     def _batch_in_flight_locked(self, token, batch_number):
         """The session and batch a report or a touch names; ReportError (404:
@@ -908,14 +1014,12 @@ class Dispatcher:
             batch.deadline = self._clock() + self.lease_timeout
             self._batches.move_to_end(batch.number)  # (the latest deadline: still in order)
             batch.touches += 1
-            self._touched_locked(batch)
+            self.queue.touched(batch.messages.values())
             return int(self.lease_timeout * 1000)
 
-    def _touched_locked(self, batch):
-        """The worker still works at `batch` (a queue kept elsewhere hears of it)."""
-
-    def _fail_locked(self, message, reason, session, leased=True, queue=True):
-        """A failed attempt: dead-letter it, or (`queue`) queue a retry. True if dead."""
+    def _fail_locked(self, message, reason, session, leased=True, tickets=None):
+        """A failed attempt: dead-letter it (True), or leave it to the caller
+        to put back in the queue (False). `tickets`: see LocalQueue.settled."""
         if leased:
             del self._leases[message.id]
         message.reason = reason
@@ -927,26 +1031,16 @@ class Dispatcher:
             self._dead_letters.append((message, failed_at))
             self.recent_dead.append(dead_letter_record(message, failed_at))
             self._save_locked([message], "dead")
-            self._settled_locked([message], "dead", session, failed_at)
-            if self._on_event:
-                self._on_event("dead", message, session)
+            self.queue.settled([message], "dead", session, failed_at, tickets)
+            if self._on_settled:
+                self._on_settled("dead", message, session)
             log.debug("dead letter %s after %d attempts (%s)", message.id, message.attempts,
                       reason)
             return True
-        if queue:
-            self._retry_locked(message)
         self._save_locked([message], "waiting")
         if self._on_event:
             self._on_event("failed", message, session)
         return False
-
-    def _retry_locked(self, message):
-        """A failed attempt, not the last: the message waits for another."""
-        self._retry.append(message)
-
-    def _settled_locked(self, messages, outcome, session, failed_at=None):
-        """`messages` are done, or dead (failed at `failed_at`): nothing more
-        to do here (the state writer saves them); a queue kept elsewhere hears of it."""
 
     def _count_done_locked(self, count):
         second = int(self._clock())
@@ -995,7 +1089,7 @@ class Dispatcher:
             if self._change_seq == self._saved_seq:
                 return None
             changes = Changes(self._change_seq, self._unsaved, self._dead_letters,
-                              (self.generated, self.done, self.dead, self.requeued)
+                              (self.queue.generated, self.done, self.dead, self.requeued)
                               if self.durable else None, self._requeue_settled)
             self._unsaved, self._dead_letters, self._requeue_settled = {}, [], []
             return changes
@@ -1014,12 +1108,16 @@ class Dispatcher:
                 self._requeue_settled[:0] = changes.requeue_settled
             self._notify_if_settled_locked()
 
-    def wait_reported(self, seq, timeout):
-        """A report's outcome (`seq`, from report()) is kept for good: with
-        --durable, once on disk; True at once otherwise. False on timeout."""
+    def wait_reported(self, ticket, timeout):
+        """A report's outcome (`ticket`, from report()) is kept for good:
+        with --durable, once on disk; with a queue kept elsewhere, once it
+        confirmed it; True at once otherwise. False on timeout."""
         # (Not cut short by the stop: a drain's last reports are answered 200
         # once saved, and the state writer goes on saving after the stop.)
-        return not self.durable or self.wait_saved(seq, timeout, until_stop=False)
+        seq, tickets = ticket
+        if self.durable and not self.wait_saved(seq, timeout, until_stop=False):
+            return False
+        return not tickets or self.queue.wait_confirmed(tickets, timeout)
 
     def wait_saved(self, seq, timeout, until_stop=True):
         """Wait until change `seq` is on disk; False on timeout, or once the
@@ -1041,7 +1139,7 @@ class Dispatcher:
         with self._lock:
             messages = [Message(record["id"], record["period"], requeued=True)
                         for record in records]
-            self._retry.extendleft(reversed(messages))
+            self.queue.put(messages, FIRST)
             self._save_locked(messages, "waiting")
             if not counted:
                 self.requeued += len(records)
@@ -1060,24 +1158,54 @@ class Dispatcher:
         """
         with self._lock:
             if counters is not None:
-                self.generated, self.done, self.dead, self.requeued = counters
+                self.queue.generated, self.done, self.dead, self.requeued = counters
                 self.dead_saved = self.dead
+            waiting = []
             for record in records:
                 message = Message(record["id"], record["period"])
                 message.attempts = record["attempts"]
                 message.reason = record.get("reason")
-                if record.get("in_flight"):
-                    self._fail_locked(message, "stream closed", None, leased=False)
-                else:
-                    self._retry.append(message)
+                if not record.get("in_flight") or \
+                        not self._fail_locked(message, "stream closed", None, leased=False):
+                    waiting.append(message)
+            self.queue.put(waiting, RETRY)
             self.lease_to_watch.notify()
+
+    # -- for a queue kept elsewhere, from its own thread ---------------------
+
+    def free_capacity(self):
+        """Messages the free workers would take now (0 while draining or stopping)."""
+        with self._lock:
+            if self.stopping or self.draining:
+                return 0
+            return sum(session.batchsize for session in self._free_workers)
+
+    def give_out(self):
+        """The queue has messages for the free workers: give them batches
+        now. True if free workers still wait for more."""
+        with self._lock:
+            self._assign_locked()
+            return bool(self._free_workers) and not (self.stopping or self.draining)
+
+    def dead_on_arrival(self, messages):
+        """Messages delivered again after their last attempt (the broker that
+        held it died, and the queue's own lease ran out): dead here, as that
+        broker would have made them."""
+        with self._lock:
+            for message in messages:
+                message.attempts, message.batch = self.max_attempts, 0
+                self._fail_locked(message, "lease expired", None, leased=False)
+
+    def check_settled(self):
+        """The queue says a --total run may be over: wake who waits for that."""
+        with self._lock:
+            self._notify_if_settled_locked()
 
     # -- the run as a whole --------------------------------------------------
 
     def settled_locked(self):
-        return (self.total is not None and self.generated == self.total
-                and self.done + self.dead_saved == self.total + self.requeued
-                and (not self.durable or self._saved_seq == self._change_seq))
+        return (self.total is not None and self._saved_seq == self._change_seq
+                and self.queue.run_settled(self.done + self.dead_saved - self.requeued))
 
     def _notify_if_settled_locked(self):
         # Only then: a wake-up per report would cost the main thread a GIL
@@ -1149,7 +1277,7 @@ class Dispatcher:
         with self._lock:
             self.stopping = True
             self._take_back_unwritten_locked()
-            self.stop_counts = (len(self._leases), len(self._retry) + self._waiting_in_halves)
+            self.stop_counts = (len(self._leases), self.queue.waiting())
             self.lease_to_watch.notify_all()
             self.changes_to_save.notify_all()
             self.changes_saved.notify_all()
@@ -1168,14 +1296,15 @@ class Dispatcher:
     def snapshot(self):
         """Copies of the state, for tests that check invariants."""
         with self._lock:
-            waiting = [m for half in self._halves for m in half] + list(self._retry)
+            halves, retry = self.queue.snapshot()
+            waiting = [m for half in halves for m in half] + retry
             return {
                 "leases": {mid: (b.session.token, b.number) for mid, b in self._leases.items()
                            if b.written},
                 "assigned": {mid: (b.session.token, b.number)
                              for mid, b in self._leases.items() if not b.written},
                 "retry": [m.id for m in waiting],
-                "halves": [[m.id for m in half] for half in self._halves],
+                "halves": [[m.id for m in half] for half in halves],
                 "attempts": dict([(m.id, m.attempts) for m in waiting] + [
                     (mid, b.messages[mid].attempts) for mid, b in self._leases.items()]),
                 "free": [s.token for s in self._free_workers],
@@ -1194,8 +1323,8 @@ class Figures:
         self.uptime_s = now - d.started_at
         self.total, self.requeued = d.total, d.requeued
         self.generated, self.dispatched, self.done, self.dead = (
-            d.generated, d.dispatched, d.done, d.dead)
-        self.retrying = len(d._retry) + d._waiting_in_halves
+            d.queue.generated, d.dispatched, d.done, d.dead)
+        self.retrying = d.queue.waiting()
         self.in_flight = len(d._leases)
         self.workers = len(d._sessions)
         self.workers_detail = [
@@ -1544,8 +1673,8 @@ def batch_events(batch):
     The same compact JSON as sse_event, formatted directly: this is the hot
     path, and every field is an integer or an id of [0-9a-v]. Who guarantees
     the ids: the broker makes its own (XidGenerator, or the PyPI xid),
-    broker_jetstream.py's `_message` checks those
-    fetched from JetStream, and parse_record checks those read from the db.
+    `checked_message` checks those that come from a queue kept elsewhere,
+    and parse_record checks those read from the db.
     (An f-string, with the numbers looked up in _DECIMAL: 25,000
     instructions for a batch of 10, where `%` formatting took 34,000.)
     """
@@ -2679,9 +2808,8 @@ class TraceFile:
 
 
 def _jetstream():
-    """broker_jetstream.py, imported for --jetstream only (it needs nats-py)."""
-    # It builds on this module: as `broker`, also when this file runs as __main__.
-    sys.modules.setdefault("broker", sys.modules[__name__])
+    """broker_jetstream.py, imported for --jetstream only (it needs nats-py).
+    It does not import this file: what it needs of it, it is handed."""
     try:
         import broker_jetstream
     except ImportError as error:
@@ -2689,6 +2817,13 @@ def _jetstream():
                          "--jetstream needs broker_jetstream.py beside broker.py (%s)"
                          % error) from None
     return broker_jetstream
+
+
+def _jetstream_queue(args, on_event):
+    """--jetstream: the queue in a NATS JetStream stream (a sibling of LocalQueue)."""
+    return _jetstream().queue_for(
+        args, on_event, new_messages=MessageMaker(args.seed), checked_message=checked_message,
+        dead_letter_record=dead_letter_record, start_error=StartError)
 
 
 def _tls_context(cert, key):
@@ -2730,18 +2865,18 @@ class Broker:
                 self.trace = TraceFile(args.trace)
             self.queue = None  # --jetstream: where the messages wait
             if args.jetstream:
-                self.dispatcher, self.queue = _jetstream().dispatcher_for(args, self.trace)
-            else:
-                self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
-                                             lease_timeout=args.lease_timeout, total=args.total,
-                                             seed=args.seed, on_event=self.trace,
-                                             durable=args.durable, max_workers=args.max_workers)
+                self.queue = _jetstream_queue(args, self.trace)
+            self.dispatcher = Dispatcher(max_attempts=args.max_attempts,
+                                         lease_timeout=args.lease_timeout, total=args.total,
+                                         seed=args.seed, on_event=self.trace,
+                                         durable=args.durable, max_workers=args.max_workers,
+                                         queue=self.queue)
             # A small page cache: the broker mostly appends, and reads back little.
             self.db = bbolt_lite.open(args.db, timeout=1.0, cache_pages=64)
             try:
                 self._open_state()
                 if self.queue is not None:
-                    self.queue.start(self.dispatcher)
+                    self.queue.start()
             except BaseException:
                 self.db.close()
                 raise
@@ -3601,7 +3736,7 @@ def dead_command(argv):
     args = parser.parse_args(argv)
     if args.jetstream:
         try:
-            letters = _jetstream().read_dead_stream(args.jetstream, args.js_stream)
+            letters = _jetstream().read_dead_stream(args.jetstream, args.js_stream, StartError)
         except StartError as error:
             raise ToolError(str(error)) from None
     else:

@@ -29,10 +29,12 @@ serve workers from one queue and the queue outlives any one machine:
   whole cluster), and it has settled when N were stored and none is left.
 
 Threads: the asyncio loop of the NATS client runs in a thread of its own.
-The dispatcher calls in under its lock only through `_send`, which hands an
-ack, nak, term or publish to that loop (``call_soon_threadsafe``: a write to
-the loop's wake-up pipe, which does not block); nothing waits for the
-network under the lock.
+The dispatcher calls the queue's hooks under its lock; they reach the
+network only through `_send`, which hands an ack, nak, term or in-progress
+ack to that loop (``call_soon_threadsafe``: a write to the loop's wake-up
+pipe, which does not block); nothing waits for the network under the lock.
+The loop calls the dispatcher's public methods for a queue kept elsewhere
+(``free_capacity``, ``give_out``, ``dead_on_arrival``, ``check_settled``).
 """
 
 import asyncio
@@ -40,7 +42,6 @@ import collections
 import concurrent.futures
 import json
 import logging
-import random
 import threading
 import time
 
@@ -53,8 +54,6 @@ try:
 except ImportError as error:  # (broker.py turns this into its start error)
     raise ImportError("--jetstream needs the NATS client: pip install nats-py (%s)"
                       % error) from None
-
-import broker
 
 log = logging.getLogger("broker.jetstream")
 
@@ -71,213 +70,38 @@ CHARGED_KEPT = 100000    # ids whose attempts a broker remembers (about 10 MB)
 WARN_EVERY = 10.0        # seconds between warnings of one kind while a failure repeats
 
 
-class JetStreamMessage(broker.Message):
-    """A message fetched from the stream, with the handle that acks it."""
-
-    __slots__ = ("msg",)
-
-
-class JetStreamDispatcher(broker.Dispatcher):
-    """broker.Dispatcher with its messages from JetStream: what waits for a
-    worker waits in the stream, not in this process (see the module's text).
-
-    Fetched messages wait in `_fetched` only until the free worker they were
-    fetched for takes them; what no worker can take goes back (nak).
-
-    A report is answered once JetStream has confirmed its acks and terms (as
-    --durable answers once the outcome is on disk): a broker that dies then
-    has sent nothing again that a worker was told is done. The trace's
-    `done` and `dead` lines are written at that confirmation, so they list
-    what JetStream will not deliver again.
-    """
-
-    def __init__(self, queue, on_event=None, **kwargs):
-        self._trace = on_event
-        super().__init__(on_event=self._event if on_event else None, **kwargs)
-        self._queue = queue
-        self._fetched = collections.deque()  # JetStreamMessages not yet in a batch
-        # Attempts charged here, by id (the latest CHARGED_KEPT): JetStream's
-        # delivery count can lag (nats-server 2.9 does not count a delivery
-        # to a pull request that expired as it arrived), so a message's
-        # attempt is the larger of the two.
-        self._charged = collections.OrderedDict()
-        self.cluster_settled = False         # --total: every message generated and settled
-        # Outcomes (acks and terms), numbered as they are sent: a batch's
-        # numbers, and what JetStream said of each (None: not yet) while a
-        # report waits for them.
-        self._outcomes = 0
-        self._batch_outcomes = {}   # batch number -> [outcome numbers]
-        self._outcome_results = {}  # outcome number -> None, True (confirmed), False (failed)
-        # (a Condition of the dispatcher's lock, as those of broker.Dispatcher)
-        self.outcomes_confirmed = threading.Condition(self._lock)
-
-    def _event(self, kind, message, session):
-        if kind not in ("done", "dead"):  # (those: once JetStream confirmed them)
-            self._trace(kind, message, session)
-
-    # -- where messages come from and go (broker.Dispatcher's hooks) --------
-
-    def _can_give_locked(self):
-        return not (self.stopping or self.draining) and bool(self._fetched)
-
-    def _next_messages_locked(self, count):
-        fetched = self._fetched
-        return [fetched.popleft() for _ in range(min(count, len(fetched)))]
-
-    def _retry_locked(self, message):
-        self._queue.send("nak", message)
-
-    def _bisect_locked(self, messages):
-        # (Another broker may fetch them: the halves of PROTOCOL.md v1.1 are
-        # not kept across brokers; each goes back on its own.)
-        for message in messages:
-            self._queue.send("nak", message)
-
-    def _reserve_locked(self, batch, messages):
-        super()._reserve_locked(batch, messages)
-        for message in messages:
-            self._charged[message.id] = message.attempts
-            self._charged.move_to_end(message.id)
-            if len(self._charged) > CHARGED_KEPT:
-                self._charged.popitem(last=False)
-
-    def _give_back_locked(self, batch):
-        messages = list(batch.messages.values())
-        for message in messages:
-            del self._leases[message.id]
-            message.attempts -= 1
-            self._charged[message.id] = message.attempts
-        self._fetched.extendleft(reversed(messages))
-
-    def _settled_locked(self, messages, outcome, session, failed_at=None):
-        for message in messages:
-            self._charged.pop(message.id, None)
-            self._outcomes += 1
-            self._outcome_results[self._outcomes] = None
-            self._batch_outcomes.setdefault(message.batch, []).append(self._outcomes)
-            record = broker.dead_letter_record(message, failed_at) if outcome == "dead" else None
-            self._queue.send("ack" if outcome == "done" else "dead", message, record,
-                             (self._outcomes, session))
-
-    def report(self, token, batch_number, ids, last=False):
-        result, _seq, next_batch = super().report(token, batch_number, ids, last)
-        with self._lock:  # (the batch is settled: its outcomes are all numbered)
-            return result, self._batch_outcomes.pop(batch_number, []), next_batch
-
-    def _end_lease_locked(self, session, batch, reason):
-        super()._end_lease_locked(session, batch, reason)
-        self._forget_locked(self._batch_outcomes.pop(batch.number, []))  # (no report waits)
-
-    def _forget_locked(self, numbers):
-        for number in numbers:
-            if self._outcome_results.get(number) is None:
-                self._outcome_results[number] = FORGOTTEN  # (dropped once confirmed)
-            else:
-                del self._outcome_results[number]
-
-    def wait_reported(self, numbers, timeout):
-        """True once JetStream confirmed every outcome of the report;
-        False if one failed, or on timeout. (Not cut short by the stop: the
-        queue is closed only after the last report is answered.)"""
-        with self._lock:
-            results = self._outcome_results
-            deadline = self._clock() + timeout
-            while any(results[n] is None for n in numbers):
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    break
-                self.outcomes_confirmed.wait(remaining)
-            ok = all(results[n] is True for n in numbers)
-            self._forget_locked(numbers)
-            return ok
-
-    def confirmed(self, number, kind, message, session):
-        """From the NATS thread: outcome `number` is in JetStream (or failed
-        for good: JetStream sends the message again after ack_wait)."""
-        if self._trace is not None and kind is not None:
-            self._trace(kind, message, session)
-        with self._lock:
-            if self._outcome_results.get(number, FORGOTTEN) is FORGOTTEN:
-                self._outcome_results.pop(number, None)
-            else:
-                self._outcome_results[number] = kind is not None
-                self.outcomes_confirmed.notify_all()
-
-    def _touched_locked(self, batch):
-        for message in batch.messages.values():
-            self._queue.send("progress", message)
-
-    def _assign_locked(self, caller=None):
-        taken = super()._assign_locked(caller)
-        if self._free_workers and not (self.stopping or self.draining):
-            self._queue.wake_fetcher()  # (a free worker waits: fetch for it)
-        return taken
-
-    def settled_locked(self):
-        return (self.total is not None and self.cluster_settled
-                and self._saved_seq == self._change_seq)
-
-    # -- called from the NATS thread ------------------------------------------
-
-    def wanted(self):
-        """Messages the free workers would take now, beyond those fetched."""
-        with self._lock:
-            if self.stopping or self.draining:
-                return 0
-            return max(0, sum(s.batchsize for s in self._free_workers) - len(self._fetched))
-
-    def offer(self, messages):
-        """Fetched messages: into batches for the free workers; what none of
-        them takes now is returned, for the caller to give back."""
-        with self._lock:
-            for message in messages:
-                message.attempts = max(message.attempts, self._charged.get(message.id, 0))
-            if any(m.attempts >= self.max_attempts for m in messages):
-                for message in messages:
-                    if message.attempts >= self.max_attempts:
-                        self._dead_on_arrival_locked(message)
-                messages = [m for m in messages if m.attempts < self.max_attempts]
-            if self.stopping or self.draining:
-                return messages
-            self._fetched.extend(messages)
-            self._assign_locked()
-            if self._free_workers:
-                return []
-            left = list(self._fetched)
-            self._fetched.clear()
-            return left
-
-    def _dead_on_arrival_locked(self, message):
-        """A message delivered after its last attempt: the broker that held
-        that attempt died, and its lease ran out in JetStream (ack_wait). It
-        is dead here, as that broker would have made it, and terminated."""
-        message.attempts, message.batch = self.max_attempts, 0
-        self._fail_locked(message, "lease expired", None, leased=False, queue=False)
-        self._forget_locked(self._batch_outcomes.pop(0, []))  # (no report waits)
-
-    def add_generated(self, count):
-        with self._lock:
-            self.generated += count
-
-    def mark_settled(self):
-        with self._lock:
-            self.cluster_settled = True
-            self._notify_if_settled_locked()
-
-    def take_all_back(self):
-        """At a stop: what this broker still holds, for the queue to give back."""
-        with self._lock:
-            held = list(self._fetched)
-            self._fetched.clear()
-            return held
+def _compact_json(obj):
+    return json.dumps(obj, separators=(",", ":"))
 
 
 class JetStreamQueue:
-    """The NATS connection, its asyncio loop in a thread, and the tasks that
-    fetch, generate and watch for the end of a --total run."""
+    """The queue of broker.py's Dispatcher in a JetStream stream (see the
+    module's text): the NATS connection, its asyncio loop in a thread, and
+    the tasks that fetch, generate and watch for the end of a --total run.
+
+    It is a sibling of broker.py's LocalQueue: the Dispatcher calls it
+    through the same hooks, under the Dispatcher's lock (bind), which guards
+    the fields below too. broker.py hands it what it needs of broker.py:
+    `new_messages(count)` (the seed's new messages), `checked_message(id,
+    period)` (a fetched message, ValueError unless its id is an xid and its
+    period in range), `dead_letter_record(message, failed_at)` and
+    `start_error` (the exception of a start that failed). This file does not
+    import broker.py.
+
+    Fetched messages wait in `_fetched` only until the free worker they were
+    fetched for takes them; what no worker can take goes back (nak). A report
+    is answered once JetStream has confirmed its acks and terms (as --durable
+    answers once the outcome is on disk): a broker that dies then has sent
+    nothing again that a worker was told is done. The trace's `done` and
+    `dead` lines are written at that confirmation (`traces_settled`), so they
+    list what JetStream will not deliver again.
+    """
+
+    traces_settled = True
 
     def __init__(self, servers, stream, replicas, max_attempts, lease_timeout, backlog,
-                 total, seed):
+                 total, new_messages, checked_message, dead_letter_record, start_error,
+                 on_event=None):
         self.servers = servers
         self.stream = stream
         self.subject = stream + ".tasks"
@@ -290,9 +114,25 @@ class JetStreamQueue:
         self.ack_wait = lease_timeout * 2 + 5.0
         self.backlog = backlog
         self.total = total
-        self._rng = random.Random(seed)
-        self._new_id = broker.new_id_function()
-        self.dispatcher = None
+        self._new_messages = new_messages
+        self._checked_message = checked_message
+        self._dead_letter_record = dead_letter_record
+        self._start_error = start_error
+        self._trace = on_event
+        self.dispatcher = self._lock = None  # (bind)
+        self.generated = 0                   # messages this broker published
+        self.cluster_settled = False         # --total: every message generated and settled
+        self._fetched = collections.deque()  # fetched messages not yet in a batch
+        # Attempts charged here, by id (the latest CHARGED_KEPT): JetStream's
+        # delivery count can lag (nats-server 2.9 does not count a delivery
+        # to a pull request that expired as it arrived), so a message's
+        # attempt is the larger of the two.
+        self._charged = collections.OrderedDict()
+        # Outcomes (acks and terms), numbered as they are sent, and what
+        # JetStream said of each (None: not yet) while a report waits for it.
+        self._outcomes = 0
+        self._outcome_results = {}  # outcome number -> None, True (confirmed), False (failed)
+        self.outcomes_confirmed = None  # a Condition of the dispatcher's lock (bind)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats", daemon=True)
         self._stopping = False
@@ -302,12 +142,123 @@ class JetStreamQueue:
         self._last_error = None  # (from the client's error callback: for the start error)
         self._warned = {}  # warning form -> (when last shown, how many not shown since)
 
+    # -- the queue's hooks (broker.py's "Queues"), under the dispatcher's lock --
+
+    def bind(self, dispatcher, lock):
+        self.dispatcher, self._lock = dispatcher, lock
+        self.outcomes_confirmed = threading.Condition(lock)
+
+    def waiting(self):
+        return 0  # (what waits, waits in the stream)
+
+    def take(self, count):
+        fetched = self._fetched
+        if not fetched:
+            self._loop.call_soon_threadsafe(self._wake_fetcher.set)  # (a worker waits: fetch)
+            return [], False
+        messages = [fetched.popleft() for _ in range(min(count, len(fetched)))]
+        charged = self._charged
+        for message in messages:
+            charged[message.id] = message.attempts + 1  # (this delivery)
+            charged.move_to_end(message.id)
+        while len(charged) > CHARGED_KEPT:
+            charged.popitem(last=False)
+        return messages, False
+
+    def put(self, messages, where):
+        if where in ("first", "first half"):  # never written: uncharged, and first
+            for message in messages:
+                self._charged[message.id] = message.attempts
+            self._fetched.extendleft(reversed(messages))
+        else:
+            # (Another broker may fetch them: the halves of PROTOCOL.md v1.1
+            # are not kept across brokers; each goes back on its own.)
+            for message in messages:
+                self._send("nak", message)
+
+    def settled(self, messages, outcome, session, failed_at, tickets):
+        for message in messages:
+            self._charged.pop(message.id, None)
+            self._outcomes += 1
+            if tickets is not None:  # (a report waits for JetStream to confirm it)
+                self._outcome_results[self._outcomes] = None
+                tickets.append(self._outcomes)
+            record = self._dead_letter_record(message, failed_at) if outcome == "dead" else None
+            self._send("ack" if outcome == "done" else "dead", message, record,
+                       (self._outcomes, session))
+
+    def touched(self, messages):
+        for message in messages:
+            self._send("progress", message)
+
+    def run_settled(self, settled):
+        return self.total is not None and self.cluster_settled
+
+    # -- outside the lock -------------------------------------------------------
+
+    def wait_confirmed(self, numbers, timeout):
+        """True once JetStream confirmed every outcome of the report;
+        False if one failed, or on timeout. (Not cut short by the stop: the
+        queue is closed only after the last report is answered.)"""
+        with self._lock:
+            results = self._outcome_results
+            deadline = time.monotonic() + timeout
+            while any(results[n] is None for n in numbers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.outcomes_confirmed.wait(remaining)
+            ok = all(results[n] is True for n in numbers)
+            for number in numbers:
+                if results[number] is None:
+                    results[number] = FORGOTTEN  # (dropped once confirmed)
+                else:
+                    del results[number]
+            return ok
+
+    def _confirmed(self, number, kind, message, session):
+        """From the NATS thread: outcome `number` is in JetStream (or failed
+        for good: JetStream sends the message again after ack_wait)."""
+        if self._trace is not None and kind is not None:
+            self._trace(kind, message, session)
+        with self._lock:
+            if self._outcome_results.get(number, FORGOTTEN) is FORGOTTEN:
+                self._outcome_results.pop(number, None)
+            else:
+                self._outcome_results[number] = kind is not None
+                self.outcomes_confirmed.notify_all()
+
+    def _offer(self, messages):
+        """Fetched messages: into batches for the free workers; what none of
+        them takes now is returned, for the caller to give back."""
+        with self._lock:
+            for message in messages:
+                message.attempts = max(message.attempts, self._charged.get(message.id, 0))
+        dead = [m for m in messages if m.attempts >= self.max_attempts]
+        if dead:
+            self.dispatcher.dead_on_arrival(dead)
+            messages = [m for m in messages if m.attempts < self.max_attempts]
+        with self._lock:
+            self._fetched.extend(messages)
+        if self.dispatcher.give_out():
+            return []
+        with self._lock:
+            left = list(self._fetched)
+            self._fetched.clear()
+            return left
+
+    def _take_all_back(self):
+        """At a stop: what this broker still holds, for the stream to give back."""
+        with self._lock:
+            held = list(self._fetched)
+            self._fetched.clear()
+            return held
+
     # -- start and stop (from broker.py's threads) ----------------------------
 
-    def start(self, dispatcher):
+    def start(self):
         """Connect and set up the streams and the consumer; raises
-        broker.StartError naming what failed."""
-        self.dispatcher = dispatcher
+        the start error naming what failed."""
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
         try:
@@ -320,7 +271,7 @@ class JetStreamQueue:
                     CONNECT_TIMEOUT, self._last_error or "no answer")
             else:
                 why = str(error) or type(error).__name__
-            raise broker.StartError("--jetstream %s: %s" % (",".join(self.servers), why)) \
+            raise self._start_error("--jetstream %s: %s" % (",".join(self.servers), why)) \
                 from None
 
     def stop(self, timeout=5.0):
@@ -345,13 +296,13 @@ class JetStreamQueue:
             return future.result(timeout)
         except Exception as error:
             future.cancel()
-            raise broker.StartError("the dead-letter stream %s cannot be read: %s" % (
+            raise self._start_error("the dead-letter stream %s cannot be read: %s" % (
                 self.dead_stream, str(error) or type(error).__name__)) from None
 
-    def send(self, what, message, record=None, outcome=None):
+    def _send(self, what, message, record=None, outcome=None):
         """From under the dispatcher's lock: queue an ack, nak, term or an
         in-progress ack for the loop (it never blocks). `outcome`: (number,
-        session) of an ack or a term, for the dispatcher's `confirmed`."""
+        session) of an ack or a term, for `_confirmed`."""
         self._loop.call_soon_threadsafe(self._do, what, message, record, outcome)
 
     # -- in the loop ------------------------------------------------------------
@@ -410,8 +361,8 @@ class JetStreamQueue:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for message in self.dispatcher.take_all_back():
-            await self._settle(message.msg.nak)
+        for message in self._take_all_back():
+            await self._settle(message.handle.nak)
         await self._nc.flush(timeout=2)
         await self._nc.close()
 
@@ -419,25 +370,25 @@ class JetStreamQueue:
         asyncio.ensure_future(self._apply(what, message, record, outcome))
 
     async def _apply(self, what, message, record, outcome):
-        msg = message.msg
+        msg = message.handle
         if what == "nak":
             await self._settle(msg.nak)
         elif what == "progress":
             await self._settle(msg.in_progress)
         elif what == "ack":  # (confirmed by the server: the report waits for it)
             ok = await self._settle(msg.ack_sync, timeout=ACK_TIMEOUT)
-            self.dispatcher.confirmed(outcome[0], "done" if ok else None, message, outcome[1])
+            self._confirmed(outcome[0], "done" if ok else None, message, outcome[1])
         else:  # dead: one list for the cluster, then no more deliveries
             ok = await self._publish_dead(message, record) and \
                 await self._settle(self._term_sync, msg)
-            self.dispatcher.confirmed(outcome[0], "dead" if ok else None, message, outcome[1])
+            self._confirmed(outcome[0], "dead" if ok else None, message, outcome[1])
 
     async def _publish_dead(self, message, record):
         """The dead letter into the cluster's list, retried (its id is its
         Nats-Msg-Id: never stored twice) until stored or the stop. Not
         stored: the message is not terminated, and JetStream delivers it
         once more after ack_wait, to a broker that makes it dead again."""
-        data = broker._compact_json(record).encode()
+        data = _compact_json(record).encode()
         while True:
             try:
                 await self._js.publish(self.dead_subject, data,
@@ -475,7 +426,7 @@ class JetStreamQueue:
         except asyncio.TimeoutError:
             pass
         while not self._stopping:
-            wanted = self.dispatcher.wanted()
+            wanted = max(0, self.dispatcher.free_capacity() - len(self._fetched))
             if not wanted:
                 self._wake_fetcher.clear()
                 try:
@@ -501,34 +452,25 @@ class JetStreamQueue:
                     await self._settle(msg.term)
                 else:
                     messages.append(message)
-            for message in self.dispatcher.offer(messages):
-                await self._settle(message.msg.nak)
+            for message in self._offer(messages):
+                await self._settle(message.handle.nak)
 
     def _message(self, msg):
+        # (Checked as broker.py's own: a worker's stream takes them as they are.)
         try:
             body = json.loads(msg.data)
-            # (batch_events writes both as they are: a quote in an id would
-            # be invalid JSON on a worker's stream, and a non-ASCII one an
-            # error that leaves its batch unwritten.)
-            if not (isinstance(body["id"], str) and broker.XID_PATTERN.fullmatch(body["id"])):
-                raise ValueError("its id is not an xid")
-            if not broker._is_int(body["period"], broker.MIN_PERIOD_MS, broker.MAX_PERIOD_MS):
-                raise ValueError("its period is out of range")
-            message = JetStreamMessage(body["id"], body["period"])
-        except (ValueError, KeyError, TypeError) as error:
+            if not isinstance(body, dict) or "id" not in body or "period" not in body:
+                raise ValueError("it is not {id, period}")
+            message = self._checked_message(body["id"], body["period"])
+        except (ValueError, RecursionError) as error:
             log.error("a message in %s that no broker made (%s), terminated: %r",
-                      self.stream, error if isinstance(error, ValueError) else
-                      "it is not {id, period}", msg.data[:200])
+                      self.stream, error, msg.data[:200])
             return None
-        message.msg = msg
+        message.handle = msg
         message.attempts = msg.metadata.num_delivered - 1  # (a batch adds this one)
         log.debug("fetched %s (stream seq %d, delivery %d)", message.id,
                   msg.metadata.sequence.stream, msg.metadata.num_delivered)
         return message
-
-    def wake_fetcher(self):
-        """A worker became free (from any thread)."""
-        self._loop.call_soon_threadsafe(self._wake_fetcher.set)
 
     async def _generate_forever(self):
         """Keep --backlog messages waiting: publish new ones as they go.
@@ -558,7 +500,8 @@ class JetStreamQueue:
                 # All at once: one stored after another would be one Raft
                 # round trip each (about 600 messages/s on this machine).
                 stored = await asyncio.gather(*(self._publish_new() for _ in range(count)))
-                self.dispatcher.add_generated(sum(stored))
+                with self._lock:
+                    self.generated += sum(stored)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -570,8 +513,9 @@ class JetStreamQueue:
         JetStream drops a copy it already has) until it is stored. 1 if it
         is a new message of the run, else 0 (a copy, beyond --total, or the
         stop came first)."""
-        message_id = self._new_id()
-        data = broker._compact_json({"id": message_id, "period": broker.draw_period(self._rng)})
+        message = self._new_messages(1)[0]
+        message_id = message.id
+        data = _compact_json({"id": message_id, "period": message.period})
         while True:
             try:
                 ack = await self._js.publish(self.subject, data.encode(),
@@ -599,7 +543,9 @@ class JetStreamQueue:
                 self._warn("checking the run: %s", str(error) or type(error).__name__)
                 continue
             if info.state.last_seq >= self.total and info.state.messages == 0:
-                self.dispatcher.mark_settled()
+                with self._lock:
+                    self.cluster_settled = True
+                self.dispatcher.check_settled()
                 return
 
     def _warn(self, form, *args):
@@ -649,8 +595,9 @@ async def _read_dead(js, stream, limit, after):
     return letters[:limit], len(letters) > limit
 
 
-def read_dead_stream(servers, stream):
-    """`broker.py dead --jetstream URL`: every dead letter of the cluster."""
+def read_dead_stream(servers, stream, error_class):
+    """`broker.py dead --jetstream URL`: every dead letter of the cluster
+    (`error_class`, naming what failed, if they cannot be read)."""
 
     async def read():
         nc = await nats.connect(servers=[u.strip() for u in servers.split(",") if u.strip()],
@@ -664,18 +611,15 @@ def read_dead_stream(servers, stream):
     try:
         return asyncio.run(read())
     except Exception as error:
-        raise broker.StartError("%s (stream %s-dead): %s" % (
+        raise error_class("%s (stream %s-dead): %s" % (
             servers, stream, str(error) or type(error).__name__)) from None
 
 
-def dispatcher_for(args, on_event):
-    """The --jetstream dispatcher of broker.py's Broker, and its queue."""
+def queue_for(args, on_event, **handed):
+    """The queue of broker.py's Broker for --jetstream; `handed`: what
+    broker.py gives it (see JetStreamQueue)."""
     servers = [url.strip() for url in args.jetstream.split(",") if url.strip()]
     replicas = args.js_replicas or (3 if len(servers) >= 3 else 1)
-    queue = JetStreamQueue(servers, args.js_stream, replicas, args.max_attempts,
-                           args.lease_timeout, args.backlog, args.total, args.seed)
-    dispatcher = JetStreamDispatcher(queue, max_attempts=args.max_attempts,
-                                     lease_timeout=args.lease_timeout, total=args.total,
-                                     seed=args.seed, on_event=on_event,
-                                     max_workers=args.max_workers)
-    return dispatcher, queue
+    return JetStreamQueue(servers, args.js_stream, replicas, args.max_attempts,
+                          args.lease_timeout, args.backlog, args.total, on_event=on_event,
+                          **handed)

@@ -174,10 +174,10 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert not (retrying & self.done) and not (retrying & self.dead)
         assert not (self.done & self.dead)
         everything = leased | assigned | retrying | self.done | self.dead
-        assert len(everything) == self.dispatcher.generated
+        assert len(everything) == self.dispatcher.queue.generated
         assert set(self.deliveries) <= everything
         if self.total is not None:
-            assert self.dispatcher.generated <= self.total
+            assert self.dispatcher.queue.generated <= self.total
         assert leased == set(self.leased_to)
         for mid, (token, _number) in state["leases"].items():
             assert self.leased_to[mid] == token
@@ -220,7 +220,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert not (self.drained and state["free"])  # a drain keeps no worker free
         if state["free"] and not self.stopped:
             assert not state["retry"]
-            assert self.total is not None and self.dispatcher.generated == self.total
+            assert self.total is not None and self.dispatcher.queue.generated == self.total
 
 
 DispatcherMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,

@@ -187,9 +187,11 @@ def test_a_fetched_message_without_an_id_and_a_period_in_range_is_refused():
     if missing:
         skip_or_fail(missing)
     import types
+    import broker
     import broker_jetstream
-    queue = object.__new__(broker_jetstream.JetStreamQueue)  # (_message reads its stream only)
-    queue.stream = "test"
+    # (_message reads its stream and the checker broker.py hands it, only.)
+    queue = object.__new__(broker_jetstream.JetStreamQueue)
+    queue.stream, queue._checked_message = "test", broker.checked_message
 
     def fetched(body):
         metadata = types.SimpleNamespace(num_delivered=2, sequence=types.SimpleNamespace(stream=9))
@@ -244,3 +246,14 @@ def test_a_fetched_message_whose_id_is_not_an_xid_is_terminated_and_never_writte
     assert "all 3 messages settled: 1 done, 0 dead" in output
     assert output.count("not an xid") == 2 and "terminated" in output
 
+
+def test_broker_jetstream_does_not_import_broker():
+    # broker.py hands it what it needs: no import circle.
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+    result = subprocess.run([sys.executable, "-c", "import sys, broker_jetstream; "
+                             "print(sorted(m for m in sys.modules if m.startswith('broker')))"],
+                            cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['broker_jetstream']"]
