@@ -1353,3 +1353,21 @@ def test_a_failed_commit_gives_back_the_free_pages_it_took(db_path, monkeypatch)
         assert db.check() == []
     with bbolt_lite.open(db_path, readonly=True) as db, db.view() as tx:
         assert len(list(tx.bucket(b"b").items())) == 151
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(1, 600), key_size=st.integers(1, 40), value_size=st.integers(0, 300))
+def test_a_leaf_of_one_shape_is_written_as_the_plain_loop_writes_it(count, key_size, value_size):
+    # The fast path (a ready element array, _UniformLeaf) against node.write's loop.
+    keys = [b"k" * key_size] * count
+    values = [b"v" * value_size] * count
+    node = bbolt_lite._Node(0, 0, True, keys, values, [0] * count)
+    plain = b"".join(bbolt_lite.LEAF_ELEMENT.pack(
+        0, bbolt_lite.ELEMENT_SIZE * (count - i) + i * (key_size + value_size),
+        key_size, value_size) for i in range(count))
+    fast = bbolt_lite._uniform_leaf_elements(count, [key_size] * count, [value_size] * count,
+                                             node.flags)
+    assert fast == plain
+    page = node.to_bytes(5, 0, 0)
+    assert page[bbolt_lite.PAGE_HEADER_SIZE:bbolt_lite.PAGE_HEADER_SIZE + len(plain)] == plain
+    assert bbolt_lite._parse_node(page, "page 5", 5).values == values
