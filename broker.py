@@ -48,8 +48,10 @@ worker's report, for the next batch at once. Handing that batch to the
 stream's thread instead would cost a wake-up and a GIL hand-off per batch.
 The threads run on one CPU (--pin, see `OneCore`): they take turns at the
 GIL, and a turn that passes to another core waits for that core to wake.
-The file reads top down: the core, then appendices (the dashboard page,
-Prometheus text, the dead-letter tools) that a reader can skip.
+The file reads top down: the core (ids, messages, the queues, the
+Dispatcher, the db, streams, a lean HTTP/1.1 layer, the broker's endpoints,
+the wiring, main), then appendices that a reader can skip (the dashboard
+page, Prometheus text, the dead-letter tools, One CPU, the trace file).
 
 Read the dead letters with ``python bbolt_lite.py dump broker.db`` (or Go's
 ``bbolt`` tool). Standard library only, Python 3.9 or newer; needs
@@ -138,38 +140,21 @@ STOP_SAVE_SECONDS = 10.0
 COALESCE_SECONDS = 0.1
 # How often a broker kept on one CPU checks whether other work crowds it (OneCore).
 BALANCE_SECONDS = 5.0
-# Request headers: at most this many lines of at most this many bytes (as
-# the standard library's own limits).
-MAX_HEADERS, MAX_HEADER_LINE = 100, 65536
-# A client that closed its connection, or stalled past --read-timeout.
-# (A TLS error on a connection, including a timed-out read or write, ends it too.)
-CLIENT_GONE = (ConnectionError, BlockingIOError) + ((ssl.SSLError,) if ssl else ())
-# Secrets that travel in a query string: never written to a log.
-_SECRET_IN_QUERY = re.compile(r"\b(worker|access_token)=[^&\s\"]*")
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
-_HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,3})\.([0-9]{1,3})")
-# field-name ":" OWS field-value OWS CRLF (RFC 9112 section 5; a token, then a
-# value of visible characters, spaces and tabs; no obs-fold).
-# (Read as latin-1 text. The value is greedy and loses its trailing OWS after:
-# a lazy one made the regular expression backtrack, 3 times slower.)
-_FIELD_LINE = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n"
-_HEADER_FIELD = re.compile(_FIELD_LINE)
-_HEADER_BLOCK = re.compile(r"(?:%s)*\r?\n" % _FIELD_LINE)  # header lines, then the blank line
-# Paths that need no --token, and the event streams:
-PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the token
-STREAM_PATHS = ("/task", "/events")  # event streams: no HEAD
 
 # The bbolt file (--db):
 # bucket `failed`:  id -> {"id", "period", "attempts", "reason", "failed_at"}
-# bucket `pending`: (--durable) id -> {"id", "period", "attempts", "in_flight", "reason"}
-#                   for every generated message not yet done or dead
+# bucket `pending`: id -> {"id", "period", "attempts", "in_flight", "reason"} of each
+#                   message not yet done or dead: with --durable every one; without,
+#                   the dead letters requeued, until settled again. A record with
+#                   "requeued": true is a dead letter requeued that no --durable run
+#                   has counted yet (in `state`'s b"requeued")
 # bucket `state`:   (--durable) b"generated", b"done", b"dead", b"requeued" -> decimal counts
-# bucket `requeue`: dead letters `broker.py requeue` brought back, as in `failed`;
-#                   without --durable each stays until it is settled again
 DEAD_LETTER_BUCKET = b"failed"
 PENDING_BUCKET = b"pending"
 STATE_BUCKET = b"state"
-REQUEUE_BUCKET = b"requeue"
+# Where requeued dead letters waited before they had a `pending` record (read
+# at the start: moved into `pending`).
+OLD_REQUEUE_BUCKET = b"requeue"
 _COUNTER_KEYS = (b"generated", b"done", b"dead", b"requeued")
 
 
@@ -290,10 +275,12 @@ class XidGenerator:
 
     def _prefix_locked(self, counter):
         """Characters 0-15 of the ids made now with this counter's high byte."""
-        # (Only a new second is made an int. Under CPython 3.11, int() of a
-        # float costs 1,000 instructions, and min() or max() of two numbers
-        # 2,000: they parse their arguments as keywords. On the hot path,
-        # a comparison does instead.)
+        # (Only a new second is made an int, and take() compares where
+        # min() would do. Under CPython 3.11, int() of a float costs 1,000
+        # instructions and min() of two numbers 2,000, as they parse their
+        # arguments as keywords (timeit: 51 and 94 ns; a comparison 10 ns).
+        # This is a fast path of the ids alone: the Dispatcher's one or two
+        # such calls a batch, under 1% of its cost, stay plain.)
         now = time.time()
         if now >= self._second_ends or now < self._second_ends - 1.0:
             second = int(now)
@@ -386,7 +373,7 @@ class Message:
         self.period = period
         self.attempts = 0      # deliveries so far
         self.reason = None     # why the last attempt failed
-        self.requeued = requeued  # a dead letter brought back: it stays in `requeue` until settled
+        self.requeued = requeued  # a dead letter brought back: it stays in `pending` until settled
         self.batch = 0         # the number of its last batch (0: none in this run)
         self.handle = None     # what a queue kept elsewhere settles it by (a JetStream message)
 
@@ -480,22 +467,27 @@ def dead_letter_record(message, failed_at):
 
 
 def pending_record(message, in_flight):
-    """A --durable message's record in the `pending` bucket."""
+    """A message's record in the `pending` bucket."""
     return {"id": message.id, "period": message.period, "attempts": message.attempts,
             "in_flight": in_flight, "reason": message.reason}
+
+
+def requeued_record(record):
+    """The `pending` record of a dead letter requeued (its `failed` record):
+    its attempts reset, and not yet counted by a --durable run."""
+    return dict(pending_record(Message(record["id"], record["period"]), False), requeued=True)
 
 
 class Changes:
     """What the state writer takes in one go: all saved in one transaction."""
 
-    __slots__ = ("seq", "pending", "dead_letters", "counters", "requeue_settled")
+    __slots__ = ("seq", "pending", "dead_letters", "counters")
 
-    def __init__(self, seq, pending, dead_letters, counters, requeue_settled):
+    def __init__(self, seq, pending, dead_letters, counters):
         self.seq = seq                    # the last change included
-        self.pending = pending            # --durable: id -> record, or None to delete
+        self.pending = pending            # id -> record, or None to delete
         self.dead_letters = dead_letters  # [(Message, failed_at)]
         self.counters = counters          # --durable: (generated, done, dead, requeued)
-        self.requeue_settled = requeue_settled  # ids settled again: out of `requeue`
 
 
 def _rfc3339_now():
@@ -599,7 +591,7 @@ class LocalQueue:
         elif where == FIRST_HALF:
             self._halves.appendleft(messages)
             self._waiting_in_halves += len(messages)
-        else:  # BISECT: two halves, each a batch of its own (PROTOCOL.md v1.1:
+        else:  # BISECT: two halves, each a batch of its own (PROTOCOL.md rule 6:
             # one of them may have ended the worker; it takes fewer batch-mates
             # down each time)
             middle = (len(messages) + 1) // 2
@@ -690,8 +682,7 @@ class Dispatcher:
         self._leases = {}                         # message id -> Batch holding it
         self._batches = collections.OrderedDict()  # number -> Batch in flight, by deadline
         self._dead_letters = []                   # (Message, failed_at) not yet saved
-        self._unsaved = {}                        # --durable: id -> record, or None to delete
-        self._requeue_settled = []                # ids to delete from `requeue` (not --durable)
+        self._unsaved = {}                        # `pending`: id -> record, or None to delete
         self._change_seq = 0                      # changes made so far
         self._saved_seq = 0                       # changes on disk so far
         self._writer_called = False               # wake_writer() since the last take
@@ -771,7 +762,7 @@ class Dispatcher:
 
     def _give_back_locked(self, batch):
         """A batch that was never written: its messages go back to the head
-        of the line, their attempt counts as they were (PROTOCOL.md v1.1)."""
+        of the line, their attempt counts as they were (PROTOCOL.md rule 3)."""
         messages = list(batch.messages.values())
         for message in messages:
             del self._leases[message.id]
@@ -1064,12 +1055,12 @@ class Dispatcher:
                 leased = state == "leased"
                 self._unsaved.update({m.id: pending_record(m, leased) for m in messages})
         elif state in ("done", "dead"):
-            # Dead letters brought back and settled again leave `requeue`
+            # Dead letters brought back and settled again leave `pending`
             # in the same commit.
             settled_again = [m.id for m in messages if m.requeued]
             if state == "done" and not settled_again:
                 return
-            self._requeue_settled += settled_again
+            self._unsaved.update(dict.fromkeys(settled_again))
         else:
             return
         self._change_seq += 1
@@ -1090,8 +1081,8 @@ class Dispatcher:
                 return None
             changes = Changes(self._change_seq, self._unsaved, self._dead_letters,
                               (self.queue.generated, self.done, self.dead, self.requeued)
-                              if self.durable else None, self._requeue_settled)
-            self._unsaved, self._dead_letters, self._requeue_settled = {}, [], []
+                              if self.durable else None)
+            self._unsaved, self._dead_letters = {}, []
             return changes
 
     def changes_written(self, changes, ok):
@@ -1105,7 +1096,6 @@ class Dispatcher:
                 for message_id, record in changes.pending.items():
                     self._unsaved.setdefault(message_id, record)  # newer ones win
                 self._dead_letters[:0] = changes.dead_letters
-                self._requeue_settled[:0] = changes.requeue_settled
             self._notify_if_settled_locked()
 
     def wait_reported(self, ticket, timeout):
@@ -1208,8 +1198,10 @@ class Dispatcher:
                 and self.queue.run_settled(self.done + self.dead_saved - self.requeued))
 
     def _notify_if_settled_locked(self):
-        # Only then: a wake-up per report would cost the main thread a GIL
-        # hand-off each time.
+        # Only then: the main thread waits on `settled`, and a notify per
+        # report cost a wake-up of it each time (8 µs of CPU a notify with
+        # a waiter against none, on one core, the notifier letting go of
+        # the GIL after each as a report's I/O does: about 5% of a report).
         if self.settled_locked():
             self.settled.notify_all()
 
@@ -1313,6 +1305,10 @@ class Dispatcher:
             }
 
 
+# ---------------------------------------------------------------------------
+# Figures: what the run shows (/stats, /metrics, the dashboard, the log)
+# ---------------------------------------------------------------------------
+
 class Figures:
     """What /stats, /metrics, the dashboard and the log lines show: a copy of
     the Dispatcher's counters, taken under its lock (`Dispatcher.figures()`),
@@ -1380,7 +1376,7 @@ def _is_int(value, low, high=None):
 
 
 def parse_record(bucket, key, raw):
-    """The record stored under `key` in `bucket` (failed, requeue or pending),
+    """The record stored under `key` in `bucket` (failed or pending),
     checked for the shape the broker writes; RecordError if it is not."""
     where = "bucket %r, key %r" % (bucket.decode(), key.decode("utf-8", "replace"))
     try:
@@ -1402,6 +1398,8 @@ def parse_record(bucket, key, raw):
         problems.append("reason is not text")
     if bucket == PENDING_BUCKET and not isinstance(record.get("in_flight"), bool):
         problems.append("in_flight is not true or false")
+    if not isinstance(record.get("requeued", False), bool):
+        problems.append("requeued is not true or false")
     if problems:
         raise RecordError("%s: %s" % (where, "; ".join(problems)))
     return record
@@ -1410,11 +1408,11 @@ def parse_record(bucket, key, raw):
 def load_state(db):
     """What a broker starting on `db` takes back, every record checked
     first (RecordError names the first bad one, and nothing is changed):
-    the requeued dead letters, the --durable pending records, and the
-    --durable counters (None if there are none)."""
+    the dead letters requeued by an older broker.py (OLD_REQUEUE_BUCKET),
+    the pending records, and the --durable counters (None if there are none)."""
     with db.view() as tx:
         found = {}
-        for name in (REQUEUE_BUCKET, PENDING_BUCKET):
+        for name in (OLD_REQUEUE_BUCKET, PENDING_BUCKET):
             bucket = tx.bucket(name)
             found[name] = [parse_record(name, key, value) for key, value in bucket.items()] \
                 if bucket is not None else []
@@ -1429,7 +1427,7 @@ def load_state(db):
                                       % (key.decode(), raw[:40]))
                 values.append(int(raw))
             counters = tuple(values)
-    return found[REQUEUE_BUCKET], found[PENDING_BUCKET], counters
+    return found[OLD_REQUEUE_BUCKET], found[PENDING_BUCKET], counters
 
 
 def count_pending(db):
@@ -1578,10 +1576,11 @@ class StateWriter:
                 missing.append(key.decode("utf-8", "replace"))
             if not moved:
                 return [], missing
-            into = tx.create_bucket_if_not_exists(PENDING_BUCKET if durable else REQUEUE_BUCKET)
-            for key, raw, record in moved:
-                into.put(key, _compact_json(pending_record(Message(
-                    record["id"], record["period"]), False)).encode() if durable else raw)
+            pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
+            for key, _raw, record in moved:
+                pending.put(key, _compact_json(pending_record(Message(
+                    record["id"], record["period"]), False) if durable else
+                    requeued_record(record)).encode())
                 failed.delete(key)
             if durable:
                 state = tx.create_bucket_if_not_exists(STATE_BUCKET)
@@ -1612,10 +1611,6 @@ class StateWriter:
                             pending.delete(message_id.encode("ascii"))
                         else:
                             pending.put(message_id.encode("ascii"), _compact_json(record).encode())
-                if changes.requeue_settled:
-                    requeue = tx.bucket(REQUEUE_BUCKET)
-                    for message_id in changes.requeue_settled if requeue is not None else ():
-                        requeue.delete(message_id.encode("ascii"))
                 if changes.counters is not None:
                     state = tx.create_bucket_if_not_exists(STATE_BUCKET)
                     for key, value in zip(_COUNTER_KEYS, changes.counters):
@@ -1647,7 +1642,9 @@ class StateWriter:
 #
 # Server-Sent Events framing is WHATWG HTML's, "server-sent events".
 
-_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (json.dumps makes one a call)
+# (Kept: json.dumps makes an encoder a call. A hello event's JSON took 2.4 µs
+# by json.dumps, 1.6 µs by this one, timeit.)
+_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _compact_json(obj):
@@ -1871,8 +1868,27 @@ class StreamWatcher:
 
 
 # ---------------------------------------------------------------------------
-# HTTP: thin handlers over the dispatcher
+# HTTP/1.1, lean: the request parser and the answers (no endpoint here)
 # ---------------------------------------------------------------------------
+
+# Request headers: at most this many lines of at most this many bytes (as
+# the standard library's own limits).
+MAX_HEADERS, MAX_HEADER_LINE = 100, 65536
+# A client that closed its connection, or stalled past --read-timeout.
+# (A TLS error on a connection, including a timed-out read or write, ends it too.)
+CLIENT_GONE = (ConnectionError, BlockingIOError) + ((ssl.SSLError,) if ssl else ())
+# Secrets that travel in a query string: never written to a log.
+_SECRET_IN_QUERY = re.compile(r"\b(worker|access_token)=[^&\s\"]*")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
+_HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,3})\.([0-9]{1,3})")
+# field-name ":" OWS field-value OWS CRLF (RFC 9112 section 5; a token, then a
+# value of visible characters, spaces and tabs; no obs-fold).
+# (Read as latin-1 text. The value is greedy and loses its trailing OWS after:
+# a lazy one made the regular expression backtrack, 3 times slower.)
+_FIELD_LINE = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n"
+_HEADER_FIELD = re.compile(_FIELD_LINE)
+_HEADER_BLOCK = re.compile(r"(?:%s)*\r?\n" % _FIELD_LINE)  # header lines, then the blank line
+
 
 def _listen_backlog():
     """The system's cap on a listen queue (the standard library asks for 5:
@@ -1947,27 +1963,6 @@ def _set_socket_timeouts(sock, seconds, send=True):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
-class BrokerHTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = _listen_backlog()
-
-    def __init__(self, address, broker):
-        self.broker = broker
-        handler = type("Handler", (BrokerRequestHandler,), {"read_timeout": broker.read_timeout})
-        super().__init__(address, handler)
-
-
-def _allowed_methods(path, handlers):
-    """The Allow header of a path: its methods, HEAD where GET is not a
-    stream, and OPTIONS."""
-    methods = set(handlers) | {"OPTIONS"}
-    if "GET" in handlers and path not in STREAM_PATHS:
-        methods.add("HEAD")
-    return ", ".join(sorted(methods))
-
-
 def _split_target(target):
     """A request target's path and query string (the fragment dropped)."""
     if target.startswith("/") and "#" not in target:
@@ -2021,15 +2016,6 @@ def _json_body(body):
         return None
 
 
-def _id_list(value):
-    """`value` if it is a list of strings (ids), else None."""
-    # (The types of its items, as a set made in C: a generator took 10
-    # bytecodes an id.)
-    if isinstance(value, list) and set(map(type, value)) <= {str}:
-        return value
-    return None
-
-
 @functools.lru_cache(maxsize=128)  # (statuses and types the code names)
 def _response_head(version, status, content_type):
     """A response's status line, Content-Type (unless None) and Cache-Control."""
@@ -2039,16 +2025,21 @@ def _response_head(version, status, content_type):
         "Content-Type: %s\r\n" % content_type)
 
 
-class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
+class HTTPRequestHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 as the broker speaks it, and no more: a strict request
+    parser, --read-timeout over a whole request, a body read by
+    Content-Length, whole answers in one write, event streams, CORS and JSON
+    errors. A subclass names its ROUTES (path -> {method: handler name}) and
+    writes the handlers, each called with the parsed query string; it may
+    refuse a request in `authorized`. The server sets `read_timeout`,
+    `max_body`, and the server's `tls_context` and `cors_origins`.
+    """
+
     protocol_version = "HTTP/1.1"
-    server_version = "broker.py/" + __version__
-    read_timeout = DEFAULT_READ_TIMEOUT  # the server sets --read-timeout
-    # path -> {method: the name of its handler}
-    ROUTES = {"/task": {"GET": "handle_task"}, "/report": {"POST": "handle_report"},
-              "/touch": {"POST": "handle_touch"}, "/requeue": {"POST": "handle_requeue"},
-              "/stats": {"GET": "handle_stats"}, "/healthz": {"GET": "handle_healthz"},
-              "/metrics": {"GET": "handle_metrics"}, "/events": {"GET": "handle_events"},
-              "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"}}
+    read_timeout = DEFAULT_READ_TIMEOUT
+    max_body = MAX_REPORT_BYTES
+    ROUTES = {}          # path -> {method: the name of its handler}
+    STREAM_PATHS = ()    # event streams: no HEAD
     # Methods answered (404 or 405 where a path does not take them); others 501.
     METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
 
@@ -2065,7 +2056,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
         # BlockingIOError. _RequestReader bounds a request as a whole.
         _set_socket_timeouts(sock, self.read_timeout)
         self.tls_failed = False
-        context = self.server.broker.tls_context
+        context = self.server.tls_context
         if context is not None:  # the handshake, in this connection's own thread
             self.request = sock = context.wrap_socket(sock, server_side=True,
                                                       do_handshake_on_connect=False)
@@ -2247,7 +2238,7 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
     def cors_headers(self):
         """The CORS headers of an answer (none without --cors-origin, or for a
         request from an origin it does not allow)."""
-        allowed = self.server.broker.cors_origins
+        allowed = self.server.cors_origins
         if not allowed:
             return []
         headers = getattr(self, "headers", None)
@@ -2282,12 +2273,24 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             phrase = "error"
         self.send_json(code, {"error": message or phrase})
 
+    def _allowed_methods(self, path, handlers):
+        """The Allow header of a path: its methods, HEAD where GET is not a
+        stream, and OPTIONS."""
+        methods = set(handlers) | {"OPTIONS"}
+        if "GET" in handlers and path not in self.STREAM_PATHS:
+            methods.add("HEAD")
+        return ", ".join(sorted(methods))
+
+    def authorized(self, path, query_text):
+        """Whether to answer this request; a subclass that says no has sent
+        the answer that says why."""
+        return True
+
     def _route(self, method):
         path, query_text = _split_target(self.path)
         # (OPTIONS tells only which methods a path takes: a browser's
         # preflight never carries the token.)
-        if self.server.broker.token is not None and path not in PUBLIC_PATHS \
-                and method != "OPTIONS" and not self._authorized(path, query_text):
+        if method != "OPTIONS" and not self.authorized(path, query_text):
             return
         handlers = self.ROUTES.get(path)
         if handlers is None:
@@ -2296,13 +2299,13 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(404, "no such endpoint: %s" % path)
             return
         if method == "OPTIONS":
-            self.send_body(204, b"", None, [("Allow", _allowed_methods(path, handlers))])
+            self.send_body(204, b"", None, [("Allow", self._allowed_methods(path, handlers))])
             return
         handler = handlers.get("GET" if method == "HEAD" else method)
-        if handler is None or (method == "HEAD" and path in STREAM_PATHS):
+        if handler is None or (method == "HEAD" and path in self.STREAM_PATHS):
             self.close_connection = True
             self.send_error_json(405, "method %s not allowed on %s" % (method, path),
-                                 [("Allow", _allowed_methods(path, handlers))])
+                                 [("Allow", self._allowed_methods(path, handlers))])
             return
         query = _parse_query(query_text)
         try:
@@ -2317,18 +2320,90 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def _authorized(self, path, query_text):
-        """Check `Authorization: Bearer <token>`, in constant time; else 401.
+    def read_body(self):
+        """The request's body (Content-Length required, at most --max-body
+        bytes), or None once an error answer (or a client gone) says why not."""
+        length_header = self.headers.get("content-length")
+        if length_header is None or self.headers.get("transfer-encoding"):
+            self.close_connection = True
+            self.send_error_json(411, "Content-Length required")
+            return None
+        if not _CONTENT_LENGTH.fullmatch(length_header.strip()):
+            self.close_connection = True
+            self.send_error_json(400, "malformed Content-Length")
+            return None
+        length = int(length_header)
+        limit = self.max_body
+        if length > limit:
+            self.close_connection = True
+            self.send_error_json(413, "body larger than %d bytes" % limit)
+            return None
+        body = self.rfile.read(length)
+        if body is None or len(body) != length:
+            self.close_connection = True
+            return None  # the client went away mid-body
+        return body
+
+
+# ---------------------------------------------------------------------------
+# The broker's endpoints
+# ---------------------------------------------------------------------------
+
+# Paths that need no --token, and the event streams:
+PUBLIC_PATHS = ("/healthz", "/")  # the page holds no data; it asks for the token
+STREAM_PATHS = ("/task", "/events")  # event streams: no HEAD
+
+
+class BrokerHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = _listen_backlog()
+
+    def __init__(self, address, broker):
+        self.broker = broker
+        self.tls_context = broker.tls_context
+        self.cors_origins = broker.cors_origins
+        handler = type("Handler", (BrokerRequestHandler,), {
+            "read_timeout": broker.read_timeout, "max_body": broker.max_body})
+        super().__init__(address, handler)
+
+
+def _id_list(value):
+    """`value` if it is a list of strings (ids), else None."""
+    # (The types of its items, as a set made in C: a generator took 10
+    # bytecodes an id.)
+    if isinstance(value, list) and set(map(type, value)) <= {str}:
+        return value
+    return None
+
+
+class BrokerRequestHandler(HTTPRequestHandler):
+    """The broker's endpoints (PROTOCOL.md): one short method each."""
+
+    server_version = "broker.py/" + __version__
+    ROUTES = {"/task": {"GET": "handle_task"}, "/report": {"POST": "handle_report"},
+              "/touch": {"POST": "handle_touch"}, "/requeue": {"POST": "handle_requeue"},
+              "/stats": {"GET": "handle_stats"}, "/healthz": {"GET": "handle_healthz"},
+              "/metrics": {"GET": "handle_metrics"}, "/events": {"GET": "handle_events"},
+              "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"}}
+    STREAM_PATHS = STREAM_PATHS
+
+    def authorized(self, path, query_text):
+        """With --token, check `Authorization: Bearer <token>`, in constant
+        time; else 401. (Not for PUBLIC_PATHS.)
 
         GET /events also takes `?access_token=`: a browser's EventSource
         cannot send headers.
         """
+        expected = self.server.broker.token
+        if expected is None or path in PUBLIC_PATHS:
+            return True
         header = self.headers.get("authorization", "")
         scheme, _space, given = header.partition(" ")
         if path == "/events" and not header:
             scheme, given = "bearer", "".join(_parse_query(query_text).get(
                 "access_token", [""])[:1])
-        expected = self.server.broker.token
         if scheme.lower() == "bearer" and hmac.compare_digest(
                 given.strip().encode("utf-8", "replace"), expected.encode("utf-8")):
             return True
@@ -2408,30 +2483,6 @@ class BrokerRequestHandler(http.server.BaseHTTPRequestHandler):
                 channel.send(SSE_PING)
 
     # -- POST /report ---------------------------------------------------------
-
-    def read_body(self):
-        """The request's body (Content-Length required, at most --max-body
-        bytes), or None once an error answer (or a client gone) says why not."""
-        length_header = self.headers.get("content-length")
-        if length_header is None or self.headers.get("transfer-encoding"):
-            self.close_connection = True
-            self.send_error_json(411, "Content-Length required")
-            return None
-        if not _CONTENT_LENGTH.fullmatch(length_header.strip()):
-            self.close_connection = True
-            self.send_error_json(400, "malformed Content-Length")
-            return None
-        length = int(length_header)
-        limit = self.server.broker.max_body
-        if length > limit:
-            self.close_connection = True
-            self.send_error_json(413, "body larger than %d bytes" % limit)
-            return None
-        body = self.rfile.read(length)
-        if body is None or len(body) != length:
-            self.close_connection = True
-            return None  # the client went away mid-body
-        return body
 
     def handle_report(self, query):
         body = self.read_body()
@@ -2589,224 +2640,6 @@ class StartError(Exception):
     """The broker cannot start; the message says why (exit status 2)."""
 
 
-class OneCore:
-    """Keeps the broker's threads on one CPU: the default, --no-pin turns it off.
-
-    The broker's Python threads take turns holding the GIL, handing it to
-    each other several times for every report. Spread over cores, each
-    hand-off wakes a thread on another core and waits for it: under 8 Go
-    clients (as bench/gobench.py loads it, 2 cores) the broker made 27,000
-    context switches and 2,400 migrations a second and spent 300 µs of CPU
-    per report. On one core the next thread simply runs after the last: 6,600
-    switches a second, 170 µs a report, 1.6 times the messages a second.
-    What pinning gives up is the kernel's work on the broker's sockets
-    running beside its Python code on another core: the kernel is 11% of
-    the broker's time (perf), so that is the most a second core could add.
-
-    Pinned, the broker can no longer be moved by the kernel off a core that
-    other work keeps busy. So `balance()`, every BALANCE_SECONDS, reads the
-    cores' busy shares from /proc/stat, and moves the threads to the idlest
-    allowed core when other work takes more of theirs than that one is busy.
-    """
-
-    MARGIN = 0.25  # of a core: no move for less (nor back and forth)
-
-    def __init__(self, allowed):
-        self.allowed = allowed  # the CPUs the broker was given (a child gets them back)
-        self.cpu = None
-        self._last = None  # (monotonic time, own CPU seconds, {cpu: (busy, total) ticks})
-
-    @classmethod
-    def start(cls):
-        """Pin every thread of the broker to the CPU it runs on now; None
-        where there is no choice (one CPU allowed) or no affinity (not Linux)."""
-        if not hasattr(os, "sched_setaffinity"):
-            return None
-        allowed = sorted(os.sched_getaffinity(0))
-        if len(allowed) < 2:
-            return None
-        pin = cls(allowed)
-        pin.move(_current_cpu(allowed))
-        log.info("the broker's threads run on CPU %d of %s (--no-pin lets them spread)",
-                 pin.cpu, _cpu_list(allowed))
-        pin._last = pin._sample()
-        return pin
-
-    def move(self, cpu):
-        """All the broker's threads onto `cpu`; the threads it starts from
-        now on inherit it from their creator."""
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                os.sched_setaffinity(int(tid), {cpu})
-            except OSError:
-                pass  # (a thread that has just ended)
-        self.cpu = cpu
-
-    def release(self, pid):
-        """A child process (`--workers`) gets the broker's CPUs back."""
-        try:
-            os.sched_setaffinity(pid, self.allowed)
-        except OSError:
-            pass  # (it has exited already)
-
-    def _sample(self):
-        times = os.times()
-        return time.monotonic(), times.user + times.system, _cpu_ticks()
-
-    def balance(self):
-        """Move to the idlest core if other work crowds this one (see above)."""
-        last, self._last = self._last, self._sample()
-        (then, own_then, ticks_then), (now, own_now, ticks_now) = last, self._last
-        busy = {}
-        for cpu in self.allowed:
-            if cpu in ticks_then and cpu in ticks_now:
-                total = ticks_now[cpu][1] - ticks_then[cpu][1]
-                busy[cpu] = (ticks_now[cpu][0] - ticks_then[cpu][0]) / total if total > 0 else 0.0
-        if self.cpu not in busy or now <= then:
-            return
-        crowding = busy[self.cpu] - (own_now - own_then) / (now - then)  # others' share of ours
-        idlest = min((cpu for cpu in busy if cpu != self.cpu), key=busy.get, default=None)
-        if idlest is not None and busy[idlest] + self.MARGIN < crowding:
-            log.info("CPU %d is %.0f%% busy with other work, CPU %d %.0f%%: moving the "
-                     "broker's threads there", self.cpu, 100 * crowding, idlest,
-                     100 * busy[idlest])
-            self.move(idlest)
-
-
-def _current_cpu(allowed):
-    """The CPU this thread runs on now (field 39 of its stat), else the first allowed."""
-    try:
-        with open("/proc/thread-self/stat") as f:
-            cpu = int(f.read().rsplit(")", 1)[1].split()[36])
-    except (OSError, ValueError, IndexError):
-        return allowed[0]
-    return cpu if cpu in allowed else allowed[0]
-
-
-def _cpu_ticks():
-    """{cpu: (busy ticks, all ticks)} since boot, from /proc/stat ({} without it)."""
-    ticks = {}
-    try:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith("cpu") and line[3:4].isdigit():
-                    name, *fields = line.split()
-                    user, nice, system, idle, iowait, irq, softirq, steal = (
-                        int(n) for n in (fields + ["0"] * 8)[:8])
-                    busy = user + nice + system + irq + softirq + steal
-                    ticks[int(name[3:])] = (busy, busy + idle + iowait)
-    except (OSError, ValueError):
-        return {}
-    return ticks
-
-
-def _cpu_list(cpus):
-    """[0, 1, 2, 5] -> "0-2,5"."""
-    ranges = []
-    for cpu in cpus:
-        if ranges and ranges[-1][1] == cpu - 1:
-            ranges[-1][1] = cpu
-        else:
-            ranges.append([cpu, cpu])
-    return ",".join("%d" % a if a == b else "%d-%d" % (a, b) for a, b in ranges)
-
-
-class TraceFile:
-    """JSON lines of every lease start and end, in the order they happened.
-
-    Appended to, so that runs of a restarted broker add up. `worker` is the
-    stream's number in this run (0: no stream, a failure found at a
-    --durable start). The dispatcher calls this under its lock, so a line is
-    only queued there; a thread of its own writes the lines, a batch at a
-    time. A write that fails (a full disk) is logged, shown by /healthz, and
-    tried again each second; the dispatcher never waits for this file.
-    """
-
-    RETRY_SECONDS = 1.0
-    MAX_BACKLOG = 1_000_000  # lines kept while the file cannot be written; older ones dropped
-
-    def __init__(self, path):
-        self.path = path
-        self._created = not os.path.exists(path)
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as error:
-            raise StartError("cannot open the trace file %s: %s" % (
-                path, error.strerror or error)) from None
-        self._lines = queue.SimpleQueue()
-        self._unwritten = b""  # lines taken from the queue, not yet in the file
-        self._stopping = False
-        self.error = None      # the last write's error, while it lasts
-        self.dropped = 0       # lines lost for good (more than MAX_BACKLOG waited)
-        self.thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
-
-    def __call__(self, kind, message, session):
-        line = '{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"batch":%d,"attempt":%d,' \
-            '"period":%d' % (time.time(), os.getpid(), kind, message.id,
-                             session.number if session else 0, message.batch, message.attempts,
-                             message.period)
-        if kind in ("failed", "dead"):
-            line += ',"reason":"%s"' % message.reason
-        self._lines.put(line + "}\n")
-
-    def _run(self):
-        while True:
-            lines = []
-            try:
-                lines.append(self._lines.get(timeout=0.5))
-                while True:
-                    lines.append(self._lines.get_nowait())
-            except queue.Empty:
-                pass
-            if lines:
-                self._unwritten += "".join(lines).encode("ascii")
-                # (Lines pile up only while writes fail: counted only then.)
-                excess = self._unwritten.count(b"\n") - self.MAX_BACKLOG if self.error else 0
-                if excess > 0:
-                    cut = 0
-                    for _ in range(excess):
-                        cut = self._unwritten.index(b"\n", cut) + 1
-                    self._unwritten = self._unwritten[cut:]
-                    self.dropped += excess
-            if self._unwritten and not self._write():
-                if self._stopping:
-                    return
-                time.sleep(self.RETRY_SECONDS)
-            elif self._stopping and self._lines.empty():
-                return
-
-    def _write(self):
-        try:
-            while self._unwritten:  # (a short write on a full disk leaves the rest)
-                written = os.write(self._fd, self._unwritten)
-                self._unwritten = self._unwritten[written:]
-        except OSError as error:
-            if self.error is None:
-                log.error("cannot write the trace file %s (%d lines kept, retrying): %s",
-                          self.path, self._unwritten.count(b"\n"), error)
-            self.error = str(error)
-            return False
-        if self.error is not None:
-            self.error = None
-            log.info("the trace file %s can be written again", self.path)
-        return True
-
-    def discard(self):
-        """A start that failed: close, and remove the file if this made it empty."""
-        os.close(self._fd)
-        if self._created and os.path.getsize(self.path) == 0:
-            os.unlink(self.path)
-
-    def close(self, timeout):
-        """Write what is queued, waiting at most `timeout` s; returns how many
-        lines are not in the file (0 when all are)."""
-        self._stopping = True
-        self.thread.join(timeout)
-        unwritten = self.dropped + self._unwritten.count(b"\n") + self._lines.qsize()
-        os.close(self._fd)
-        return unwritten
-
-
 def _jetstream():
     """broker_jetstream.py, imported for --jetstream only (it needs nats-py).
     It does not import this file: what it needs of it, it is handed."""
@@ -2905,30 +2738,36 @@ class Broker:
             self._threads.append(self.trace.thread)
 
     def _open_state(self):
-        """Take back what the db holds: requeued dead letters (first in line)
-        and, with --durable, the unsettled messages and counters of a run
-        before. A requeued dead letter leaves the db only once it is settled
-        again: without --durable it stays in `requeue` until it is done or
-        dead (then it leaves in the same commit); with --durable it moves to
-        `pending` here, in one transaction with the `requeued` counter."""
+        """Take back what the db holds: the dead letters requeued (first in
+        line) and, with --durable, the unsettled messages and counters of a
+        run before. A requeued dead letter has a `pending` record until it
+        is settled again; a --durable start counts those no run has counted
+        yet (`"requeued": true` in the record) in one transaction with the
+        `requeued` counter. (A `requeue` bucket of an older broker.py is
+        moved into `pending` first, in the same transaction.)"""
         durable = self.args.durable
-        requeued, records, counters = load_state(self.db)
+        old_requeued, records, counters = load_state(self.db)
+        by_id = {record["id"]: record for record in records}
         with self.db.update() as tx:
             tx.create_bucket_if_not_exists(DEAD_LETTER_BUCKET)
+            if old_requeued:
+                pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
+                for record in old_requeued:
+                    by_id[record["id"]] = fresh = requeued_record(record)
+                    pending.put(record["id"].encode("ascii"), _compact_json(fresh).encode())
+            if tx.bucket(OLD_REQUEUE_BUCKET) is not None:
+                tx.delete_bucket(OLD_REQUEUE_BUCKET)
+            requeued = [record for record in by_id.values() if record.get("requeued")]
             if durable and requeued:
                 pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
                 for record in requeued:
-                    message = Message(record["id"], record["period"])
-                    pending.put(message.id.encode("ascii"),
-                                _compact_json(pending_record(message, False)).encode())
+                    pending.put(record["id"].encode("ascii"), _compact_json(pending_record(
+                        Message(record["id"], record["period"]), False)).encode())
                 state = tx.create_bucket_if_not_exists(STATE_BUCKET)
                 counters = counters or (0, 0, 0, 0)
                 counters = counters[:3] + (counters[3] + len(requeued),)
                 state.put(b"requeued", b"%d" % counters[3])
-            if durable and tx.bucket(REQUEUE_BUCKET) is not None:
-                tx.delete_bucket(REQUEUE_BUCKET)
-        requeued_ids = {record["id"] for record in requeued}
-        records = [r for r in records if r["id"] not in requeued_ids]
+        records = [record for record in by_id.values() if not record.get("requeued")]
         if not durable:
             if records:
                 log.warning("%s holds %d unsettled messages of a --durable run: left as they "
@@ -3765,7 +3604,7 @@ def requeue_command(argv):
         prog="broker.py requeue",
         description="Requeue dead letters, attempts reset. With --url, those of a running "
                     "broker, which sends them out first at once (POST /requeue); otherwise "
-                    "those of a stopped broker's --db, moved to its 'requeue' bucket: the "
+                    "those of a stopped broker's --db, moved to its 'pending' bucket: the "
                     "broker sends them first on its next start.")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--db", default=None,
@@ -3794,9 +3633,10 @@ def requeue_command(argv):
                     parse_record(DEAD_LETTER_BUCKET, key, failed.get(key))
                 except RecordError as error:
                     raise ToolError("%s: cannot be requeued: %s" % (args.db, error)) from None
-            requeue = tx.create_bucket_if_not_exists(REQUEUE_BUCKET)
+            pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
             for key in keys:
-                requeue.put(key, failed.get(key))
+                record = parse_record(DEAD_LETTER_BUCKET, key, failed.get(key))
+                pending.put(key, _compact_json(requeued_record(record)).encode())
                 failed.delete(key)
     print("%d dead letters requeued: the broker sends them first on its next start"
           % len(keys))
@@ -3830,6 +3670,232 @@ def _requeue_live(args):
         print("not dead letters there: %s" % " ".join(answer["missing"]), file=sys.stderr)
         return 1
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Appendix D. One CPU (--pin): OneCore
+# ---------------------------------------------------------------------------
+
+class OneCore:
+    """Keeps the broker's threads on one CPU: the default, --no-pin turns it off.
+
+    The broker's Python threads take turns holding the GIL, handing it to
+    each other several times for every report. Spread over cores, each
+    hand-off wakes a thread on another core and waits for it: under 8 Go
+    clients (as bench/gobench.py loads it, 2 cores) the broker made 27,000
+    context switches and 2,400 migrations a second and spent 300 µs of CPU
+    per report. On one core the next thread simply runs after the last: 6,600
+    switches a second, 170 µs a report, 1.6 times the messages a second.
+    What pinning gives up is the kernel's work on the broker's sockets
+    running beside its Python code on another core: the kernel is 11% of
+    the broker's time (perf), so that is the most a second core could add.
+
+    Pinned, the broker can no longer be moved by the kernel off a core that
+    other work keeps busy. So `balance()`, every BALANCE_SECONDS, reads the
+    cores' busy shares from /proc/stat, and moves the threads to the idlest
+    allowed core when other work takes more of theirs than that one is busy.
+    """
+
+    MARGIN = 0.25  # of a core: no move for less (nor back and forth)
+
+    def __init__(self, allowed):
+        self.allowed = allowed  # the CPUs the broker was given (a child gets them back)
+        self.cpu = None
+        self._last = None  # (monotonic time, own CPU seconds, {cpu: (busy, total) ticks})
+
+    @classmethod
+    def start(cls):
+        """Pin every thread of the broker to the CPU it runs on now; None
+        where there is no choice (one CPU allowed) or no affinity (not Linux)."""
+        if not hasattr(os, "sched_setaffinity"):
+            return None
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            return None
+        pin = cls(allowed)
+        pin.move(_current_cpu(allowed))
+        log.info("the broker's threads run on CPU %d of %s (--no-pin lets them spread)",
+                 pin.cpu, _cpu_list(allowed))
+        pin._last = pin._sample()
+        return pin
+
+    def move(self, cpu):
+        """All the broker's threads onto `cpu`; the threads it starts from
+        now on inherit it from their creator."""
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), {cpu})
+            except OSError:
+                pass  # (a thread that has just ended)
+        self.cpu = cpu
+
+    def release(self, pid):
+        """A child process (`--workers`) gets the broker's CPUs back."""
+        try:
+            os.sched_setaffinity(pid, self.allowed)
+        except OSError:
+            pass  # (it has exited already)
+
+    def _sample(self):
+        times = os.times()
+        return time.monotonic(), times.user + times.system, _cpu_ticks()
+
+    def balance(self):
+        """Move to the idlest core if other work crowds this one (see above)."""
+        last, self._last = self._last, self._sample()
+        (then, own_then, ticks_then), (now, own_now, ticks_now) = last, self._last
+        busy = {}
+        for cpu in self.allowed:
+            if cpu in ticks_then and cpu in ticks_now:
+                total = ticks_now[cpu][1] - ticks_then[cpu][1]
+                busy[cpu] = (ticks_now[cpu][0] - ticks_then[cpu][0]) / total if total > 0 else 0.0
+        if self.cpu not in busy or now <= then:
+            return
+        crowding = busy[self.cpu] - (own_now - own_then) / (now - then)  # others' share of ours
+        idlest = min((cpu for cpu in busy if cpu != self.cpu), key=busy.get, default=None)
+        if idlest is not None and busy[idlest] + self.MARGIN < crowding:
+            log.info("CPU %d is %.0f%% busy with other work, CPU %d %.0f%%: moving the "
+                     "broker's threads there", self.cpu, 100 * crowding, idlest,
+                     100 * busy[idlest])
+            self.move(idlest)
+
+
+def _current_cpu(allowed):
+    """The CPU this thread runs on now (field 39 of its stat), else the first allowed."""
+    try:
+        with open("/proc/thread-self/stat") as f:
+            cpu = int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return allowed[0]
+    return cpu if cpu in allowed else allowed[0]
+
+
+def _cpu_ticks():
+    """{cpu: (busy ticks, all ticks)} since boot, from /proc/stat ({} without it)."""
+    ticks = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    name, *fields = line.split()
+                    user, nice, system, idle, iowait, irq, softirq, steal = (
+                        int(n) for n in (fields + ["0"] * 8)[:8])
+                    busy = user + nice + system + irq + softirq + steal
+                    ticks[int(name[3:])] = (busy, busy + idle + iowait)
+    except (OSError, ValueError):
+        return {}
+    return ticks
+
+
+def _cpu_list(cpus):
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    ranges = []
+    for cpu in cpus:
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join("%d" % a if a == b else "%d-%d" % (a, b) for a, b in ranges)
+
+
+# ---------------------------------------------------------------------------
+# Appendix E. The trace file (--trace): TraceFile
+# ---------------------------------------------------------------------------
+
+class TraceFile:
+    """JSON lines of every lease start and end, in the order they happened.
+
+    Appended to, so that runs of a restarted broker add up. `worker` is the
+    stream's number in this run (0: no stream, a failure found at a
+    --durable start). The dispatcher calls this under its lock, so a line is
+    only queued there; a thread of its own writes the lines, a batch at a
+    time. A write that fails (a full disk) is logged, shown by /healthz, and
+    tried again each second; the dispatcher never waits for this file.
+    """
+
+    RETRY_SECONDS = 1.0
+    MAX_BACKLOG = 1_000_000  # lines kept while the file cannot be written; older ones dropped
+
+    def __init__(self, path):
+        self.path = path
+        self._created = not os.path.exists(path)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StartError("cannot open the trace file %s: %s" % (
+                path, error.strerror or error)) from None
+        self._lines = queue.SimpleQueue()
+        self._unwritten = b""  # lines taken from the queue, not yet in the file
+        self._stopping = False
+        self.error = None      # the last write's error, while it lasts
+        self.dropped = 0       # lines lost for good (more than MAX_BACKLOG waited)
+        self.thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
+
+    def __call__(self, kind, message, session):
+        line = '{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"batch":%d,"attempt":%d,' \
+            '"period":%d' % (time.time(), os.getpid(), kind, message.id,
+                             session.number if session else 0, message.batch, message.attempts,
+                             message.period)
+        if kind in ("failed", "dead"):
+            line += ',"reason":"%s"' % message.reason
+        self._lines.put(line + "}\n")
+
+    def _run(self):
+        while True:
+            lines = []
+            try:
+                lines.append(self._lines.get(timeout=0.5))
+                while True:
+                    lines.append(self._lines.get_nowait())
+            except queue.Empty:
+                pass
+            if lines:
+                self._unwritten += "".join(lines).encode("ascii")
+                # (Lines pile up only while writes fail: counted only then.)
+                excess = self._unwritten.count(b"\n") - self.MAX_BACKLOG if self.error else 0
+                if excess > 0:
+                    cut = 0
+                    for _ in range(excess):
+                        cut = self._unwritten.index(b"\n", cut) + 1
+                    self._unwritten = self._unwritten[cut:]
+                    self.dropped += excess
+            if self._unwritten and not self._write():
+                if self._stopping:
+                    return
+                time.sleep(self.RETRY_SECONDS)
+            elif self._stopping and self._lines.empty():
+                return
+
+    def _write(self):
+        try:
+            while self._unwritten:  # (a short write on a full disk leaves the rest)
+                written = os.write(self._fd, self._unwritten)
+                self._unwritten = self._unwritten[written:]
+        except OSError as error:
+            if self.error is None:
+                log.error("cannot write the trace file %s (%d lines kept, retrying): %s",
+                          self.path, self._unwritten.count(b"\n"), error)
+            self.error = str(error)
+            return False
+        if self.error is not None:
+            self.error = None
+            log.info("the trace file %s can be written again", self.path)
+        return True
+
+    def discard(self):
+        """A start that failed: close, and remove the file if this made it empty."""
+        os.close(self._fd)
+        if self._created and os.path.getsize(self.path) == 0:
+            os.unlink(self.path)
+
+    def close(self, timeout):
+        """Write what is queued, waiting at most `timeout` s; returns how many
+        lines are not in the file (0 when all are)."""
+        self._stopping = True
+        self.thread.join(timeout)
+        unwritten = self.dropped + self._unwritten.count(b"\n") + self._lines.qsize()
+        os.close(self._fd)
+        return unwritten
 
 
 if __name__ == "__main__":

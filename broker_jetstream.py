@@ -171,7 +171,7 @@ class JetStreamQueue:
                 self._charged[message.id] = message.attempts
             self._fetched.extendleft(reversed(messages))
         else:
-            # (Another broker may fetch them: the halves of PROTOCOL.md v1.1
+            # (Another broker may fetch them: the halves of PROTOCOL.md rule 6
             # are not kept across brokers; each goes back on its own.)
             for message in messages:
                 self._send("nak", message)

@@ -1,16 +1,30 @@
-"""Shared fixtures: the Go interop helper, and the rule that CI never skips it.
+"""What the tests share: real broker, worker and NATS processes on loopback
+(`processes`, `nats_server`), the `db` path, a strict SSE client written from
+the WHATWG algorithm, the Go interop helper, headless Chromium, the trace's
+audit, and the rule that CI never skips an interop test.
 
-Tests that need Go (the real bbolt and rs/xid libraries), chromium or
-prometheus_client skip without them, unless REQUIRE_INTEROP=1 is set (as
-.ci/run does): then a missing one fails them.
+Tests that need Go (the real bbolt and rs/xid libraries), chromium,
+prometheus_client or NATS skip without them, unless REQUIRE_INTEROP=1 is set
+(as .ci/run does): then a missing one fails them.
 """
 
+import codecs
+import collections
+import concurrent.futures
 import contextlib
+import http.client
+import importlib.util
+import json
 import os
 import random
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -89,22 +103,77 @@ def run_boltcheck(binary, *args, timeout=120):
 
 
 # ---------------------------------------------------------------------------
+# The trace (broker.py --trace): one JSON line an event
+# ---------------------------------------------------------------------------
+
+def read_trace(path):
+    """The events of a trace file, in the order they were written."""
+    with open(str(path)) as f:
+        return [json.loads(line) for line in f]
+
+
+def audit_trace(path, max_attempts=3):
+    """The trace of one broker checked for what every run keeps (PROTOCOL.md):
+    a message is leased to one worker at a time (each lease ends, by done,
+    failed or dead of the same worker, before the next begins), each lease
+    is its next attempt, at most `max_attempts` of them, and it is settled
+    (done or dead) at most once, as its last event. Returns (done ids, dead
+    ids, unsettled ids, problems); a test asserts on what it needs."""
+    history = collections.defaultdict(list)
+    for event in read_trace(path):
+        history[event["id"]].append(event)
+    done, dead, unsettled, problems = set(), set(), set(), []
+    for message_id, events in history.items():
+        holder, leases = None, 0
+        for event in events:
+            if event["event"] == "lease":
+                leases += 1
+                if holder is not None:
+                    problems.append(("leased while held", message_id, events))
+                if event["attempt"] != leases:
+                    problems.append(("attempt is not its lease count", message_id, events))
+                holder = event["worker"]
+            else:
+                if holder != event["worker"]:
+                    problems.append(("ended by another worker", message_id, events))
+                holder = None
+        settled = [e["event"] for e in events if e["event"] in ("done", "dead")]
+        if leases > max_attempts:
+            problems.append(("leased more than %d times" % max_attempts, message_id, events))
+        if len(settled) > 1 or (settled and events[-1]["event"] not in ("done", "dead")):
+            problems.append(("settled twice, or used after it settled", message_id, events))
+        if not settled:
+            unsettled.add(message_id)
+        else:
+            (done if settled[0] == "done" else dead).add(message_id)
+    return done, dead, unsettled, problems
+
+
+def dead_letters_made(processes, db, count, *flags):
+    """A --total `count` run on `db` whose messages all die (one attempt
+    each, none reported): their ids, sorted, once the broker has stopped."""
+    b = processes.broker(db, "--total", count, "--max-attempts", "1", "--heartbeat", "600",
+                         *flags)
+    client = b.stream(count)
+    client.hello()
+    batch = client.batch()
+    assert b.report(client.token, batch[0]["batch"], [])[0] == 200
+    assert b.wait() == 0, b.output()[-2000:]
+    client.close()
+    return sorted(m["id"] for m in batch)
+
+
+# ---------------------------------------------------------------------------
 # Real processes: the broker and the worker, on ephemeral loopback ports
 # ---------------------------------------------------------------------------
 
-import codecs  # noqa: E402
-import concurrent.futures  # noqa: E402
-import importlib.util  # noqa: E402
-import collections  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
 PROCESS_TIMEOUT = 60
+
+
+@pytest.fixture
+def db(tmp_path):
+    """Where a test's broker keeps its bbolt file."""
+    return tmp_path / "broker.db"
 
 
 class Process:

@@ -1,8 +1,8 @@
 """The broker's edges: stopping, bytes that never left, failed writes, poison batches.
 
-Each test names the rule it proves (PROTOCOL.md v1.1, "Leases", "Retries
-isolate a poison message", "Graceful stop"), against a real broker process
-where the rule crosses the wire.
+Each test names the rule it proves (PROTOCOL.md, "Dispatch and retry rules",
+"Graceful stop"), against a real broker process where the rule crosses the
+wire.
 """
 
 import json
@@ -16,20 +16,9 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 import broker
-from conftest import HERE, SSEClient, http_request
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "broker.db"
-
-
-def trace_lines(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+from conftest import HERE, SSEClient, http_request, read_trace
 
 
 def fixed_ids():
@@ -77,7 +66,7 @@ def test_sigterm_with_one_message_and_four_streams_leases_it_once(processes, db,
     holder.batch()
     b.signal(signal.SIGTERM)
     assert b.wait() == 0
-    events = trace_lines(trace)
+    events = read_trace(trace)
     assert [e["event"] for e in events] == ["lease", "failed"]
     for stream in streams:
         stream.close()
@@ -113,7 +102,7 @@ def test_clients_gone_before_their_first_batch_are_charged_no_attempt(processes,
     assert stats["dead"] == 0
     honest.close()
     b.stop()
-    leased = [e for e in trace_lines(trace) if e["event"] == "lease"]
+    leased = [e for e in read_trace(trace) if e["event"] == "lease"]
     assert {e["id"] for e in leased} >= {m["id"] for m in batch}
     assert {e["worker"] for e in leased} == {number}  # the gone streams leased nothing
 
@@ -414,88 +403,3 @@ def test_the_stop_line_of_a_durable_broker_counts_what_stays_pending(processes, 
     assert re.search(r"when it stopped 4 messages were leased and 0 waiting for a retry; "
                      r"4 stay pending in the db", b.output())
     holder.close()
-
-
-# --- requeued dead letters are never lost ----------------------------------------------
-
-def read_buckets(db):
-    import bbolt_lite
-    with bbolt_lite.open(str(db), readonly=True, timeout=5) as store, store.view() as tx:
-        def bucket(name):
-            b = tx.bucket(name)
-            return {k.decode(): json.loads(v) for k, v in b.items()} if b else {}
-        state = tx.bucket(b"state")
-        counters = {k.decode(): int(v) for k, v in state.items()} if state else {}
-        return bucket(b"failed"), bucket(b"requeue"), bucket(b"pending"), counters
-
-
-def stream_batch(b, batchsize):
-    """A new stream on broker `b`, and its first batch."""
-    client = b.stream(batchsize)
-    client.hello()
-    return client, client.batch()
-
-
-def dead_letters_requeued(processes, db, count, *flags):
-    """A run whose `count` messages all die, then `broker.py requeue --all`."""
-    b = processes.broker(db, "--total", count, "--max-attempts", "1", *flags)
-    client, batch = stream_batch(b, count)
-    assert b.report(client.token, batch[0]["batch"], [])[0] == 200
-    assert b.wait() == 0
-    client.close()
-    result = subprocess.run([sys.executable, "broker.py", "requeue", "--db", str(db), "--all"],
-                            cwd=HERE, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return sorted(m["id"] for m in batch)
-
-
-def test_without_durable_requeued_dead_letters_stay_in_the_db_until_settled_again(
-        processes, db):
-    ids = dead_letters_requeued(processes, db, 20)
-    b = processes.broker(db, "--total", "0", "--heartbeat", "600")
-    b.wait_for_line(r"20 requeued dead letters go out first")
-    b.signal(signal.SIGTERM)  # a clean stop before any worker came
-    assert b.wait() == 0
-    failed, requeue, _pending, _counters = read_buckets(db)
-    assert sorted(requeue) == ids and failed == {}
-    # Settled again: 5 done, the rest dead again; each leaves `requeue` as it settles.
-    b = processes.broker(db, "--total", "0", "--max-attempts", "1", "--heartbeat", "600")
-    client, batch = stream_batch(b, 20)
-    done = [m["id"] for m in batch[:5]]
-    assert b.report(client.token, batch[0]["batch"], done)[0] == 200
-    assert b.wait() == 0
-    assert "all 20 messages settled: 5 done, 15 dead" in b.output()
-    failed, requeue, _pending, _counters = read_buckets(db)
-    assert requeue == {} and sorted(failed) == sorted(set(ids) - set(done))
-    client.close()
-
-
-def test_a_durable_run_killed_after_a_requeue_settles_its_total_when_restarted(processes, db):
-    ids = dead_letters_requeued(processes, db, 6, "--durable")
-    b = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
-    client, batch = stream_batch(b, 6)
-    assert sorted(m["id"] for m in batch) == ids
-    assert b.report(client.token, batch[0]["batch"], ids[:3])[0] == 200
-    b.signal(signal.SIGKILL)
-    b.wait()
-    client.close()
-    _failed, requeue, pending, counters = read_buckets(db)
-    assert requeue == {} and sorted(pending) == ids[3:] and counters["requeued"] == 6
-    again = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
-    client, rest = stream_batch(again, 6)
-    assert sorted(m["id"] for m in rest) == ids[3:]
-    assert again.report(client.token, rest[0]["batch"], ids[3:])[0] == 200
-    assert again.wait() == 0
-    assert "all 12 messages settled: 6 done, 6 dead" in again.output()
-    client.close()
-
-
-def test_a_clean_durable_run_after_a_requeue_settles(processes, db):
-    ids = dead_letters_requeued(processes, db, 4, "--durable")
-    b = processes.broker(db, "--durable", "--total", "4", "--heartbeat", "600")
-    client, batch = stream_batch(b, 4)
-    assert b.report(client.token, batch[0]["batch"], ids)[0] == 200
-    assert b.wait(timeout=20) == 0
-    failed, requeue, pending, _counters = read_buckets(db)
-    assert (failed, requeue, pending) == ({}, {}, {})
-    client.close()

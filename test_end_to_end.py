@@ -1,10 +1,9 @@
 """The whole system: a real broker, real supervised workers, the bbolt file, Go's check."""
 
-import collections
 import json
 
 import bbolt_lite
-from conftest import run_boltcheck
+from conftest import audit_trace, run_boltcheck
 
 
 def test_every_message_ends_done_or_dead_exactly_once_and_is_never_held_twice(
@@ -16,31 +15,8 @@ def test_every_message_ends_done_or_dead_exactly_once_and_is_never_held_twice(
     assert b.wait(timeout=240) == 0, b.output()[-3000:]
 
     # The trace is written under the dispatcher's lock, in the order things happened.
-    history = collections.defaultdict(list)
-    with open(trace) as f:
-        for line in f:
-            event = json.loads(line)
-            history[event["id"]].append(event)
-    assert len(history) == 2000
-
-    done, dead = set(), set()
-    for message_id, events in history.items():
-        holder = None
-        for i, event in enumerate(events):
-            if event["event"] == "lease":
-                # A new lease only once the last one has ended: never two holders.
-                assert holder is None, (message_id, events)
-                holder = event["worker"]
-                assert event["attempt"] == sum(e["event"] == "lease" for e in events[:i + 1])
-            else:
-                assert holder == event["worker"], (message_id, events)
-                holder = None
-        assert holder is None
-        last = events[-1]["event"]
-        assert last in ("done", "dead"), (message_id, events)
-        assert sum(e["event"] in ("done", "dead") for e in events) == 1
-        (done if last == "done" else dead).add(message_id)
-        assert sum(e["event"] == "lease" for e in events) <= 3
+    done, dead, unsettled, problems = audit_trace(trace)
+    assert problems == [] and unsettled == set()
     assert len(done) + len(dead) == 2000 and not done & dead
     assert "all 2000 messages settled: %d done, %d dead" % (len(done), len(dead)) in b.output()
 

@@ -1,7 +1,7 @@
 """Clients nobody here wrote, each used as its own documentation shows, as workers
 of a real broker: at least 20 batches received and reported 200, well within
-the lease timeout. README.md's "Tested clients" shows each one, and its
-Python examples are run here as written.
+the lease timeout. README.md's "Tested clients" lists each one and
+examples/clients.md shows it; its Python programs are run here as written.
 
 The Python clients are test-only dependencies (requirements-test.txt); curl,
 ab (apache2-utils), chromium and Go are Debian's. A missing one skips, unless
@@ -29,11 +29,6 @@ import bbolt_lite
 from conftest import HERE, GoMissing, build_go, headless_chromium, safe_seed, skip_or_fail
 
 BATCHES = 20
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "broker.db"
 
 
 def need(module):
@@ -371,11 +366,11 @@ def test_worker_py_reads_a_chunked_stream_and_a_close_delimited_one(processes, d
 
 
 def readme_examples():
-    """The Python examples of README.md's "Tested clients", as written there."""
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    section = readme.split("\n## Tested clients\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
+    """The Python programs of examples/clients.md (README.md's "Tested
+    clients" points there), as written there."""
+    with open(os.path.join(HERE, "examples", "clients.md"), encoding="utf-8") as f:
+        programs = f.read()
+    return re.findall(r"^```python\n(.*?)^```$", programs, re.S | re.M)
 
 
 def imported(code):

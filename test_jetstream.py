@@ -12,21 +12,10 @@ import subprocess
 import sys
 import time
 
-import pytest
 
-from conftest import HERE, jetstream_flags, jetstream_missing, skip_or_fail
+from conftest import HERE, jetstream_flags, jetstream_missing, read_trace, skip_or_fail
 
 TOTAL = 3000
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "broker.db"
-
-
-def trace_events(path):
-    with open(str(path)) as f:
-        return [json.loads(line) for line in f]
 
 
 def dead_stream(urls, stream):
@@ -67,7 +56,7 @@ def test_two_brokers_over_a_nats_cluster_lose_nothing_when_a_broker_and_a_node_a
     warnings = [line for broker in (a, b) for line in broker.output().splitlines()
                 if " WARNING " in line or " ERROR " in line]
 
-    events = {name: trace_events(path) for name, path in traces.items()}
+    events = {name: read_trace(path) for name, path in traces.items()}
     dead = dead_stream(",".join(node.url for node in nodes[1:]), "work")
     done = [e["id"] for name in "ab" for e in events[name] if e["event"] == "done"]
     dead_ids = [d["id"] for d in dead]

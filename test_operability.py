@@ -14,12 +14,8 @@ import pytest
 
 import broker
 
-from conftest import HERE, SSEClient, headless_chromium, skip_or_fail, wait_until
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "broker.db"
+from conftest import (HERE, SSEClient, dead_letters_made, headless_chromium, skip_or_fail,
+                      wait_until)
 
 
 def settle_batch(b, client, done_share=1.0):
@@ -33,7 +29,7 @@ def test_stats_is_json_read_in_one_go(processes, db):
     status, headers, stats = b.request("GET", "/stats")
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert stats["generated"] == stats["done"] == stats["in_flight"] == 0
-    assert stats["done_per_s"] == 0 and stats["uptime_s"] >= 0
+    assert stats["done_per_s"] == 0 and 0 < stats["uptime_s"] < 60
 
 
 def test_metrics_parse_with_the_prometheus_reference_parser(processes, db):
@@ -315,8 +311,8 @@ def test_post_requeue_sends_dead_letters_out_first_at_once(processes, db):
 
 
 def test_a_live_requeue_is_never_lost(processes, db):
-    """Without --durable the requeued dead letter waits in `requeue`; with it,
-    in `pending`: either way a broker killed at once sends it on its next start."""
+    """The requeued dead letter waits in `pending`, with --durable or without:
+    either way a broker killed at once sends it on its next start."""
     for durable in ((), ("--durable",)):
         db.unlink() if db.exists() else None
         b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600", *durable)
@@ -369,15 +365,6 @@ def test_the_dashboard_requeues_one_dead_letter_and_then_all_asking_for_the_toke
                                " === '2 requeued'", timeout=10000)
     assert dead_now(b) == [] and first in ids
     assert prompts == ["This broker needs its token:"]  # asked once, for the stream
-
-
-def dead_letters_made(processes, db, count):
-    """A --total run whose `count` messages all end dead."""
-    b = processes.broker(db, "--total", count, "--max-attempts", "1")
-    client = b.stream(count)
-    client.hello()
-    settle_batch(b, client, done_share=0)
-    assert b.wait() == 0
 
 
 def broker_tool(*args, env_token=None):
@@ -534,3 +521,121 @@ def test_a_pinned_broker_moves_off_a_cpu_that_other_work_keeps_busy(processes, d
     finally:
         hog.kill()
         hog.wait()
+
+
+# --- requeued dead letters are never lost ----------------------------------------------
+
+
+def read_buckets(db):
+    import bbolt_lite
+    with bbolt_lite.open(str(db), readonly=True, timeout=5) as store, store.view() as tx:
+        def bucket(name):
+            b = tx.bucket(name)
+            return {k.decode(): json.loads(v) for k, v in b.items()} if b else {}
+        state = tx.bucket(b"state")
+        counters = {k.decode(): int(v) for k, v in state.items()} if state else {}
+        return bucket(b"failed"), bucket(b"requeue"), bucket(b"pending"), counters
+
+
+def stream_batch(b, batchsize):
+    """A new stream on broker `b`, and its first batch."""
+    client = b.stream(batchsize)
+    client.hello()
+    return client, client.batch()
+
+
+def dead_letters_requeued(processes, db, count, *flags):
+    """A run whose `count` messages all die, then `broker.py requeue --all`."""
+    ids = dead_letters_made(processes, db, count, *flags)
+    result = subprocess.run([sys.executable, "broker.py", "requeue", "--db", str(db), "--all"],
+                            cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return ids
+
+
+def test_without_durable_requeued_dead_letters_stay_in_the_db_until_settled_again(
+        processes, db):
+    ids = dead_letters_requeued(processes, db, 20)
+    b = processes.broker(db, "--total", "0", "--heartbeat", "600")
+    b.wait_for_line(r"20 requeued dead letters go out first")
+    b.signal(signal.SIGTERM)  # a clean stop before any worker came
+    assert b.wait() == 0
+    failed, requeue, pending, _counters = read_buckets(db)
+    assert sorted(pending) == ids and failed == {} and requeue == {}
+    assert all(record["requeued"] is True and record["attempts"] == 0
+               for record in pending.values())
+    # Settled again: 5 done, the rest dead again; each leaves `pending` as it settles.
+    b = processes.broker(db, "--total", "0", "--max-attempts", "1", "--heartbeat", "600")
+    client, batch = stream_batch(b, 20)
+    done = [m["id"] for m in batch[:5]]
+    assert b.report(client.token, batch[0]["batch"], done)[0] == 200
+    assert b.wait() == 0
+    assert "all 20 messages settled: 5 done, 15 dead" in b.output()
+    failed, requeue, pending, _counters = read_buckets(db)
+    assert (requeue, pending) == ({}, {}) and sorted(failed) == sorted(set(ids) - set(done))
+    client.close()
+
+
+def test_a_db_with_the_requeue_bucket_of_an_older_broker_sends_and_settles_its_dead_letters(
+        processes, db):
+    # An older broker.py kept requeued dead letters, as in `failed`, in a
+    # `requeue` bucket: they move into `pending` at the start, go out first,
+    # and leave the db as they settle.
+    import bbolt_lite
+    ids = ["9m4e2mr0ui3e8a215n4%s" % c for c in "0gw"]
+    with bbolt_lite.open(str(db)) as store, store.update() as tx:
+        requeue = tx.create_bucket(b"requeue")
+        for message_id in ids:
+            requeue.put(message_id.encode(), json.dumps({
+                "id": message_id, "period": 7, "attempts": 3, "reason": "not reported",
+                "failed_at": "2026-01-01T00:00:00.000Z"}).encode())
+    for flags in ((), ("--durable",)):
+        b = processes.broker(db, "--total", "0", "--max-attempts", "1", "--heartbeat", "600",
+                             *flags)
+        client, batch = stream_batch(b, 3)
+        assert sorted(m["id"] for m in batch) == ids and batch[0]["attempt"] == 1
+        if not flags:  # the first broker is killed: they wait in `pending`
+            b.signal(signal.SIGKILL)
+            b.wait()
+            failed, requeue, pending, _counters = read_buckets(db)
+            assert (failed, requeue) == ({}, {}) and sorted(pending) == ids
+            client.close()
+            continue
+        assert b.report(client.token, batch[0]["batch"], ids[:1])[0] == 200
+        assert b.wait() == 0
+        assert "all 3 messages settled: 1 done, 2 dead" in b.output()
+        client.close()
+    failed, requeue, pending, counters = read_buckets(db)
+    assert (requeue, pending) == ({}, {}) and sorted(failed) == ids[1:]
+    assert counters["requeued"] == 3
+
+
+def test_a_durable_run_killed_after_a_requeue_settles_its_total_when_restarted(processes, db):
+    ids = dead_letters_requeued(processes, db, 6, "--durable")
+    b = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
+    client, batch = stream_batch(b, 6)
+    assert sorted(m["id"] for m in batch) == ids
+    assert b.report(client.token, batch[0]["batch"], ids[:3])[0] == 200
+    b.signal(signal.SIGKILL)
+    b.wait()
+    client.close()
+    _failed, requeue, pending, counters = read_buckets(db)
+    assert requeue == {} and sorted(pending) == ids[3:] and counters["requeued"] == 6
+    again = processes.broker(db, "--durable", "--total", "6", "--heartbeat", "600")
+    client, rest = stream_batch(again, 6)
+    assert sorted(m["id"] for m in rest) == ids[3:]
+    assert again.report(client.token, rest[0]["batch"], ids[3:])[0] == 200
+    assert again.wait() == 0
+    assert "all 12 messages settled: 6 done, 6 dead" in again.output()
+    client.close()
+
+
+def test_a_clean_durable_run_after_a_requeue_settles(processes, db):
+    ids = dead_letters_requeued(processes, db, 4, "--durable")
+    b = processes.broker(db, "--durable", "--total", "4", "--heartbeat", "600")
+    client, batch = stream_batch(b, 4)
+    assert b.report(client.token, batch[0]["batch"], ids)[0] == 200
+    assert b.wait(timeout=20) == 0
+    failed, requeue, pending, _counters = read_buckets(db)
+    assert (failed, requeue, pending) == ({}, {}, {})
+    client.close()

@@ -1,5 +1,6 @@
 """The ways in besides copying the three files: `pip install .` (commands
-`broker`, `worker`, `bbolt-lite`), the systemd unit, the licence headers."""
+`broker`, `worker`, `bbolt-lite`), the systemd unit, the licence headers,
+and one --version for the three programs."""
 
 import os
 import re
@@ -7,9 +8,10 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
+import bbolt_lite
 import broker
+import worker
 from conftest import HERE, skip_or_fail
 
 PROGRAMS = ("broker.py", "worker.py", "bbolt_lite.py")
@@ -82,3 +84,16 @@ def test_the_systemd_unit_passes_systemd_analyze_verify():
         assert re.search(r"^%s$" % re.escape(setting), text, re.M), setting
     drain = float(re.search(r"--drain-timeout (\d+)", text).group(1))
     assert float(re.search(r"^TimeoutStopSec=(\d+)$", text, re.M).group(1)) > drain + 10
+
+
+# --- versions ----------------------------------------------------------------------------
+
+
+def test_version_on_all_three_programs():
+    assert broker.__version__ == worker.__version__ == bbolt_lite.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", broker.__version__)
+    for program in ("broker.py", "worker.py", "bbolt_lite.py"):
+        result = subprocess.run([sys.executable, program, "--version"], cwd=HERE,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0
+        assert result.stdout.strip() == "%s %s" % (program, broker.__version__)

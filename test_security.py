@@ -1,6 +1,6 @@
-"""TLS, tokens kept out of the process list, and --version: the broker and
-the worker as an operator runs them, against a throw-away CA made here with
-the openssl command."""
+"""Who may speak to the broker: TLS (against a throw-away CA made here with
+the openssl command), --token (checked on every endpoint but /healthz, and
+kept out of the process list and the log) and --cors-origin."""
 
 import json
 import os
@@ -14,15 +14,8 @@ import urllib.request
 
 import pytest
 
-import bbolt_lite
 import broker
-import worker
-from conftest import HERE, skip_or_fail, wait_until
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "broker.db"
+from conftest import HERE, SSEClient, skip_or_fail, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +179,93 @@ def test_an_empty_or_missing_token_file_refuses_the_start(db, tmp_path):
     assert not db.exists()
 
 
-# --- versions ----------------------------------------------------------------------------
+# --- access control: --token ------------------------------------------------------------
 
-def test_version_on_all_three_programs():
-    assert broker.__version__ == worker.__version__ == bbolt_lite.__version__
-    assert re.fullmatch(r"\d+\.\d+\.\d+", broker.__version__)
-    for program in ("broker.py", "worker.py", "bbolt_lite.py"):
-        result = subprocess.run([sys.executable, program, "--version"], cwd=HERE,
-                                capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0
-        assert result.stdout.strip() == "%s %s" % (program, broker.__version__)
+def test_with_a_token_every_endpoint_but_healthz_needs_the_bearer(processes, db):
+    secret = "s3cret-token-value"
+    b = processes.broker(db, "--token", secret, "--heartbeat", "600")
+    for path in ("/stats", "/task?batchsize=2", "/nope"):
+        status, headers, body = b.request("GET", path)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert b.request("GET", path, headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert b.request("POST", "/report?worker=x&batch=1", b"[]")[0] == 401
+    assert b.request("GET", "/healthz")[0] == 200
+    good = {"Authorization": "Bearer " + secret}
+    assert b.request("GET", "/stats", headers=good)[0] == 200
+    client = SSEClient(b.host, b.port, "/task?batchsize=2",
+                       headers="Authorization: Bearer %s\r\n" % secret)
+    assert client.status == 200
+    client.close()
+    assert "401 for GET /stats" in b.output() and secret not in b.output()
+
+
+def test_the_worker_sends_its_token_and_a_wrong_one_ends_it_clearly(processes, db, tmp_path):
+    b = processes.broker(db, "--token", "right", "--total", "4", "--seed", "3")
+    wrong = processes.worker("--url", b.url, "--token", "wrong", "--batchsize", "2")
+    assert wrong.wait() == 2
+    assert "broker refused the stream: 401" in wrong.output()
+    env = dict(os.environ, BROKER_TOKEN="right")
+    processes.worker("--url", b.url, "--batchsize", "4", "--time-scale", "0", env=env)
+    assert b.wait() == 0  # the worker settled all four
+
+
+def test_an_empty_token_is_refused_not_taken_as_no_authentication(processes, db):
+    for args, env in ((["--token", ""], {}), ([], {"BROKER_TOKEN": ""})):
+        result = subprocess.run([sys.executable, "broker.py", "--port", "0", "--db", str(db)]
+                                + args, cwd=HERE, capture_output=True, text=True, timeout=30,
+                                env=dict(os.environ, **env))
+        assert result.returncode == 2
+        assert "token (--token or $BROKER_TOKEN) is empty" in result.stderr
+    assert not db.exists()
+
+
+def test_no_token_is_written_to_the_log_at_any_level(processes, db):
+    secret = "s3cret-token-value"
+    b = processes.broker(db, "--token", secret, "--heartbeat", "600")
+    auth = {"Authorization": "Bearer " + secret}
+    client = SSEClient(b.host, b.port, "/task?batchsize=2",
+                       headers="Authorization: Bearer %s\r\n" % secret)
+    client.hello()
+    batch = client.batch()
+    status, _h, _body = b.request("POST", "/report?worker=%s&batch=%d" % (
+        client.token, batch[0]["batch"]), b"[]", headers=auth)
+    assert status == 200
+    events = SSEClient(b.host, b.port, "/events?access_token=" + secret)
+    assert events.status == 200
+    events.next_event()
+    events.close()
+    client.close()
+    b.wait_for_line(r"/report\?worker=<redacted>&batch=")
+    b.wait_for_line(r"/events\?access_token=<redacted>")
+    b.stop()
+    assert secret not in b.output() and client.token not in b.output()
+
+
+# --- access control: --cors-origin ------------------------------------------------------
+
+def test_cors_only_for_the_origins_given_with_preflight(processes, db):
+    page = "http://127.0.0.1:9999"
+    b = processes.broker(db, "--cors-origin", page, "--heartbeat", "600")
+    status, headers, _ = b.request("OPTIONS", "/report", headers={
+        "Origin": page, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == page
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type"
+    assert headers["Vary"] == "Origin"
+    stream = SSEClient(b.host, b.port, "/task?batchsize=1", headers="Origin: %s\r\n" % page)
+    assert stream.status == 200 and stream.headers["access-control-allow-origin"] == page
+    stream.close()
+    # Another origin: no CORS headers, and its stream is refused before any batch.
+    status, headers, _ = b.request("GET", "/stats", headers={"Origin": "http://evil.test"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    refused = SSEClient(b.host, b.port, "/task?batchsize=1",
+                        headers="Origin: http://evil.test\r\n")
+    assert refused.status == 403
+    assert b.stats()["dispatched"] <= 1  # the refused one took nothing
+
+
+def test_without_cors_origin_there_are_no_cors_headers(processes, db):
+    b = processes.broker(db)
+    status, headers, _ = b.request("GET", "/stats", headers={"Origin": "http://127.0.0.1:9999"})
+    assert status == 200 and not any(h.startswith("Access-Control") for h in headers)
