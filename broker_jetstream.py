@@ -82,11 +82,11 @@ class JetStreamQueue:
     It is a sibling of broker.py's LocalQueue: the Dispatcher calls it
     through the same hooks, under the Dispatcher's lock (bind), which guards
     the fields below too. broker.py hands it what it needs of broker.py:
-    `new_messages(count)` (the seed's new messages), `checked_message(id,
-    period)` (a fetched message, ValueError unless its id is an xid and its
-    period in range), `dead_letter_record(message, failed_at)` and
-    `start_error` (the exception of a start that failed). This file does not
-    import broker.py.
+    `new_messages(count)` (the seed's new messages, an iterable),
+    `checked_message(id, period)` (a fetched message, ValueError unless its
+    id is an xid and its period in range), `dead_letter_record(message,
+    failed_at)` and `start_error` (the exception of a start that failed).
+    This file does not import broker.py.
 
     Fetched messages wait in `_fetched` only until the free worker they were
     fetched for takes them; what no worker can take goes back (nak). A report
@@ -513,7 +513,7 @@ class JetStreamQueue:
         JetStream drops a copy it already has) until it is stored. 1 if it
         is a new message of the run, else 0 (a copy, beyond --total, or the
         stop came first)."""
-        message = self._new_messages(1)[0]
+        message, = self._new_messages(1)
         message_id = message.id
         data = _compact_json({"id": message_id, "period": message.period})
         while True:
