@@ -697,6 +697,7 @@ class Dispatcher:
         self.stop_counts = None  # (leased, waiting for a retry) when stop() began
         self.dispatched = self.done = self.dead = self.dead_saved = 0
         self.requeued = 0                         # dead letters brought back by `requeue`
+        self.requeued_unsettled = 0               # of those, not settled again (not --durable)
         self.failed_by_reason = dict.fromkeys(FAILURE_REASONS, 0)  # failed attempts
         self.dead_by_reason = dict.fromkeys(FAILURE_REASONS, 0)    # dead letters, this run
         self.round_trips = [0] * (len(ROUND_TRIP_BUCKETS) + 1)  # batch dispatch -> report
@@ -882,6 +883,14 @@ class Dispatcher:
             return "shutdown"
         return "last batch reported" if session.leaving else None
 
+    def hand_to_stream(self, session, batch):
+        """A report's thread will not write `batch` (its lease is not saved in
+        time): the stream's own thread takes it, and the session lives on."""
+        with self._lock:
+            if session.batch is batch and not batch.writing and not session.closed:
+                session.outbox = batch
+                session.batch_ready.notify()
+
     def begin_write(self, session, batch):
         """The batch's bytes are about to go out; False if it is no longer
         this stream's to write (the stream ended, or the broker stopped)."""
@@ -1060,6 +1069,7 @@ class Dispatcher:
             # Dead letters brought back and settled again leave `pending`
             # in the same commit.
             settled_again = [m.id for m in messages if m.requeued]
+            self.requeued_unsettled -= len(settled_again)
             if state == "done" and not settled_again:
                 return
             self._unsaved.update(dict.fromkeys(settled_again))
@@ -1133,6 +1143,8 @@ class Dispatcher:
                         for record in records]
             self.queue.put(messages, FIRST)
             self._save_locked(messages, "waiting")
+            if not self.durable:  # (with it, every unsettled message stays in the db)
+                self.requeued_unsettled += len(messages)
             if not counted:
                 self.requeued += len(records)
             ids = {record["id"] for record in records}
@@ -1229,6 +1241,13 @@ class Dispatcher:
         with self._lock:
             self._writer_called = True
             self.changes_to_save.notify_all()
+
+    def stop_leasing(self):
+        """From a signal handler, before it returns: give out nothing more
+        from this moment (PROTOCOL.md, "Graceful stop"); drain() does the rest.
+        (Without the lock, which the main thread, interrupted by the signal,
+        may hold: one flag, set once, that every assignment reads under it.)"""
+        self.draining = True
 
     def drain(self):
         """The first step of a graceful stop: give out nothing more (batches
@@ -1340,6 +1359,7 @@ class Figures:
         self.recent_dead = list(d.recent_dead)
         self.unsaved_changes = d._change_seq - d._saved_seq
         self.unsaved_dead_letters = d.dead - d.dead_saved
+        self.requeued_unsettled = d.requeued_unsettled  # (counted without --durable)
 
     def unsettled(self):
         """Messages generated (or requeued) and neither done nor dead."""
@@ -1915,7 +1935,9 @@ class _RequestReader(socket.SocketIO):
     first bytes, and each read checks it; only when the deadline is nearer
     than the kernel's timeout is that timeout shortened (a slow request's
     cost, not every request's). A read past the deadline returns None, as a
-    timed-out recv() does: the request is cut short and the connection closed.
+    timed-out recv() does, and says so in `timed_out`: the request is cut
+    short and the connection closed (what follows on it is never read as a
+    request of its own).
     """
 
     def __init__(self, sock, timeout):
@@ -1925,6 +1947,7 @@ class _RequestReader(socket.SocketIO):
         self._timeout = timeout
         self._kernel_timeout = timeout  # SO_RCVTIMEO now
         self.deadline = None            # of the request being read
+        self.timed_out = False          # a read of this request ran out of time
 
     def readinto(self, buffer):
         if self.deadline is None:
@@ -1934,6 +1957,7 @@ class _RequestReader(socket.SocketIO):
             return count
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
+            self.timed_out = True
             return None
         if remaining < self._kernel_timeout:
             self._set_kernel_timeout(remaining)
@@ -1944,10 +1968,12 @@ class _RequestReader(socket.SocketIO):
         try:
             return self._socket.recv_into(buffer)
         except BlockingIOError:
+            self.timed_out = True
             return None  # SO_RCVTIMEO ran out
 
     def end_request(self):
         self.deadline = None
+        self.timed_out = False
         if self._kernel_timeout != self._timeout:
             self._set_kernel_timeout(self._timeout)
 
@@ -2088,6 +2114,8 @@ class HTTPRequestHandler(http.server.BaseHTTPRequestHandler):
                 else:
                     self.send_error(501, "unsupported method %s" % self.command[:32])
         except TimeoutError:  # (a read or a write timed out: the connection ends)
+            self.close_connection = True
+        if self._reader.timed_out:  # (whatever came of the request: it ends here)
             self.close_connection = True
         self._reader.end_request()
 
@@ -2403,11 +2431,13 @@ class BrokerRequestHandler(HTTPRequestHandler):
             return True
         header = self.headers.get("authorization", "")
         scheme, _space, given = header.partition(" ")
+        # The bytes the client sent: a header's, read as latin-1, are its
+        # characters' codes; a query's were percent-decoded as UTF-8.
+        given = given.strip().encode("latin-1")
         if path == "/events" and not header:
             scheme, given = "bearer", "".join(_parse_query(query_text).get(
-                "access_token", [""])[:1])
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-                given.strip().encode("utf-8", "replace"), expected.encode("utf-8")):
+                "access_token", [""])[:1]).encode("utf-8", "replace")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, expected.encode("utf-8")):
             return True
         log.warning("401 for %s %s from %s: %s", self.command, path, self.client_address[0],
             "wrong token" if header else "no Authorization header")
@@ -2513,8 +2543,8 @@ class BrokerRequestHandler(HTTPRequestHandler):
             self.send_error_json(503, "the report is taken but not yet saved: %s" % (
                 "the disk is failing (see /healthz)" if dispatcher.durable else
                 "JetStream has not confirmed it"))
-            if next_batch is not None:
-                dispatcher.batch_not_written(next_batch.session, next_batch, "lease not saved")
+            if next_batch is not None:  # (its stream's own thread writes it once it is saved)
+                dispatcher.hand_to_stream(next_batch.session, next_batch)
             return
         if next_batch is not None:
             # A failed write ends that stream and gives the batch back
@@ -2984,9 +3014,11 @@ class Broker:
         elif self.queue is not None:
             left = "the stream %r keeps the rest (the leased ones come back after %.0f s)" % (
                 self.queue.stream, self.queue.ack_wait)
-        else:
-            left = "%d unsettled messages lost (without --durable they live in memory only)" \
-                % figures.unsettled()
+        else:  # (requeued dead letters keep their `pending` records until settled again)
+            requeued = figures.requeued_unsettled
+            left = "%d unsettled messages lost (without --durable they live in memory only)%s" % (
+                figures.unsettled() - requeued,
+                "; %d requeued dead letters stay in the db" % requeued if requeued else "")
         status_log.info("stopped: %d generated, %d done, %d dead; when it stopped %d messages "
                         "were leased and %d waiting for a retry; %s; %d db commits",
                         figures.generated, figures.done, figures.dead, leased, waiting, left,
@@ -3070,6 +3102,7 @@ def run_broker(args):
             status_log.info("%s again: stopping now", signal.Signals(signum).name)
             broker.stop_now.set()
         else:
+            broker.dispatcher.stop_leasing()
             status_log.info("%s: stopping (a second signal stops at once)",
                             signal.Signals(signum).name)
             broker.stop_requested.set()
@@ -3241,8 +3274,9 @@ def parse_args(argv=None):
 
 def _token(token, token_file):
     """The bearer token: --token, --token-file, $BROKER_TOKEN or
-    $BROKER_TOKEN_FILE, in that order; None for none. ValueError when it is
-    empty (that would turn authentication off, silently) or unreadable."""
+    $BROKER_TOKEN_FILE, in that order, without spaces around it; None for
+    none. ValueError when it is empty or only spaces (that would turn
+    authentication off, silently) or unreadable."""
     if token is None and token_file is None:
         token = os.environ.get("BROKER_TOKEN")
         if token is None:
@@ -3256,9 +3290,11 @@ def _token(token, token_file):
                 token_file, getattr(error, "strerror", None) or error)) from None
         if not token:
             raise ValueError("the token file %s is empty" % token_file)
-    if token == "":
-        raise ValueError("the token (--token or $BROKER_TOKEN) is empty: give one, or leave "
-                         "both unset for no authentication")
+    if token is not None:
+        token = token.strip()  # (as a header's value is read: spaces around it dropped)
+        if not token:
+            raise ValueError("the token (--token or $BROKER_TOKEN) is empty: give one, or "
+                             "leave both unset for no authentication")
     return token
 
 
@@ -3334,7 +3370,10 @@ function cell(row, content) {
   row.appendChild(td);
 }
 
-function authHeaders() { return token ? {"Authorization": "Bearer " + token} : {}; }
+// (The token's UTF-8 bytes, as curl sends it: a header value's characters go out one byte each.)
+function authHeaders() {
+  return token ? {"Authorization": "Bearer " + unescape(encodeURIComponent(token))} : {};
+}
 
 function askToken() {
   const given = window.prompt("This broker needs its token:");
@@ -3652,7 +3691,7 @@ def _requeue_live(args):
     body = json.dumps({"all": True} if args.all else args.ids).encode()
     headers = {"Content-Type": "application/json"}
     if args.token:
-        headers["Authorization"] = "Bearer " + args.token
+        headers["Authorization"] = "Bearer " + args.token.encode("utf-8").decode("latin-1")
     request = urllib.request.Request(args.url.rstrip("/") + "/requeue", data=body,
                                      headers=headers, method="POST")
     try:
@@ -3816,7 +3855,11 @@ class TraceFile:
     """
 
     RETRY_SECONDS = 1.0
-    MAX_BACKLOG = 1_000_000  # lines kept while the file cannot be written; older ones dropped
+    # While the file cannot be written, the newest lines are kept up to this
+    # many bytes (about 450 lines); older ones are dropped and counted. (On a
+    # disk the db shares, a trace kept whole would take, once written, the
+    # room the dead letters need.)
+    MAX_BACKLOG_BYTES = 64 * 1024
 
     def __init__(self, path):
         self.path = path
@@ -3830,7 +3873,7 @@ class TraceFile:
         self._unwritten = b""  # lines taken from the queue, not yet in the file
         self._stopping = False
         self.error = None      # the last write's error, while it lasts
-        self.dropped = 0       # lines lost for good (more than MAX_BACKLOG waited)
+        self.dropped = 0       # lines lost for good (over MAX_BACKLOG_BYTES waited)
         self.thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
 
     def __call__(self, kind, message, session):
@@ -3853,14 +3896,12 @@ class TraceFile:
                 pass
             if lines:
                 self._unwritten += "".join(lines).encode("ascii")
-                # (Lines pile up only while writes fail: counted only then.)
-                excess = self._unwritten.count(b"\n") - self.MAX_BACKLOG if self.error else 0
+                # (Lines pile up only while writes fail: cut only then.)
+                excess = len(self._unwritten) - self.MAX_BACKLOG_BYTES if self.error else 0
                 if excess > 0:
-                    cut = 0
-                    for _ in range(excess):
-                        cut = self._unwritten.index(b"\n", cut) + 1
+                    cut = self._unwritten.index(b"\n", excess - 1) + 1  # (whole lines)
+                    self.dropped += self._unwritten.count(b"\n", 0, cut)
                     self._unwritten = self._unwritten[cut:]
-                    self.dropped += excess
             if self._unwritten and not self._write():
                 if self._stopping:
                     return

@@ -42,6 +42,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import random
 import threading
 import time
 
@@ -68,6 +69,7 @@ ACK_TIMEOUT = 5.0        # seconds JetStream has to confirm an ack or a term
 FORGOTTEN = "forgotten"  # an outcome no report waits for any more
 CHARGED_KEPT = 100000    # ids whose attempts a broker remembers (about 10 MB)
 WARN_EVERY = 10.0        # seconds between warnings of one kind while a failure repeats
+RETRY_FIRST, RETRY_MOST = 0.2, 5.0  # a dead letter's publish retried after 0.2 s, doubling to 5
 
 
 def _compact_json(obj):
@@ -389,6 +391,7 @@ class JetStreamQueue:
         stored: the message is not terminated, and JetStream delivers it
         once more after ack_wait, to a broker that makes it dead again."""
         data = _compact_json(record).encode()
+        pause = RETRY_FIRST
         while True:
             try:
                 await self._js.publish(self.dead_subject, data,
@@ -402,7 +405,9 @@ class JetStreamQueue:
                     return False
                 self._warn("publishing dead letter %s: %s (again)", message.id,
                            str(error) or type(error).__name__)
-                await asyncio.sleep(0.2)
+                # (Backing off: in an outage every dead letter retries at once.)
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, RETRY_MOST)
 
     async def _term_sync(self, msg):
         """+TERM, confirmed by the server (nats-py's term() is not)."""

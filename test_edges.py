@@ -18,7 +18,7 @@ import time
 
 
 import broker
-from conftest import HERE, SSEClient, http_request, read_trace
+from conftest import HERE, SSEClient, dead_letters_made, http_request, read_trace
 
 
 def fixed_ids():
@@ -70,6 +70,35 @@ def test_sigterm_with_one_message_and_four_streams_leases_it_once(processes, db,
     assert [e["event"] for e in events] == ["lease", "failed"]
     for stream in streams:
         stream.close()
+
+
+def test_no_batch_is_given_out_once_the_stop_signal_has_been_handled(processes, db, tmp_path):
+    # PROTOCOL.md, "Graceful stop": "no new batch from that moment". A
+    # lease may still start after the signal only for a batch whose bytes
+    # were already going out; the signal's log line is written once the
+    # handler has stopped the leasing.
+    import calendar
+    for round_number in range(3):
+        trace = tmp_path / ("trace%d.jsonl" % round_number)
+        run_db = tmp_path / ("broker%d.db" % round_number)
+        b = processes.broker(run_db, "--trace", trace, "--heartbeat", "600",
+                             "--drain-timeout", "5")
+        workers = processes.worker("--url", b.url, "--processes", 4, "--time-scale", 0,
+                                   "--batchsize", 10)
+        b.wait_for_line(r"progress|w4: connected", timeout=30)
+        time.sleep(0.5)  # (under way)
+        b.signal(signal.SIGTERM)
+        assert b.wait(30) == 0, b.output()[-2000:]
+        workers.stop()
+        stamp = re.search(r"^(\S+)T(\S+)\.(\d{3})Z INFO broker: SIGTERM: stopping",
+                          b.output(), re.M)
+        signalled = calendar.timegm(time.strptime(stamp.group(1) + "T" + stamp.group(2),
+                                                  "%Y-%m-%dT%H:%M:%S")) + int(stamp.group(3)) / 1000
+        late = [e for e in read_trace(trace) if e["event"] == "lease"
+                and e["t"] > signalled + 0.002]
+        # (At most the batches whose bytes were going out as the signal came:
+        # one a worker.)
+        assert len({e["batch"] for e in late}) <= 4, (round_number, len(late), late[:3])
 
 
 # --- no attempt for bytes that never left ---------------------------------------------
@@ -314,6 +343,28 @@ def test_a_trace_file_that_cannot_be_written_never_stops_dispatch(processes, db)
     assert "all 40 messages settled: 40 done, 0 dead" in b.output()
 
 
+def test_a_trace_that_cannot_be_written_keeps_its_newest_64_kib_and_counts_the_rest():
+    class Session:
+        number = 1
+
+    trace = broker.TraceFile("/dev/full")
+    trace.RETRY_SECONDS = 0.05
+    trace.thread.start()
+    message = broker.Message("9m4e2mr0ui3e8a215n4g", 5)
+    trace("lease", message, Session())
+    deadline = time.monotonic() + 10
+    while trace.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert trace.error is not None
+    for _ in range(3000):  # about 400 KiB of lines
+        trace("lease", message, Session())
+    while trace.dropped == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert 0 < len(trace._unwritten) <= broker.TraceFile.MAX_BACKLOG_BYTES
+    assert trace._unwritten.endswith(b"}\n") and trace._unwritten.count(b"\n") > 400
+    assert trace.close(5.0) == 3001  # every line is counted: dropped, or kept unwritten
+
+
 def test_healthz_reports_a_thread_of_the_broker_that_died(processes, db):
     b = processes.python("-c", "import sys, broker\n"
                                "def broken(self): raise RuntimeError('injected fault')\n"
@@ -403,3 +454,24 @@ def test_the_stop_line_of_a_durable_broker_counts_what_stays_pending(processes, 
     assert re.search(r"when it stopped 4 messages were leased and 0 waiting for a retry; "
                      r"4 stay pending in the db", b.output())
     holder.close()
+
+
+def test_the_stop_line_does_not_call_requeued_dead_letters_lost(processes, db):
+    # They stay in the db (their `pending` records) and go out first at the next start.
+    ids = dead_letters_made(processes, db, 20)
+    result = subprocess.run([sys.executable, "broker.py", "requeue", "--db", str(db), "--all"],
+                            cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    b = processes.broker(db, "--heartbeat", "600", "--drain-timeout", "0")
+    holder = b.stream(3)
+    holder.hello()
+    assert len(holder.batch()) == 3  # three of them leased, seventeen waiting
+    b.signal(signal.SIGTERM)
+    assert b.wait() == 0
+    assert re.search(r"when it stopped 3 messages were leased and 17 waiting for a retry; "
+                     r"0 unsettled messages lost .*; 20 requeued dead letters stay in the db",
+                     b.output()), b.output()[-1500:]
+    assert "20 requeued dead letters go out first" in processes.broker(
+        db, "--heartbeat", "600").wait_for_line("requeued dead letters go out first")
+    holder.close()
+    assert len(ids) == 20

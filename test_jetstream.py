@@ -246,3 +246,35 @@ def test_broker_jetstream_does_not_import_broker():
                             cwd=HERE, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["['broker_jetstream']"]
+
+
+def test_an_unpublished_dead_letter_is_retried_with_backoff():
+    # In an outage every dead letter retries its publish: at a fixed 0.2 s,
+    # 15 tries in 3 s each (and as many warnings held back); backing off, a few.
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+    import asyncio
+    import broker
+    import broker_jetstream
+    queue = object.__new__(broker_jetstream.JetStreamQueue)
+    queue.dead_subject, queue.dead_stream, queue._stopping = "t.dead", "t-dead", False
+    queue._warned = {}
+    tries = []
+
+    class Unavailable:
+        async def publish(self, subject, data, headers):
+            tries.append(time.monotonic())
+            raise RuntimeError("JetStream system temporarily unavailable")
+
+    queue._js = Unavailable()
+    message = broker.Message("9m4e2mr0ui3e8a215n4g", 5)
+
+    async def outage():
+        publish = asyncio.ensure_future(queue._publish_dead(message, {"id": message.id}))
+        await asyncio.sleep(3.0)
+        queue._stopping = True
+        return await publish
+
+    assert asyncio.run(outage()) is False
+    assert 3 <= len(tries) <= 7, len(tries)

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -210,13 +211,39 @@ def test_the_worker_sends_its_token_and_a_wrong_one_ends_it_clearly(processes, d
 
 
 def test_an_empty_token_is_refused_not_taken_as_no_authentication(processes, db):
-    for args, env in ((["--token", ""], {}), ([], {"BROKER_TOKEN": ""})):
+    for args, env in ((["--token", ""], {}), ([], {"BROKER_TOKEN": ""}),
+                      (["--token", "   "], {}), ([], {"BROKER_TOKEN": " \t "})):
         result = subprocess.run([sys.executable, "broker.py", "--port", "0", "--db", str(db)]
                                 + args, cwd=HERE, capture_output=True, text=True, timeout=30,
                                 env=dict(os.environ, **env))
         assert result.returncode == 2
-        assert "token (--token or $BROKER_TOKEN) is empty" in result.stderr
+        assert "token (--token or $BROKER_TOKEN) is empty" in result.stderr, args
     assert not db.exists()
+
+
+def test_a_non_ascii_token_is_compared_as_the_utf_8_bytes_clients_send(processes, db):
+    b = processes.broker(db, "--token", "s3cr\u00e9t-\u00fcber", "--heartbeat", "600")
+    for token, status in ((b"s3cr\xc3\xa9t-\xc3\xbcber", b"200"), (b"s3cr\xe9t-\xfcber", b"401")):
+        conn = socket.create_connection((b.host, b.port), timeout=10)
+        conn.sendall(b"GET /stats HTTP/1.1\r\nAuthorization: Bearer " + token +
+                     b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        conn.close()
+        assert answer.startswith(b"HTTP/1.1 " + status), (token, answer[:60])
+    worker = processes.worker("--url", b.url, "--token", "s3cr\u00e9t-\u00fcber",
+                              "--batchsize", 2, "--time-scale", 0)
+    b.wait_for_line(r"w\d+: connected")
+    worker.stop()
+    # The dashboard's stream takes it percent-encoded in its URL, as a browser sends it.
+    events = SSEClient(b.host, b.port, "/events?access_token=" +
+                       urllib.parse.quote("s3cr\u00e9t-\u00fcber"))
+    assert events.status == 200
+    events.close()
 
 
 def test_no_token_is_written_to_the_log_at_any_level(processes, db):

@@ -216,7 +216,10 @@ class Worker:
             if ssl is None:
                 raise FatalError("this Python has no ssl module: it cannot reach https:// URLs")
             self._tls = ssl.create_default_context(cafile=cafile)
-        self.auth = {"Authorization": "Bearer " + token} if token else {}
+        # (Its UTF-8 bytes, as curl sends it: http.client writes a header's
+        # characters as latin-1, one byte each.)
+        self.auth = {"Authorization": "Bearer " + token.encode("utf-8").decode("latin-1")} \
+            if token else {}
         self.batchsize = batchsize
         self.time_scale = time_scale
         self.rng = rng or random.Random()
