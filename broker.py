@@ -522,14 +522,21 @@ def _rfc3339_now():
 #                           done, or dead; a queue that has it confirmed elsewhere
 #                           appends to `tickets` what the report's answer waits for
 #                           (None: no report waits)
-#   touched(messages)       a worker is still at them
+#   touched(messages, tickets)
+#                           a worker is still at them; a queue that must confirm it
+#                           elsewhere appends to `tickets`, and the lease is extended
+#                           only once it has
+#   lease_bound(messages)   the latest time (the Dispatcher's clock) until which the
+#                           queue vouches that no one else gets them, or None; read
+#                           where a lease starts or is extended, if `bounds_leases`
 #   run_settled(settled)    whether a --total run is over, `settled` being this
 #                           broker's messages done or dead (and saved)
 #   generated               messages made or taken in so far (for the figures)
 #   traces_settled          True: the queue writes the trace's done and dead lines
 #                           itself, once they are confirmed
 # and outside the lock: wait_confirmed(tickets, timeout), and (not for the
-# Dispatcher: for the wiring) start() and stop().
+# Dispatcher: for the wiring) start(), stop() and `problem` (why the queue
+# cannot be used now, for /healthz, or None).
 #
 # LocalQueue keeps the messages in this process, made by the seed's loop (or
 # taken in from producers by a subclass of it: `_new_messages`);
@@ -548,6 +555,8 @@ class LocalQueue:
     seed's loop (MessageMaker) unless another source is given."""
 
     traces_settled = False
+    bounds_leases = False
+    problem = None
 
     def __init__(self, total=None, new_messages=None):
         self.total = total
@@ -605,8 +614,11 @@ class LocalQueue:
     def settled(self, messages, outcome, session, failed_at, tickets):
         pass  # (nothing more to do here: the state writer saves them)
 
-    def touched(self, messages):
+    def touched(self, messages, tickets):
         pass
+
+    def lease_bound(self, messages):
+        return None  # (only this broker hands them out)
 
     def run_settled(self, settled):
         return self.total is not None and self.generated == self.total and settled == self.total
@@ -658,6 +670,7 @@ class Dispatcher:
         self._on_event = on_event  # on_event(kind, message, session), under the lock
         # (The done and dead lines of a queue that confirms them elsewhere are its own.)
         self._on_settled = None if self.queue.traces_settled else on_event
+        self._bounded = self.queue.bounds_leases  # (see _bound_lease_locked)
 
         # `_lock` guards every field below it, and the queue's: the sessions
         # and free workers, the leases, the changes not yet saved, the flags
@@ -805,13 +818,16 @@ class Dispatcher:
             batch = next(iter(self._batches.values()))
             if batch.deadline > now:
                 break
-            session = batch.session
-            log.warning("%s: lease of batch %d expired after %.1f s (%d touches): closing its "
-                        "stream", session.name, batch.number, now - batch.started, batch.touches)
-            # Close the stream first, then offer the messages again.
-            if session.channel is not None:
-                session.channel.close(reason="lease expired")
-            self._end_session_locked(session, "lease expired")
+            self._expire_locked(batch, now)
+
+    def _expire_locked(self, batch, now):
+        session = batch.session
+        log.warning("%s: lease of batch %d expired after %.1f s (%d touches): closing its "
+                    "stream", session.name, batch.number, now - batch.started, batch.touches)
+        # Close the stream first, then offer the messages again.
+        if session.channel is not None:
+            session.channel.close(reason="lease expired")
+        self._end_session_locked(session, "lease expired")
 
     def _assign_locked(self, caller=None):
         """Give batches to free workers while there are messages (none once
@@ -913,13 +929,25 @@ class Dispatcher:
         batch.written = True
         batch.started = now = self._clock()
         batch.deadline = now + self.lease_timeout
+        if self._bounded:
+            self._bound_lease_locked(batch)
         self.dispatched += len(batch.messages)
         if not self._batches:
             self.lease_to_watch.notify()  # the loop may be waiting with no deadline
-        self._batches[batch.number] = batch  # in the order leases started: by deadline
+        # In the order leases started: by deadline. (A bounded one may end
+        # sooner, rarely: then it expires with the ones before it, and a
+        # report or touch after its deadline is refused all the same.)
+        self._batches[batch.number] = batch
         if self._on_event:
             for message in batch.messages.values():
                 self._on_event("lease", message, batch.session)
+
+    def _bound_lease_locked(self, batch):
+        """A queue kept elsewhere gives the messages to another broker after
+        a time of its own: no lease here outlasts what it vouches for."""
+        bound = self.queue.lease_bound(batch.messages.values())
+        if bound is not None and bound < batch.deadline:
+            batch.deadline = bound
 
     def batch_not_written(self, session, batch, reason):
         """The batch could not be written (or its client had gone): it never
@@ -1005,19 +1033,45 @@ class Dispatcher:
             raise ReportError(409, "batch %d is not in flight for this worker" % batch_number)
         if not batch.written:  # its writer has not said so yet: the bytes did leave
             self._start_lease_locked(batch)
+        else:
+            now = self._clock()
+            if batch.deadline <= now:  # (a broker that stalled: its loop has not seen it yet)
+                self._expire_locked(batch, now)
+                self._assign_locked()
+                raise ReportError(409, "the lease of batch %d has expired" % batch_number)
         return session, batch
 
     def touch(self, token, batch_number):
         """The worker is still at its batch: the lease runs a whole lease
-        timeout from now. Returns the lease in ms; ReportError (404, 409) as
-        for a report."""
+        timeout from now. ReportError (404, 409) as for a report.
+
+        Returns (the lease in ms, or None: the queue must confirm the touch
+        elsewhere first (wait_reported on the ticket, then touch_confirmed
+        with the ticket's time), ticket)."""
         with self._lock:
             _session, batch = self._batch_in_flight_locked(token, batch_number)
-            batch.deadline = self._clock() + self.lease_timeout
-            self._batches.move_to_end(batch.number)  # (the latest deadline: still in order)
-            batch.touches += 1
-            self.queue.touched(batch.messages.values())
+            tickets, sent_at = [], self._clock()
+            self.queue.touched(batch.messages.values(), tickets)
+            if tickets:
+                return None, (self._change_seq, tickets), sent_at
+            self._extend_locked(batch, sent_at)
+            return int(self.lease_timeout * 1000), None, sent_at
+
+    def touch_confirmed(self, token, batch_number, sent_at):
+        """The queue confirmed the touch sent at `sent_at`: the lease runs a
+        lease timeout from then. Returns the lease in ms; ReportError as for
+        a report (the batch may have been settled, or expired, meanwhile)."""
+        with self._lock:
+            _session, batch = self._batch_in_flight_locked(token, batch_number)
+            self._extend_locked(batch, sent_at)
             return int(self.lease_timeout * 1000)
+
+    def _extend_locked(self, batch, since):
+        batch.deadline = since + self.lease_timeout
+        if self._bounded:
+            self._bound_lease_locked(batch)
+        self._batches.move_to_end(batch.number)  # (the latest deadline: still in order)
+        batch.touches += 1
 
     def _fail_locked(self, message, reason, session, leased=True, tickets=None):
         """A failed attempt: dead-letter it (True), or leave it to the caller
@@ -2603,8 +2657,15 @@ class BrokerRequestHandler(HTTPRequestHandler):
         named = self._worker_and_batch(query)
         if named is None:
             return
+        dispatcher = self.server.broker.dispatcher
         try:
-            lease_ms = self.server.broker.dispatcher.touch(*named)
+            lease_ms, ticket, sent_at = dispatcher.touch(*named)
+            if lease_ms is None:  # (--jetstream: extended once JetStream confirmed it)
+                if not dispatcher.wait_reported(ticket, self.read_timeout):
+                    self.send_error_json(503, "the touch is not confirmed by the queue: the "
+                                              "lease is not extended")
+                    return
+                lease_ms = dispatcher.touch_confirmed(*named, sent_at)
         except ReportError as error:
             self.send_error_json(error.status, str(error))
             return
@@ -2856,6 +2917,8 @@ class Broker:
             return "the db cannot be written: " + writer.error
         if self.trace is not None and self.trace.error is not None:
             return "the trace file cannot be written: " + self.trace.error
+        if dispatcher.queue.problem is not None:
+            return dispatcher.queue.problem
         if dispatcher.stopping:
             return None
         now = time.monotonic()

@@ -70,6 +70,8 @@ FORGOTTEN = "forgotten"  # an outcome no report waits for any more
 CHARGED_KEPT = 100000    # ids whose attempts a broker remembers (about 10 MB)
 WARN_EVERY = 10.0        # seconds between warnings of one kind while a failure repeats
 RETRY_FIRST, RETRY_MOST = 0.2, 5.0  # a dead letter's publish retried after 0.2 s, doubling to 5
+VOUCH_MARGIN = 1.0       # seconds a lease ends before JetStream would deliver its messages again
+HEALTH_EVERY = 1.0       # seconds between checks that JetStream answers (/healthz)
 
 
 def _compact_json(obj):
@@ -100,6 +102,7 @@ class JetStreamQueue:
     """
 
     traces_settled = True
+    bounds_leases = True
 
     def __init__(self, servers, stream, replicas, max_attempts, lease_timeout, backlog,
                  total, new_messages, checked_message, dead_letter_record, start_error,
@@ -130,8 +133,20 @@ class JetStreamQueue:
         # to a pull request that expired as it arrived), so a message's
         # attempt is the larger of the two.
         self._charged = collections.OrderedDict()
-        # Outcomes (acks and terms), numbered as they are sent, and what
-        # JetStream said of each (None: not yet) while a report waits for it.
+        # Until when (time.monotonic(), less VOUCH_MARGIN) JetStream gives no
+        # one else each message this broker holds: ack_wait from its delivery
+        # or its last in-progress ack that JetStream confirmed. No lease here
+        # outlasts it (lease_bound), and no ack or term is sent after it.
+        self._vouched = {}
+        # How the latest CHARGED_KEPT messages settled here ended ("done" or
+        # "dead"): one delivered again (its ack or term was lost) is acked or
+        # terminated again, never leased again.
+        self._settled_ids = collections.OrderedDict()
+        self.settled_again = 0  # messages so delivered again, acked or terminated again
+        self.problem = None  # why JetStream cannot be used now (/healthz), or None
+        # Outcomes (acks, terms, in-progress acks), numbered as they are sent,
+        # and what JetStream said of each (None: not yet) while a report or
+        # a touch waits for it.
         self._outcomes = 0
         self._outcome_results = {}  # outcome number -> None, True (confirmed), False (failed)
         self.outcomes_confirmed = None  # a Condition of the dispatcher's lock (bind)
@@ -159,6 +174,18 @@ class JetStreamQueue:
             self._loop.call_soon_threadsafe(self._wake_fetcher.set)  # (a worker waits: fetch)
             return [], False
         messages = [fetched.popleft() for _ in range(min(count, len(fetched)))]
+        now = time.monotonic()
+        if any(self._vouched.get(m.id, 0.0) <= now for m in messages):
+            # (Fetched before this broker stalled: JetStream may have given
+            # them to another broker since. Not leased here, nor nak'ed.)
+            for message in messages:
+                if self._vouched.get(message.id, 0.0) <= now:
+                    del self._vouched[message.id]
+                    log.info("dropping %s: fetched before this broker stalled, it may be "
+                             "another broker's by now", message.id)
+            messages = [m for m in messages if m.id in self._vouched]
+            if not messages:
+                return self.take(count)
         charged = self._charged
         for message in messages:
             charged[message.id] = message.attempts + 1  # (this delivery)
@@ -176,22 +203,38 @@ class JetStreamQueue:
             # (Another broker may fetch them: the halves of PROTOCOL.md rule 6
             # are not kept across brokers; each goes back on its own.)
             for message in messages:
-                self._send("nak", message)
+                self._send("nak", message, None, (0, None, self._vouched.pop(message.id, 0.0)))
 
     def settled(self, messages, outcome, session, failed_at, tickets):
+        settled_ids = self._settled_ids
         for message in messages:
             self._charged.pop(message.id, None)
-            self._outcomes += 1
-            if tickets is not None:  # (a report waits for JetStream to confirm it)
-                self._outcome_results[self._outcomes] = None
-                tickets.append(self._outcomes)
+            settled_ids[message.id] = outcome
             record = self._dead_letter_record(message, failed_at) if outcome == "dead" else None
             self._send("ack" if outcome == "done" else "dead", message, record,
-                       (self._outcomes, session))
+                       self._outcome_locked(tickets, session,
+                                            self._vouched.pop(message.id, 0.0)))
+        while len(settled_ids) > CHARGED_KEPT:
+            settled_ids.popitem(last=False)
 
-    def touched(self, messages):
+    def touched(self, messages, tickets):
+        now = time.monotonic()
         for message in messages:
-            self._send("progress", message)
+            self._send("progress", message, None, self._outcome_locked(tickets, None, now))
+
+    def lease_bound(self, messages):
+        vouched = self._vouched
+        return min(vouched.get(message.id, 0.0) for message in messages)
+
+    def _outcome_locked(self, tickets, session, when):
+        """A new outcome's (number, session, when) for _apply; with `tickets`,
+        a report or touch waits for it. `when`: an ack's or term's bound, an
+        in-progress ack's time sent."""
+        self._outcomes += 1
+        if tickets is not None:
+            self._outcome_results[self._outcomes] = None
+            tickets.append(self._outcomes)
+        return self._outcomes, session, when
 
     def run_settled(self, settled):
         return self.total is not None and self.cluster_settled
@@ -218,24 +261,33 @@ class JetStreamQueue:
                     del results[number]
             return ok
 
-    def _confirmed(self, number, kind, message, session):
-        """From the NATS thread: outcome `number` is in JetStream (or failed
-        for good: JetStream sends the message again after ack_wait)."""
-        if self._trace is not None and kind is not None:
-            self._trace(kind, message, session)
+    def _confirmed(self, number, what, ok, message, session):
+        """From the NATS thread: outcome `number` (an "ack", a "dead" letter's
+        term, or a "progress") is in JetStream, or (not `ok`) failed for
+        good: JetStream sends the message again after ack_wait. The trace's
+        done and dead lines are written here; a lease whose ack or term was
+        not confirmed ends in a `failed` line."""
+        if self._trace is not None and what != "progress":
+            if ok:
+                self._trace("done" if what == "ack" else "dead", message, session)
+            else:
+                message.reason = "not confirmed"
+                self._trace("failed", message, session)
         with self._lock:
             if self._outcome_results.get(number, FORGOTTEN) is FORGOTTEN:
                 self._outcome_results.pop(number, None)
             else:
-                self._outcome_results[number] = kind is not None
+                self._outcome_results[number] = ok
                 self.outcomes_confirmed.notify_all()
 
-    def _offer(self, messages):
+    def _offer(self, messages, fetched_at):
         """Fetched messages: into batches for the free workers; what none of
         them takes now is returned, for the caller to give back."""
+        vouched = fetched_at + self.ack_wait - VOUCH_MARGIN
         with self._lock:
             for message in messages:
                 message.attempts = max(message.attempts, self._charged.get(message.id, 0))
+                self._vouched[message.id] = vouched
         dead = [m for m in messages if m.attempts >= self.max_attempts]
         if dead:
             self.dispatcher.dead_on_arrival(dead)
@@ -247,12 +299,14 @@ class JetStreamQueue:
         with self._lock:
             left = list(self._fetched)
             self._fetched.clear()
-            return left
+            for message in left:
+                self._vouched.pop(message.id, None)
+            return left  # (just fetched: within their bound)
 
     def _take_all_back(self):
         """At a stop: what this broker still holds, for the stream to give back."""
         with self._lock:
-            held = list(self._fetched)
+            held = [(m, self._vouched.pop(m.id, 0.0)) for m in self._fetched]
             self._fetched.clear()
             return held
 
@@ -331,7 +385,7 @@ class JetStreamQueue:
         self._wake_fetcher = asyncio.Event()
         self._filled = asyncio.Event()  # the generator's first round is out
         self._tasks = [asyncio.ensure_future(task) for task in (
-            self._fetch_forever(), self._generate_forever())]
+            self._fetch_forever(), self._generate_forever(), self._watch_health())]
         if self.total is not None:
             self._tasks.append(asyncio.ensure_future(self._watch_settled()))
         log.info("queue in JetStream stream %r (%d replicas) at %s", self.stream,
@@ -363,8 +417,9 @@ class JetStreamQueue:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for message in self._take_all_back():
-            await self._settle(message.handle.nak)
+        for message, bound in self._take_all_back():
+            if self._in_time(message, bound):
+                await self._settle(message.handle.nak)
         await self._nc.flush(timeout=2)
         await self._nc.close()
 
@@ -373,17 +428,35 @@ class JetStreamQueue:
 
     async def _apply(self, what, message, record, outcome):
         msg = message.handle
-        if what == "nak":
-            await self._settle(msg.nak)
-        elif what == "progress":
-            await self._settle(msg.in_progress)
+        number, session, when = outcome
+        if what == "nak":  # (not after its bound: it would nak another broker's delivery)
+            if self._in_time(message, when):
+                await self._settle(msg.nak)
+            return
+        if what == "progress":  # (confirmed by the server: the touch waits for it)
+            ok = await self._settle(self._reply_sync, msg, b"+WPI")
+            if ok:
+                with self._lock:  # (JetStream's clock for it starts again: at most now)
+                    if message.id in self._vouched:
+                        self._vouched[message.id] = max(self._vouched[message.id],
+                                                        when + self.ack_wait - VOUCH_MARGIN)
         elif what == "ack":  # (confirmed by the server: the report waits for it)
-            ok = await self._settle(msg.ack_sync, timeout=ACK_TIMEOUT)
-            self._confirmed(outcome[0], "done" if ok else None, message, outcome[1])
+            ok = self._in_time(message, when) and \
+                await self._settle(msg.ack_sync, timeout=ACK_TIMEOUT)
         else:  # dead: one list for the cluster, then no more deliveries
-            ok = await self._publish_dead(message, record) and \
-                await self._settle(self._term_sync, msg)
-            self._confirmed(outcome[0], "dead" if ok else None, message, outcome[1])
+            ok = await self._publish_dead(message, record) and self._in_time(message, when) \
+                and await self._settle(self._reply_sync, msg, b"+TERM")
+        self._confirmed(number, what, ok, message, session)
+
+    def _in_time(self, message, bound):
+        """Whether an ack, a nak or a term may still be sent: JetStream may have
+        given the message to another broker after `bound` (this one stalled),
+        and an ack, nak or term of the old delivery would act under it."""
+        if time.monotonic() < bound:
+            return True
+        self._warn("not settling %s: its lease ran out (JetStream may have given it to "
+                   "another broker)", message.id)
+        return False
 
     async def _publish_dead(self, message, record):
         """The dead letter into the cluster's list, retried (its id is its
@@ -409,9 +482,10 @@ class JetStreamQueue:
                 await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RETRY_MOST)
 
-    async def _term_sync(self, msg):
-        """+TERM, confirmed by the server (nats-py's term() is not)."""
-        await self._nc.request(msg.reply, b"+TERM", timeout=ACK_TIMEOUT)
+    async def _reply_sync(self, msg, kind):
+        """+TERM or +WPI, confirmed by the server (nats-py's term() and
+        in_progress() are not)."""
+        await self._nc.request(msg.reply, kind, timeout=ACK_TIMEOUT)
 
     async def _settle(self, method, *args, **kwargs):
         try:
@@ -441,6 +515,7 @@ class JetStreamQueue:
                 continue
             try:
                 msgs = await self._sub.fetch(wanted, timeout=FETCH_WAIT)
+                fetched_at = time.monotonic()
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             except Exception as error:
@@ -455,9 +530,17 @@ class JetStreamQueue:
                 message = self._message(msg)
                 if message is None:
                     await self._settle(msg.term)
-                else:
+                    continue
+                with self._lock:
+                    settled = self._settled_ids.get(message.id)
+                if settled is None:
                     messages.append(message)
-            for message in self._offer(messages):
+                else:  # (its ack or term was lost: say it again; it is not leased again)
+                    log.info("%s, %s here, delivered again: %s again", message.id, settled,
+                             "acked" if settled == "done" else "terminated")
+                    self.settled_again += 1
+                    await self._settle(msg.ack if settled == "done" else msg.term)
+            for message in self._offer(messages, fetched_at):
                 await self._settle(message.handle.nak)
 
     def _message(self, msg):
@@ -535,6 +618,27 @@ class JetStreamQueue:
         if ack.duplicate or (self.total is not None and ack.seq > self.total):
             return 0
         return 1
+
+    async def _watch_health(self):
+        """`problem` (for /healthz): the NATS connection is down, or JetStream
+        does not answer for the stream (no quorum); None once it does again."""
+        while not self._stopping:
+            if not self._nc.is_connected:
+                problem = "NATS: not connected (reconnecting)"
+            else:
+                try:  # (its stream's info is answered without a quorum; its consumer's not)
+                    await asyncio.wait_for(self._js.consumer_info(self.stream, CONSUMER), 2.0)
+                    problem = None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:
+                    problem = "JetStream does not answer for the consumer of %s: %s" % (
+                        self.stream, str(error) or type(error).__name__)
+            if problem != self.problem:
+                (log.warning if problem else log.info)(
+                    "%s", problem or "JetStream answers again")
+            self.problem = problem
+            await asyncio.sleep(HEALTH_EVERY)
 
     async def _watch_settled(self):
         """--total: settled once N messages were stored and none is left."""

@@ -323,6 +323,10 @@ def processes():
             started.append(process)
             return process
 
+        def started_elsewhere(self, more):
+            """Processes started by other means, stopped at the end as these are."""
+            started.extend(more)
+
         def nats_cluster(self, folder, nodes=3):
             """`nodes` nats-server processes with JetStream, clustered on
             loopback when more than one; returns them (NatsServer)."""

@@ -134,7 +134,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         wrong_batch = data.draw(st.booleans()) if batch else True
         number = (batch.number if batch else 0) + (1 if wrong_batch else 0)
         try:
-            lease_ms = self.dispatcher.touch(session.token, number)
+            lease_ms, _ticket, _sent_at = self.dispatcher.touch(session.token, number)
         except broker.ReportError as error:
             assert error.status in (404, 409)
             assert session.closed or wrong_batch or batch is None

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 import broker
 from conftest import HERE, SSEClient, dead_letters_made, http_request, read_trace
@@ -253,6 +254,29 @@ def test_an_expired_lease_bisects_its_batch_too():
     dispatcher.dispatch_once()
     assert hung.closed and hung.close_reason == "lease expired"
     assert dispatcher.snapshot()["halves"] == [["m00000", "m00001"], ["m00002"]]
+
+
+def test_a_report_or_touch_after_its_lease_s_deadline_is_refused_before_the_loop_sees_it():
+    # A broker that stalled (its dispatch loop did not run) answers the late
+    # report 409 and ends the lease then: the lease never outlives its deadline.
+    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+    dispatcher = broker.Dispatcher(new_id=fixed_ids(), clock=clock, lease_timeout=10)
+    for call in ("report", "touch"):
+        late = connect_written(dispatcher, 3)
+        clock.now += 10.5
+        with pytest.raises(broker.ReportError) as refused:
+            if call == "report":
+                dispatcher.report(late.token, late.batch.number, ["m00000"])
+            else:
+                dispatcher.touch(late.token, late.batch.number)
+        assert refused.value.status == 409 and "expired" in str(refused.value)
+        assert late.closed and late.close_reason == "lease expired"
+        assert dispatcher.done == 0
+    touched = connect_written(dispatcher, 1)  # before its deadline: extended, as before
+    clock.now += 9.0
+    assert dispatcher.touch(touched.token, touched.batch.number)[0] == 10000
+    clock.now += 9.0
+    assert dispatcher.report(touched.token, touched.batch.number, [])[0]["retried"] == 1
 
 
 def test_messages_a_live_worker_did_not_report_are_retried_as_in_v1_mixed_with_others():

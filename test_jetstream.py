@@ -4,6 +4,7 @@ three-node NATS cluster, one broker and one NATS node killed mid-run.
 The protocol suite itself runs against --jetstream in test_broker.py."""
 
 import collections
+import concurrent.futures
 import json
 import re
 import signal
@@ -13,7 +14,8 @@ import sys
 import time
 
 
-from conftest import HERE, jetstream_flags, jetstream_missing, read_trace, skip_or_fail
+from conftest import (HERE, NatsServer, jetstream_flags, jetstream_missing, read_trace,
+                      skip_or_fail, wait_until)
 
 TOTAL = 3000
 
@@ -278,3 +280,167 @@ def test_an_unpublished_dead_letter_is_retried_with_backoff():
 
     assert asyncio.run(outage()) is False
     assert 3 <= len(tries) <= 7, len(tries)
+
+
+WORKER_LINE = re.compile(r"^(\S+)T(\S+)\.(\d{3})Z \w+ worker\[(\d+)\]: (?:batch \d+: "
+                         r"(?:starting message (\S+)|message (\S+) ended)|"
+                         r"worker \d+ \(pid (\d+)\) ended)", re.M)
+
+
+def task_spans(output):
+    """(message id -> [(start, end, worker pid)]) of each task a worker.py
+    --processes N --log-level DEBUG ran, from its log: a task ends with its
+    line, or with its worker process (as its supervisor logs)."""
+    import calendar
+    running, spans = {}, collections.defaultdict(list)
+    for day, clock, millis, pid, started, ended, exited in WORKER_LINE.findall(output):
+        t = calendar.timegm(time.strptime(day + "T" + clock, "%Y-%m-%dT%H:%M:%S")) + \
+            int(millis) / 1000
+        if started:
+            running[(started, pid)] = t
+        elif ended and (ended, pid) in running:
+            spans[ended].append((running.pop((ended, pid)), t, pid))
+        elif exited:
+            for message_id, task_pid in [key for key in running if key[1] == exited]:
+                spans[message_id].append((running.pop((message_id, task_pid)), t, task_pid))
+    for (message_id, pid), start in running.items():  # (to the end of the run)
+        spans[message_id].append((start, float("inf"), pid))
+    return spans
+
+
+def test_a_broker_stalled_past_ack_wait_settles_nothing_another_broker_gave_away(
+        processes, tmp_path):
+    # Broker a stops (SIGSTOP: a paused VM, a swap storm) for longer than
+    # JetStream's ack_wait while its workers hold batches; JetStream gives
+    # those messages to broker b. Its workers stop their tasks once a lease
+    # is not renewed (the fence), a, resumed, refuses their late reports and
+    # acks nothing: no message is done twice, nor run on two workers at once.
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+    total = 300
+    nodes = processes.nats_cluster(tmp_path / "nats", 3)
+    urls = ",".join(node.url for node in nodes)
+    flags = ["--jetstream", urls, "--js-stream", "stall", "--total", total,
+             "--lease-timeout", 1, "--heartbeat", 1, "--progress-every", 0.5, "--seed", 3]
+    traces = {name: tmp_path / ("%s.jsonl" % name) for name in "ab"}
+    a, b = (processes.broker(tmp_path / ("%s.db" % name), *flags, "--trace", traces[name])
+            for name in "ab")
+    workers = [processes.worker("--url", "%s,%s" % urls_of, "--processes", 2,
+                                "--time-scale", 2, "--log-level", "DEBUG")
+               for urls_of in ((a.url, b.url), (b.url, a.url))]
+    a.wait_for_line(r"progress: [1-9]\d* done", timeout=60)
+    # One worker by hand: a batch in hand as a stalls, its report sent during the stall.
+    held = a.stream(5)
+    held.hello()
+    batch = held.batch(timeout=30)
+    a.signal(signal.SIGSTOP)
+    body = json.dumps([m["id"] for m in batch]).encode()
+    late = socket.create_connection((a.host, a.port), timeout=60)
+    late.sendall(b"POST /report?worker=%s&batch=%d HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                 % (held.token.encode(), batch[0]["batch"], len(body)) + body)
+    time.sleep(7 + 3)  # past ack_wait: twice the lease timeout, and 5 s
+    a.signal(signal.SIGCONT)
+    answer = late.recv(200)
+    late.close()
+    held.close()
+    # Refused, not 200: b may have them by now. (409: the lease has expired;
+    # or 404, when a's dispatch loop ended the stream first as it resumed.)
+    assert answer.startswith((b"HTTP/1.1 409 ", b"HTTP/1.1 404 ")), answer
+    assert a.wait(240) == 0 and b.wait(240) == 0, (a.output()[-2000:], b.output()[-2000:])
+    for w in workers:
+        w.stop()
+    assert "all %d messages settled" % total in b.output()
+
+    events = {name: read_trace(path) for name, path in traces.items()}
+    done = [e["id"] for name in "ab" for e in events[name] if e["event"] == "done"]
+    dead = dead_stream(urls, "stall")
+    assert len(done) == len(set(done)), "a message was done twice"
+    assert not set(done) & {d["id"] for d in dead}, "a message is both done and dead"
+    fenced = workers[0].output().count("its lease was not renewed")
+    assert fenced >= 1, "the stall caught no batch in hand: nothing was proved"
+    overlaps = []
+    for message_id, spans in task_spans(workers[0].output() + workers[1].output()).items():
+        spans.sort()
+        for (s1, e1, p1), (s2, _e2, p2) in zip(spans, spans[1:]):
+            if p1 != p2 and s2 < e1:
+                overlaps.append((message_id, p1, s1, e1, p2, s2))
+    assert overlaps == [], overlaps[:5]
+    print("%d done, %d dead; %d batches fenced by a's workers; a answered the report sent "
+          "during its stall %s" % (len(done), len(dead), fenced, answer.split(b"\r\n")[0]))
+
+
+def test_healthz_says_503_while_the_queue_has_no_quorum_and_200_once_it_has(
+        processes, tmp_path):
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+    nodes = processes.nats_cluster(tmp_path / "nats", 3)
+    b = processes.broker(tmp_path / "b.db", "--jetstream", ",".join(n.url for n in nodes),
+                         "--js-stream", "health", "--heartbeat", 600)
+    assert b.request("GET", "/healthz")[0] == 200
+    for node in nodes[1:]:  # two of three: no quorum
+        node.signal(signal.SIGKILL)
+        node.wait()
+    answers = []
+
+    def unhealthy():
+        answers.append(b.request("GET", "/healthz", timeout=15))
+        return answers[-1][0] == 503
+
+    wait_until(unhealthy, timeout=30, what=lambda: "still %r" % (answers[-1:],))
+    assert "JetStream" in answers[-1][2] or "NATS" in answers[-1][2], answers[-1]
+    configs = [node.args[1] for node in nodes[1:]]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # (they wait for each other)
+        restarted = list(pool.map(NatsServer, configs))
+    processes.started_elsewhere(restarted)
+    wait_until(lambda: b.request("GET", "/healthz", timeout=15)[0] == 200, timeout=90,
+               what="/healthz never said 200 again")
+
+
+def test_a_dead_letter_whose_term_was_lost_is_terminated_again_never_leased_or_dead_twice(
+        nats_server):
+    # The term of a dead letter is lost (a NATS node died): JetStream delivers
+    # it again after ack_wait. The broker knows it settled it: it terminates
+    # it again, and leases and dead-letters nothing twice. The lease whose
+    # term was not confirmed ends in the trace all the same.
+    import types
+    import broker
+    events = []
+    args = types.SimpleNamespace(
+        jetstream=nats_server.url, js_stream=jetstream_flags(nats_server)[-1], js_replicas=1,
+        max_attempts=1, lease_timeout=0.1, backlog=1, total=None, seed=1, max_workers=None)
+    queue = broker._jetstream_queue(args, lambda kind, m, s: events.append(
+        (kind, m.id, m.reason if kind != "lease" else None)))
+    dispatcher = broker.Dispatcher(max_attempts=1, lease_timeout=0.1, queue=queue,
+                                   on_event=queue._trace)
+    queue.start()
+    real, lost = queue._reply_sync, []
+
+    async def term_lost_once(msg, kind):
+        if kind == b"+TERM" and not lost:
+            lost.append(msg)
+            raise TimeoutError("the term was lost")
+        return await real(msg, kind)
+
+    queue._reply_sync = term_lost_once
+    try:
+        first = dispatcher.connect(1)
+        batch = dispatcher.wait_for_batch(first, 10)
+        assert dispatcher.begin_write(first, batch)
+        dispatcher.batch_written(first, batch)
+        (message_id,) = batch.messages
+        _result, ticket, _next = dispatcher.report(first.token, batch.number, [], last=True)
+        assert dispatcher.wait_reported(ticket, 10) is False  # (not confirmed)
+        time.sleep(queue.ack_wait + 1)  # JetStream delivers it again after ack_wait
+        later = dispatcher.connect(10)  # a free worker: the broker fetches for it
+        wait_until(lambda: getattr(queue, "settled_again", 0) or dispatcher.figures().dead > 1
+                   or [e for e in events if e == ("lease", message_id, None)][1:],
+                   timeout=20, what=lambda: "events %r" % events)
+        assert [e for e in events if e[1] == message_id] == [
+            ("lease", message_id, None), ("failed", message_id, "not confirmed")]
+        assert dispatcher.figures().dead == 1 and queue.settled_again == 1
+        dispatcher.disconnect(later)
+    finally:
+        dispatcher.stop()
+        queue.stop()

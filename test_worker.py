@@ -29,6 +29,8 @@ class FakeBroker:
         self.streams = []        # the query of each GET /task
         self.reports = []        # (query, headers, body) of each POST /report
         self.report_statuses = []
+        self.touches = []        # the query of each POST /touch
+        self.stall_touches = False  # a touch is never answered (a broker that stalled)
         self.changed = threading.Condition()
         self.release = threading.Event()  # ends scripts that hold their stream
         fake = self
@@ -58,6 +60,20 @@ class FakeBroker:
             def do_POST(self):
                 url = urllib.parse.urlsplit(self.path)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                if url.path == "/touch":
+                    with fake.changed:
+                        fake.touches.append(urllib.parse.parse_qs(url.query))
+                        fake.changed.notify_all()
+                    if fake.stall_touches:
+                        fake.release.wait(PROCESS_TIMEOUT)
+                        return
+                    answer = b'{"batch": 1, "lease_ms": 600}'
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                    return
                 with fake.changed:
                     status = fake.report_statuses.pop(0) if fake.report_statuses else 200
                     fake.reports.append((urllib.parse.parse_qs(url.query), dict(self.headers),
@@ -100,9 +116,9 @@ class FakeStream:
         self.wfile.write(text.encode())
         self.wfile.flush()
 
-    def hello(self, token="tok", batchsize=2, heartbeat_ms=15000):
+    def hello(self, token="tok", batchsize=2, heartbeat_ms=15000, lease_ms=10000):
         self.send("retry: 2000\n\nevent: hello\ndata: %s\n\n" % json.dumps(
-            {"worker": token, "batchsize": batchsize, "lease_ms": 10000,
+            {"worker": token, "batchsize": batchsize, "lease_ms": lease_ms,
              "heartbeat_ms": heartbeat_ms}))
 
     def batch(self, number, periods, size=None):
@@ -542,3 +558,30 @@ def test_workers_stop_when_their_parent_pid_is_gone(fake_broker, processes):
                                   "--parent-pid", "1")
     supervisor.wait_for_line(r"parent process 1 is gone: stopping")
     assert supervisor.wait() == 0
+
+
+def test_a_batch_whose_lease_is_not_renewed_in_time_is_abandoned_and_the_worker_moves_on(
+        fake_broker, processes):
+    # PROTOCOL.md, "Worker rules": a broker that stalls cannot close the stream,
+    # and may have lost the lease to another broker: the worker is the fence.
+    def script(index, stream):
+        if index == 0:
+            stream.hello(lease_ms=600)
+            stream.batch(1, [700, 700])  # 7 s each at --time-scale 10
+        else:
+            stream.hello()
+        stream.hold()
+
+    stalled, next_broker = fake_broker(script), fake_broker(lambda index, stream: (
+        stream.hello(), stream.hold()))
+    stalled.stall_touches = True
+    worker = processes.worker("--url", "%s,%s" % (stalled.url, next_broker.url),
+                              "--batchsize", 2, "--time-scale", 10, "--log-level", "DEBUG")
+    stalled.wait_for(lambda: stalled.touches)
+    started = time.monotonic()
+    next_broker.wait_for(lambda: next_broker.streams, timeout=5)
+    assert time.monotonic() - started < 2.0  # (at 0.6 s from the batch's start, not at 7 s)
+    line = worker.wait_for_line(r"batch 1: its lease was not renewed within 0.6 s")
+    assert "abandoning it and reconnecting" in line
+    worker.wait_for_line(r"batch 1: message id-1-1 ended, not done")
+    assert stalled.reports == [] and next_broker.reports == []

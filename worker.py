@@ -202,6 +202,7 @@ class Stream:
         self.batches = {}          # batch number -> BatchInHand
         self.lost = threading.Event()
         self.sock = None           # the stream's socket, to end it when draining
+        self.fenced = False        # ended here: a lease was not renewed in time
 
 
 class Worker:
@@ -294,7 +295,9 @@ class Worker:
             while True:
                 chunk = response.read1(65536)
                 if not chunk:
-                    if not self.draining.is_set():
+                    if stream.fenced:  # (this broker does not answer: the next one)
+                        self._fail_over()
+                    elif not self.draining.is_set():
                         log.warning("stream closed by the broker")
                     return hello
                 for event, data, _event_id in parser.feed(chunk):
@@ -412,6 +415,8 @@ class Worker:
         return not stream.lost.wait(period / 1000.0 * self.time_scale)
 
     def _task_ended(self, stream, batch, message_id, succeeded):
+        log.debug("batch %d: message %s ended, %s", batch.number, message_id,
+                  "done" if succeeded else "not done")
         with batch.lock:
             batch.ended += 1
             if succeeded:
@@ -429,22 +434,41 @@ class Worker:
 
     def _touch_batches(self, stream):
         """While the stream lives, touch each batch in hand that has run half
-        a lease since its lease began or was last extended (PROTOCOL.md v1.1)."""
-        half = stream.lease_ms / 2000.0
+        a lease since its lease began or was last extended (PROTOCOL.md,
+        "Worker rules").
+
+        And fence: a batch whose lease was not renewed (no touch answered
+        200) within a whole lease of its start or of its last renewal may be
+        another worker's by now, if its broker stalled and could not close
+        this stream: its tasks stop, unreported, and the worker reconnects
+        (to the next broker of --url, if more are given)."""
+        lease = stream.lease_ms / 1000.0
+        half = lease / 2
         while not stream.lost.wait(half / 4):
             now = time.monotonic()
             with stream.lock:
-                due = [b for b in stream.batches.values() if now - b.touched >= half]
-            for batch in due:
-                self._touch(stream, batch)
+                in_hand = list(stream.batches.values())
+            for batch in in_hand:
+                if now - batch.touched >= lease:
+                    log.warning("batch %d: its lease was not renewed within %.1f s (the broker "
+                                "does not answer): abandoning it and reconnecting",
+                                batch.number, lease)
+                    stream.fenced = True
+                    stream.lost.set()  # (its tasks stop now)
+                    _end_stream(stream)
+                    return
+            for batch in in_hand:
+                if now - batch.touched >= half:
+                    self._touch(stream, batch, batch.touched + lease - now)
 
-    def _touch(self, stream, batch):
+    def _touch(self, stream, batch, within):
+        """Touch `batch`; give up after `within` seconds (its lease is gone then)."""
         url = "%s/touch?%s" % (stream.base_url, urllib.parse.urlencode(
             {"worker": stream.token, "batch": batch.number}))
         sent = time.monotonic()
         request = urllib.request.Request(url, data=b"", method="POST", headers=self.auth)
         try:
-            with self._open(request, REPORT_TIMEOUT) as response:
+            with self._open(request, max(0.05, min(within, REPORT_TIMEOUT))) as response:
                 response.read()
             batch.touched = sent
             log.debug("batch %d: lease extended", batch.number)
