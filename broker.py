@@ -20,7 +20,9 @@ Run::
 
 Flags (``python broker.py --help`` says more): where to listen and store
 (--host, --port, --db), the rules (--max-attempts, --lease-timeout,
---heartbeat, --max-batchsize, --total, --seed, --durable), limits and access
+--heartbeat, --max-batchsize, --total, --seed, --durable), jobs from
+producers (--source api, --max-backlog, --dedup-window,
+--max-enqueue-body: POST /enqueue and ``broker.py put``), limits and access
 (--max-workers, --max-body, --read-timeout, --token, --token-file,
 --cors-origin, --tls-cert, --tls-key), and
 running and watching (--workers, --progress-every, --trace, --log-level,
@@ -30,10 +32,12 @@ brokers; needs nats-py), and --version. SIGTERM, SIGINT or SIGHUP stop it gracef
 nothing more and lets busy workers report, up to --drain-timeout; a second
 signal stops it at once. Subcommands
 ``broker.py dead`` and ``broker.py requeue`` read and requeue the dead
-letters of a stopped broker's db (``requeue --url``: of a running broker).
+letters of a stopped broker's db (``requeue --url``: of a running broker);
+``broker.py put`` enqueues jobs on a running ``--source api`` broker.
 
 Endpoints: ``GET /task`` (the work stream), ``POST /report``, ``POST /touch``
-(a slow batch keeps its lease); for people and monitoring ``GET /`` (a
+(a slow batch keeps its lease), ``POST /enqueue`` (producers' jobs, with
+--source api); for people and monitoring ``GET /`` (a
 dashboard), ``/events``, ``/stats``, ``/metrics``, ``/healthz``, ``/dead``,
 and ``POST /requeue`` (dead letters back to the queue, live).
 
@@ -69,6 +73,7 @@ import collections
 import datetime
 import functools
 import hashlib
+import heapq
 import hmac
 import http
 import http.server
@@ -121,6 +126,13 @@ DEFAULT_HEARTBEAT = 15.0
 DEFAULT_MAX_BATCHSIZE = 1000
 DEFAULT_MAX_WORKERS = 1000
 MAX_REPORT_BYTES = 64 * 1024
+# Jobs from producers (--source api, POST /enqueue; PROTOCOL.md v1.2):
+MAX_PAYLOAD_BYTES = 64 * 1024        # a job's payload, as compact JSON
+MAX_KEY_BYTES = 256                  # an idempotency key, as UTF-8
+MAX_DELAY_MS = 30 * 24 * 3600 * 1000  # a job's delay_ms: 30 days at most
+DEFAULT_MAX_ENQUEUE_BODY = 4 * 1024 * 1024
+DEFAULT_DEDUP_WINDOW = 300.0         # seconds a key is remembered (as SQS FIFO's)
+DEFAULT_MAX_BACKLOG = 100000         # jobs waiting (not leased) at most
 SSE_RETRY_MS = 2000
 # A request must arrive whole within this many seconds (a slow or stalled
 # client holds a thread no longer), and a stream write may block no longer.
@@ -151,9 +163,13 @@ BALANCE_SECONDS = 5.0
 #                   "requeued": true is a dead letter requeued that no --durable run
 #                   has counted yet (in `state`'s b"requeued")
 # bucket `state`:   (--durable) b"generated", b"done", b"dead", b"requeued" -> decimal counts
+# bucket `keys`:    (--source api) idempotency key -> {"id", "expires" (Unix seconds)}
+# A job's records (pending, and failed) also hold its "payload" and "key" when it
+# has them; its "period" is null when it has none.
 DEAD_LETTER_BUCKET = b"failed"
 PENDING_BUCKET = b"pending"
 STATE_BUCKET = b"state"
+KEYS_BUCKET = b"keys"
 # Where requeued dead letters waited before they had a `pending` record (read
 # at the start: moved into `pending`).
 OLD_REQUEUE_BUCKET = b"requeue"
@@ -464,34 +480,71 @@ class Session:
         return "w%d" % self.number
 
 
+class Job(Message):
+    """A message a producer enqueued (POST /enqueue): its `payload` (any JSON
+    value, decoded; None: it has none, and then a `period`), its idempotency
+    `key` (or None), and `due`, the time (the Dispatcher's clock) before
+    which it is not leased."""
+
+    __slots__ = ("payload", "key", "due")
+
+    def __init__(self, message_id, period, payload=None, key=None, requeued=False):
+        super().__init__(message_id, period, requeued)
+        self.payload = payload
+        self.key = key
+        self.due = 0.0
+
+
+def _job_fields(record, message):
+    """`record` with a job's payload and key, where it has them."""
+    if type(message) is Job:
+        if message.payload is not None:
+            record["payload"] = message.payload
+        if message.key is not None:
+            record["key"] = message.key
+    return record
+
+
 def dead_letter_record(message, failed_at):
     """A dead letter's record in the `failed` bucket (PROTOCOL.md)."""
-    return {"id": message.id, "period": message.period, "attempts": message.attempts,
-            "reason": message.reason, "failed_at": failed_at}
+    return _job_fields({"id": message.id, "period": message.period,
+                        "attempts": message.attempts, "reason": message.reason,
+                        "failed_at": failed_at}, message)
 
 
 def pending_record(message, in_flight):
     """A message's record in the `pending` bucket."""
-    return {"id": message.id, "period": message.period, "attempts": message.attempts,
-            "in_flight": in_flight, "reason": message.reason}
+    return _job_fields({"id": message.id, "period": message.period,
+                        "attempts": message.attempts, "in_flight": in_flight,
+                        "reason": message.reason}, message)
+
+
+def message_from_record(record, requeued=False):
+    """The Message (or Job) a `pending` or `failed` record describes, its
+    attempts as none yet."""
+    if "payload" in record or "key" in record or record.get("period") is None:
+        return Job(record["id"], record.get("period"), record.get("payload"), record.get("key"),
+                   requeued=requeued)
+    return Message(record["id"], record["period"], requeued=requeued)
 
 
 def requeued_record(record):
     """The `pending` record of a dead letter requeued (its `failed` record):
     its attempts reset, and not yet counted by a --durable run."""
-    return dict(pending_record(Message(record["id"], record["period"]), False), requeued=True)
+    return dict(pending_record(message_from_record(record), False), requeued=True)
 
 
 class Changes:
     """What the state writer takes in one go: all saved in one transaction."""
 
-    __slots__ = ("seq", "pending", "dead_letters", "counters")
+    __slots__ = ("seq", "pending", "dead_letters", "counters", "keys")
 
-    def __init__(self, seq, pending, dead_letters, counters):
+    def __init__(self, seq, pending, dead_letters, counters, keys=None):
         self.seq = seq                    # the last change included
         self.pending = pending            # id -> record, or None to delete
         self.dead_letters = dead_letters  # [(Message, failed_at)]
         self.counters = counters          # --durable: (generated, done, dead, requeued)
+        self.keys = keys or {}            # --source api: key -> record, or None to delete
 
 
 def _rfc3339_now():
@@ -517,7 +570,8 @@ def _rfc3339_now():
 #   put(messages, where)    messages back in line: FIRST (a batch never written,
 #                           its attempt uncharged, or dead letters requeued),
 #                           FIRST_HALF (such a batch that was a half), RETRY (failed
-#                           attempts), BISECT (a batch whose worker died)
+#                           attempts), BISECT (a batch whose worker died); or NEW (jobs
+#                           producers enqueued, once saved: a JobQueue's only)
 #   settled(messages, outcome, session, failed_at, tickets)
 #                           done, or dead; a queue that has it confirmed elsewhere
 #                           appends to `tickets` what the report's answer waits for
@@ -538,12 +592,12 @@ def _rfc3339_now():
 # Dispatcher: for the wiring) start(), stop() and `problem` (why the queue
 # cannot be used now, for /healthz, or None).
 #
-# LocalQueue keeps the messages in this process, made by the seed's loop (or
-# taken in from producers by a subclass of it: `_new_messages`);
+# LocalQueue keeps the messages in this process, made by the seed's loop;
+# JobQueue, a LocalQueue whose new messages are the jobs producers enqueue;
 # broker_jetstream.JetStreamQueue keeps them in a NATS JetStream stream that
 # several brokers share.
 
-FIRST, FIRST_HALF, RETRY, BISECT = "first", "first half", "retry", "bisect"
+FIRST, FIRST_HALF, RETRY, BISECT, NEW = "first", "first half", "retry", "bisect", "new"
 
 
 class LocalQueue:
@@ -571,6 +625,10 @@ class LocalQueue:
         pass  # (nothing here runs outside the dispatcher's lock)
 
     def waiting(self):
+        return len(self._retry) + self._waiting_in_halves
+
+    def retrying(self):
+        """(For the figures) the messages waiting for another attempt."""
         return len(self._retry) + self._waiting_in_halves
 
     def take(self, count):
@@ -602,14 +660,16 @@ class LocalQueue:
         elif where == FIRST_HALF:
             self._halves.appendleft(messages)
             self._waiting_in_halves += len(messages)
-        else:  # BISECT: two halves, each a batch of its own (PROTOCOL.md rule 6:
-            # one of them may have ended the worker; it takes fewer batch-mates
-            # down each time)
+        elif where == BISECT:  # two halves, each a batch of its own (PROTOCOL.md
+            # rule 6: one of them may have ended the worker; it takes fewer
+            # batch-mates down each time)
             middle = (len(messages) + 1) // 2
             for half in (messages[:middle], messages[middle:]):
                 if half:
                     self._halves.append(half)
                     self._waiting_in_halves += len(half)
+        else:
+            raise ValueError("%r: no such place in this queue" % where)
 
     def settled(self, messages, outcome, session, failed_at, tickets):
         pass  # (nothing more to do here: the state writer saves them)
@@ -629,6 +689,42 @@ class LocalQueue:
     def snapshot(self):
         """(For the invariant tests) the halves and the retries, in line order."""
         return [list(half) for half in self._halves], list(self._retry)
+
+
+class JobQueue(LocalQueue):
+    """--source api: the new messages are the jobs producers enqueued, in
+    the order they were accepted, each once it is due (its delay_ms, to
+    within a turn of the dispatch loop: a second at most)."""
+
+    def __init__(self, clock=time.monotonic):
+        super().__init__(None, self._due_jobs)
+        self._clock = clock
+        self._ready = collections.deque()  # Jobs due, in the order they were accepted
+        self._delayed = []                  # heap of (due, order, Job) not yet due
+        self._order = 0
+
+    def waiting(self):
+        return super().waiting() + len(self._ready) + len(self._delayed)
+
+    def put(self, messages, where):
+        if where != NEW:
+            super().put(messages, where)
+            return
+        now = self._clock()
+        for job in messages:
+            if job.due > now:
+                self._order += 1
+                heapq.heappush(self._delayed, (job.due, self._order, job))
+            else:
+                self._ready.append(job)
+
+    def _due_jobs(self, count):
+        delayed, ready = self._delayed, self._ready
+        if delayed and delayed[0][0] <= self._clock():
+            now = self._clock()
+            while delayed and delayed[0][0] <= now:
+                ready.append(heapq.heappop(delayed)[2])
+        return [ready.popleft() for _ in range(min(count, len(ready)))]
 
 
 # ---------------------------------------------------------------------------
@@ -658,7 +754,8 @@ class Dispatcher:
 
     def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, lease_timeout=DEFAULT_LEASE_TIMEOUT,
                  total=None, seed=None, new_id=None, clock=time.monotonic, on_event=None,
-                 durable=False, max_workers=None, queue=None):
+                 durable=False, max_workers=None, queue=None, max_backlog=DEFAULT_MAX_BACKLOG,
+                 dedup_window=DEFAULT_DEDUP_WINDOW, wall_clock=time.time):
         self.max_attempts = max_attempts
         self.durable = durable
         self.max_workers = max_workers
@@ -671,6 +768,10 @@ class Dispatcher:
         # (The done and dead lines of a queue that confirms them elsewhere are its own.)
         self._on_settled = None if self.queue.traces_settled else on_event
         self._bounded = self.queue.bounds_leases  # (see _bound_lease_locked)
+        self.jobs = type(self.queue) is JobQueue  # (--source api: jobs' msg events)
+        self.max_backlog = max_backlog
+        self.dedup_window = dedup_window
+        self._wall_clock = wall_clock  # (a key's expiry outlives a restart: Unix time)
 
         # `_lock` guards every field below it, and the queue's: the sessions
         # and free workers, the leases, the changes not yet saved, the flags
@@ -717,6 +818,15 @@ class Dispatcher:
         self.round_trip_sum = 0.0
         self.recent_dead = collections.deque(maxlen=20)  # for the dashboard
         self._done_times = collections.deque()    # (second, done count) for done_per_s
+        # Jobs from producers (--source api):
+        self._held = collections.deque()  # (change seq, [Job]) enqueued, not yet saved
+        self._held_jobs = 0               # jobs in all those
+        self._taken_seq = 0               # the changes the state writer has taken so far
+        self._keys = {}                   # idempotency key -> (first id, expires: Unix s)
+        self._key_expiry = collections.deque()  # (expires, key), in the order they expire
+        self._unsaved_keys = {}           # key -> record of bucket `keys`, or None to delete
+        self.enqueued = self.duplicates = 0
+        self.refused = {"backlog full": 0, "stopping": 0, "not saved": 0}  # enqueues: 503s
         self.queue.bind(self, self._lock)
 
     # -- workers come and go ---------------------------------------------
@@ -1143,12 +1253,15 @@ class Dispatcher:
                     break
                 self.changes_to_save.wait(remaining)
             self._writer_called = False
-            if self._change_seq == self._saved_seq:
+            if self._key_expiry:
+                self._expired_keys_locked()
+            if self._change_seq == self._saved_seq and not self._unsaved_keys:
                 return None
             changes = Changes(self._change_seq, self._unsaved, self._dead_letters,
                               (self.queue.generated, self.done, self.dead, self.requeued)
-                              if self.durable else None)
-            self._unsaved, self._dead_letters = {}, []
+                              if self.durable else None, self._unsaved_keys)
+            self._unsaved, self._dead_letters, self._unsaved_keys = {}, [], {}
+            self._taken_seq = self._change_seq
             return changes
 
     def changes_written(self, changes, ok):
@@ -1158,10 +1271,15 @@ class Dispatcher:
                 self._saved_seq = max(self._saved_seq, changes.seq)
                 self.dead_saved += len(changes.dead_letters)
                 self.changes_saved.notify_all()
+                if self._held:
+                    self._release_held_locked()
             else:
                 for message_id, record in changes.pending.items():
                     self._unsaved.setdefault(message_id, record)  # newer ones win
+                for key, record in changes.keys.items():
+                    self._unsaved_keys.setdefault(key, record)
                 self._dead_letters[:0] = changes.dead_letters
+                self._taken_seq = self._saved_seq
             self._notify_if_settled_locked()
 
     def wait_reported(self, ticket, timeout):
@@ -1193,8 +1311,7 @@ class Dispatcher:
         with their attempts reset. (`counted`: the `requeued` counter that
         restore() read counts them already.)"""
         with self._lock:
-            messages = [Message(record["id"], record["period"], requeued=True)
-                        for record in records]
+            messages = [message_from_record(record, requeued=True) for record in records]
             self.queue.put(messages, FIRST)
             self._save_locked(messages, "waiting")
             if not self.durable:  # (with it, every unsettled message stays in the db)
@@ -1220,7 +1337,7 @@ class Dispatcher:
                 self.dead_saved = self.dead
             waiting = []
             for record in records:
-                message = Message(record["id"], record["period"])
+                message = message_from_record(record)
                 message.attempts = record["attempts"]
                 message.reason = record.get("reason")
                 if not record.get("in_flight") or \
@@ -1228,6 +1345,107 @@ class Dispatcher:
                     waiting.append(message)
             self.queue.put(waiting, RETRY)
             self.lease_to_watch.notify()
+
+    # -- jobs from producers (--source api) -----------------------------------
+
+    def enqueue(self, jobs):
+        """POST /enqueue: `jobs` (Jobs, ids given) into the queue, all or
+        none. A job whose key is remembered (or taken by an earlier job of
+        the same request) is a duplicate: not enqueued, its id the first's.
+        ReportError(503) while stopping or when the backlog would exceed
+        --max-backlog. Returns (ids, indexes of duplicates, and the ticket
+        to wait for: the jobs are given out, and the answer may be 200,
+        once they are saved; see cancel_enqueue)."""
+        with self._lock:
+            if self.stopping or self.draining:
+                self.refused["stopping"] += 1
+                raise ReportError(503, "the broker is stopping")
+            now = self._wall_clock()
+            ids, duplicates, fresh, taken = [], [], [], {}
+            for index, job in enumerate(jobs):
+                key = job.key
+                if key is not None:
+                    first = taken.get(key) or self._live_key_locked(key, now)
+                    if first is not None:
+                        ids.append(first)
+                        duplicates.append(index)
+                        continue
+                    taken[key] = job.id
+                ids.append(job.id)
+                fresh.append(job)
+            if self.queue.waiting() + self._held_jobs + len(fresh) > self.max_backlog:
+                self.refused["backlog full"] += 1
+                raise ReportError(503, "the backlog is full (--max-backlog %d jobs wait)"
+                                  % self.max_backlog)
+            expires = now + self.dedup_window
+            for key, message_id in taken.items():
+                self._keys[key] = (message_id, expires)
+                self._key_expiry.append((expires, key))
+                self._unsaved_keys[key] = {"id": message_id, "expires": round(expires, 3)}
+            self.enqueued += len(fresh)
+            self.duplicates += len(duplicates)
+            self._save_locked(fresh, "waiting")
+            if not fresh:
+                return ids, duplicates, (self._saved_seq, [])
+            self._held.append((self._change_seq, fresh))
+            self._held_jobs += len(fresh)
+            return ids, duplicates, (self._change_seq, [])
+
+    def _live_key_locked(self, key, now):
+        first = self._keys.get(key)
+        return first[0] if first is not None and first[1] > now else None
+
+    def cancel_enqueue(self, ticket):
+        """The enqueue of `ticket` was not saved in time (the answer is 503):
+        its jobs are dropped, unless the state writer has taken them already
+        (then they are enqueued once that commit succeeds). True if they
+        were dropped."""
+        seq = ticket[0]
+        with self._lock:
+            self.refused["not saved"] += 1
+            if seq <= self._taken_seq:
+                return False
+            for i, (held_seq, jobs) in enumerate(self._held):
+                if held_seq == seq:
+                    del self._held[i]
+                    self._held_jobs -= len(jobs)
+                    for job in jobs:
+                        self._unsaved.pop(job.id, None)
+                        if job.key is not None and self._keys.get(job.key, ("",))[0] == job.id:
+                            del self._keys[job.key]
+                            self._unsaved_keys.pop(job.key, None)
+                    self.enqueued -= len(jobs)
+                    return True
+            return False
+
+    def _release_held_locked(self):
+        """Enqueued jobs now saved: into the queue, and out to free workers."""
+        released = False
+        while self._held and self._held[0][0] <= self._saved_seq:
+            _seq, jobs = self._held.popleft()
+            self._held_jobs -= len(jobs)
+            self.queue.put(jobs, NEW)
+            released = True
+        if released:
+            self._assign_locked()
+
+    def _expired_keys_locked(self):
+        """Keys past their window: forgotten, and deleted from the db in the
+        commit that passes by."""
+        now, expiry, keys = self._wall_clock(), self._key_expiry, self._keys
+        while expiry and expiry[0][0] <= now:
+            expires, key = expiry.popleft()
+            first = keys.get(key)
+            if first is not None and first[1] <= now:
+                del keys[key]
+                self._unsaved_keys[key] = None
+
+    def restore_keys(self, records):
+        """The keys a run before saved (bucket `keys`): {key: (id, expires)}."""
+        with self._lock:
+            for key, (message_id, expires) in sorted(records.items(), key=lambda r: r[1][1]):
+                self._keys[key] = (message_id, expires)
+                self._key_expiry.append((expires, key))
 
     # -- for a queue kept elsewhere, from its own thread ---------------------
 
@@ -1414,6 +1632,12 @@ class Figures:
         self.unsaved_changes = d._change_seq - d._saved_seq
         self.unsaved_dead_letters = d.dead - d.dead_saved
         self.requeued_unsettled = d.requeued_unsettled  # (counted without --durable)
+        self.jobs = type(d.queue) is JobQueue  # (--source api)
+        if self.jobs:
+            self.retrying = d.queue.retrying()
+            self.backlog = d.queue.waiting() + d._held_jobs
+            self.enqueued, self.duplicates = d.enqueued, d.duplicates
+            self.refused = dict(d.refused)
 
     def unsettled(self):
         """Messages generated (or requeued) and neither done nor dead."""
@@ -1421,11 +1645,15 @@ class Figures:
 
     def stats(self):
         """GET /stats (PROTOCOL.md)."""
-        return {"uptime_s": round(self.uptime_s, 3), "generated": self.generated,
-                "dispatched": self.dispatched, "done": self.done, "dead": self.dead,
-                "retrying": self.retrying, "in_flight": self.in_flight,
-                "workers": self.workers, "busy_workers": self.busy_workers,
-                "done_per_s": round(self.done_per_s, 3)}
+        stats = {"uptime_s": round(self.uptime_s, 3), "generated": self.generated,
+                 "dispatched": self.dispatched, "done": self.done, "dead": self.dead,
+                 "retrying": self.retrying, "in_flight": self.in_flight,
+                 "workers": self.workers, "busy_workers": self.busy_workers,
+                 "done_per_s": round(self.done_per_s, 3)}
+        if self.jobs:
+            stats.update(enqueued=self.enqueued, duplicates=self.duplicates,
+                         backlog=self.backlog, refused=self.refused)
+        return stats
 
     def dashboard(self):
         """The dashboard's `stats` event: /stats, the workers, the latest dead letters."""
@@ -1466,8 +1694,11 @@ def parse_record(bucket, key, raw):
         problems.append("its id is not its key")
     elif not XID_PATTERN.fullmatch(record["id"]):
         problems.append("its id is not an xid")
-    if not _is_int(record.get("period"), MIN_PERIOD_MS, MAX_PERIOD_MS):
+    if not _is_int(record.get("period"), MIN_PERIOD_MS, MAX_PERIOD_MS) and not (
+            record.get("period") is None and "payload" in record):
         problems.append("period is not an integer in %d..%d" % (MIN_PERIOD_MS, MAX_PERIOD_MS))
+    if record.get("key") is not None and not isinstance(record["key"], str):
+        problems.append("key is not text")
     if not _is_int(record.get("attempts"), 0):
         problems.append("attempts is not a non-negative integer")
     if record.get("reason") is not None and not isinstance(record["reason"], str):
@@ -1504,6 +1735,21 @@ def load_state(db):
                 values.append(int(raw))
             counters = tuple(values)
     return found[OLD_REQUEUE_BUCKET], found[PENDING_BUCKET], counters
+
+
+def load_keys(db):
+    """The idempotency keys a run before saved: {key: (id, expires)}; a
+    record that is not one is skipped, and said in the log."""
+    keys = {}
+    with db.view() as tx:
+        bucket = tx.bucket(KEYS_BUCKET)
+        for raw_key, raw in bucket.items() if bucket is not None else ():
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                keys[raw_key.decode("utf-8")] = (record["id"], float(record["expires"]))
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+                log.warning("bucket 'keys', key %r: not a key's record (skipped)", raw_key[:80])
+    return keys
 
 
 def count_pending(db):
@@ -1654,9 +1900,8 @@ class StateWriter:
                 return [], missing
             pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
             for key, _raw, record in moved:
-                pending.put(key, _compact_json(pending_record(Message(
-                    record["id"], record["period"]), False) if durable else
-                    requeued_record(record)).encode())
+                pending.put(key, _compact_json(pending_record(message_from_record(record), False)
+                                               if durable else requeued_record(record)).encode())
                 failed.delete(key)
             if durable:
                 state = tx.create_bucket_if_not_exists(STATE_BUCKET)
@@ -1691,6 +1936,13 @@ class StateWriter:
                     state = tx.create_bucket_if_not_exists(STATE_BUCKET)
                     for key, value in zip(_COUNTER_KEYS, changes.counters):
                         state.put(key, b"%d" % value)
+                if changes.keys:
+                    keys = tx.create_bucket_if_not_exists(KEYS_BUCKET)
+                    for key, record in changes.keys.items():
+                        if record is None:
+                            keys.delete(key.encode("utf-8"))
+                        else:
+                            keys.put(key.encode("utf-8"), _compact_json(record).encode())
         except Exception as error:  # a disk error, or a bug: the changes are kept either way
             self.saving_since = None
             self.errors += 1
@@ -1756,6 +2008,22 @@ def batch_events(batch):
     return "".join([f'event: msg\ndata: {{"id":"{m.id}","period":{decimal[m.period]},'
                     f'"attempt":{decimal[m.attempts] if m.attempts < known else m.attempts}'
                     f'{tail}' for m in batch.messages.values()]).encode("ascii")
+
+
+def job_events(batch):
+    """All `msg` events of a batch of jobs (--source api): each with its
+    payload and its period, where it has them (PROTOCOL.md, "The msg
+    event"), as sse_event writes them."""
+    size = len(batch.messages)
+    events = []
+    for m in batch.messages.values():
+        fields = {"id": m.id, "attempt": m.attempts, "batch": batch.number, "size": size}
+        if type(m) is Job and m.payload is not None:
+            fields["payload"] = m.payload
+        if m.period is not None:
+            fields["period"] = m.period
+        events.append(sse_event("msg", fields))
+    return b"".join(events)
 
 
 def report_answer(result):
@@ -1869,7 +2137,7 @@ def deliver(dispatcher, session, batch, heartbeat):
         if channel.peer_closed():
             dispatcher.batch_not_written(session, batch, "stream closed")
             return False
-        channel.send(batch_events(batch))
+        channel.send(job_events(batch) if dispatcher.jobs else batch_events(batch))
     except OSError as error:
         dispatcher.batch_not_written(session, batch, "write failed: %s" % (
             error.strerror or type(error).__name__))
@@ -2404,9 +2672,10 @@ class HTTPRequestHandler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def read_body(self):
-        """The request's body (Content-Length required, at most --max-body
-        bytes), or None once an error answer (or a client gone) says why not."""
+    def read_body(self, limit=None):
+        """The request's body (Content-Length required, at most `limit`
+        bytes, by default --max-body), or None once an error answer (or a
+        client gone) says why not."""
         length_header = self.headers.get("content-length")
         if length_header is None or self.headers.get("transfer-encoding"):
             self.close_connection = True
@@ -2417,7 +2686,7 @@ class HTTPRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_json(400, "malformed Content-Length")
             return None
         length = int(length_header)
-        limit = self.max_body
+        limit = self.max_body if limit is None else limit
         if length > limit:
             self.close_connection = True
             self.send_error_json(413, "body larger than %d bytes" % limit)
@@ -2453,6 +2722,72 @@ class BrokerHTTPServer(http.server.ThreadingHTTPServer):
         super().__init__(address, handler)
 
 
+def _no_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+# (JSON has no NaN or Infinity: Python's parser takes them, and a worker in
+# Go or a browser could not read the event.)
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+JOB_FIELDS = ("payload", "period", "key", "delay_ms")
+
+
+def parse_jobs(body, new_ids, now):
+    """The Jobs of a POST /enqueue body (a JSON array of jobs, or one job),
+    with new ids and due times from `now` (the Dispatcher's clock);
+    ValueError naming the first fault (and the index of its job)."""
+    try:
+        request = _STRICT_JSON.decode(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("the body is not UTF-8") from None
+    except RecursionError:
+        raise ValueError("the body is nested too deep") from None
+    except ValueError as error:
+        raise ValueError("the body is not JSON: %s" % error) from None
+    items = request if isinstance(request, list) else [request]
+    jobs = []
+    ids = new_ids(len(items)) if items else []
+    for index, (item, job_id) in enumerate(zip(items, ids)):
+        where = "job %d" % index
+        if not isinstance(item, dict):
+            raise ValueError("%s: not a JSON object" % where)
+        unknown = [name for name in item if name not in JOB_FIELDS]
+        if unknown:
+            raise ValueError("%s: unknown field %r (a job has %s)" % (
+                where, unknown[0][:40], ", ".join(JOB_FIELDS)))
+        if "payload" not in item and "period" not in item:
+            raise ValueError("%s: needs a payload or a period" % where)
+        period = item.get("period")
+        if period is not None and not _is_int(period, MIN_PERIOD_MS, MAX_PERIOD_MS):
+            raise ValueError("%s: period must be an integer in %d..%d"
+                             % (where, MIN_PERIOD_MS, MAX_PERIOD_MS))
+        if "payload" in item:
+            try:
+                size = len(_compact_json(item["payload"]).encode("utf-8"))
+            except RecursionError:
+                raise ValueError("%s: the payload is nested too deep" % where) from None
+            if size > MAX_PAYLOAD_BYTES:
+                raise ValueError("%s: the payload is %d bytes of JSON, more than %d"
+                                 % (where, size, MAX_PAYLOAD_BYTES))
+        key = item.get("key")
+        if key is not None:
+            try:
+                ok = isinstance(key, str) and 0 < len(key.encode("utf-8")) <= MAX_KEY_BYTES
+            except UnicodeEncodeError:  # (a lone surrogate: "\ud800")
+                ok = False
+            if not ok:
+                raise ValueError("%s: key must be text of 1..%d bytes of UTF-8"
+                                 % (where, MAX_KEY_BYTES))
+        delay = item.get("delay_ms", 0)
+        if not _is_int(delay, 0, MAX_DELAY_MS):
+            raise ValueError("%s: delay_ms must be an integer in 0..%d" % (where, MAX_DELAY_MS))
+        job = Job(job_id, period, item.get("payload"), key)
+        if delay:
+            job.due = now + delay / 1000.0
+        jobs.append(job)
+    return jobs
+
+
 def _id_list(value):
     """`value` if it is a list of strings (ids), else None."""
     # (The types of its items, as a set made in C: a generator took 10
@@ -2470,7 +2805,8 @@ class BrokerRequestHandler(HTTPRequestHandler):
               "/touch": {"POST": "handle_touch"}, "/requeue": {"POST": "handle_requeue"},
               "/stats": {"GET": "handle_stats"}, "/healthz": {"GET": "handle_healthz"},
               "/metrics": {"GET": "handle_metrics"}, "/events": {"GET": "handle_events"},
-              "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"}}
+              "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"},
+              "/enqueue": {"POST": "handle_enqueue"}}
     STREAM_PATHS = STREAM_PATHS
 
     def authorized(self, path, query_text):
@@ -2645,6 +2981,37 @@ class BrokerRequestHandler(HTTPRequestHandler):
             return
         self.send_json(200, {"requeued": len(requeued), "missing": missing})
 
+    # -- POST /enqueue ------------------------------------------------------------
+
+    def handle_enqueue(self, query):
+        """Jobs from a producer (--source api): all saved, then 200 with
+        their ids; or none (PROTOCOL.md, "POST /enqueue")."""
+        broker = self.server.broker
+        dispatcher = broker.dispatcher
+        if not dispatcher.jobs:
+            self.close_connection = True  # (its body is not read)
+            self.send_error_json(409, "this broker generates its messages (--source generator)")
+            return
+        body = self.read_body(broker.max_enqueue_body)
+        if body is None:
+            return
+        try:
+            jobs = parse_jobs(body, broker.new_ids, time.monotonic())
+        except ValueError as error:
+            self.send_error_json(400, str(error))
+            return
+        try:
+            ids, duplicates, ticket = dispatcher.enqueue(jobs)
+        except ReportError as error:
+            self.send_error_json(error.status, str(error), [("Retry-After", "2")])
+            return
+        if not dispatcher.wait_reported(ticket, self.read_timeout) and \
+                dispatcher.cancel_enqueue(ticket):
+            self.send_error_json(503, "the jobs could not be saved (see /healthz): none was "
+                                      "enqueued", [("Retry-After", "2")])
+            return
+        self.send_json(200, {"ids": ids, "duplicates": duplicates})
+
     # -- POST /touch --------------------------------------------------------------
 
     def handle_touch(self, query):
@@ -2777,6 +3144,8 @@ class Broker:
         self.read_timeout = args.read_timeout
         self.token = args.token or None
         self.cors_origins = tuple(args.cors_origin or ())
+        self.max_enqueue_body = args.max_enqueue_body
+        self.new_ids = new_ids_function()  # (the ids of jobs from producers)
         self.tls_context = _tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
         # The port first, then the trace, then the db: a start that fails
         # leaves no new file behind.
@@ -2796,7 +3165,10 @@ class Broker:
                                          lease_timeout=args.lease_timeout, total=args.total,
                                          seed=args.seed, on_event=self.trace,
                                          durable=args.durable, max_workers=args.max_workers,
-                                         queue=self.queue)
+                                         queue=self.queue or (JobQueue() if args.source == "api"
+                                                              else None),
+                                         max_backlog=args.max_backlog,
+                                         dedup_window=args.dedup_window)
             # A small page cache: the broker mostly appends, and reads back little.
             self.db = bbolt_lite.open(args.db, timeout=1.0, cache_pages=64)
             try:
@@ -2855,7 +3227,7 @@ class Broker:
                 pending = tx.create_bucket_if_not_exists(PENDING_BUCKET)
                 for record in requeued:
                     pending.put(record["id"].encode("ascii"), _compact_json(pending_record(
-                        Message(record["id"], record["period"]), False)).encode())
+                        message_from_record(record), False)).encode())
                 state = tx.create_bucket_if_not_exists(STATE_BUCKET)
                 counters = counters or (0, 0, 0, 0)
                 counters = counters[:3] + (counters[3] + len(requeued),)
@@ -2872,6 +3244,8 @@ class Broker:
             self.dispatcher.requeue(requeued)
         else:
             self.dispatcher.restore(records, counters)
+            if self.dispatcher.jobs:
+                self.dispatcher.restore_keys(load_keys(self.db))
             self.dispatcher.requeue(requeued, counted=True)
             if records or counters:
                 log.info("resuming from %s: %d unsettled messages, %d generated so far, "
@@ -3252,6 +3626,23 @@ def parse_args(argv=None):
                         help="write ': ping' on idle streams this often (default: %(default)s)")
     parser.add_argument("--max-batchsize", type=_positive_int, default=DEFAULT_MAX_BATCHSIZE,
                         help="largest batchsize a worker may ask for (default: %(default)s)")
+    parser.add_argument("--source", choices=("generator", "api"), default="generator",
+                        help="where messages come from: 'generator', the seed's loop (the "
+                             "default), or 'api', jobs that producers POST to /enqueue (and "
+                             "'broker.py put' sends): each saved before it is accepted "
+                             "(implies --durable)")
+    parser.add_argument("--max-backlog", type=_positive_int, default=DEFAULT_MAX_BACKLOG,
+                        metavar="N",
+                        help="with --source api: jobs waiting at most; an enqueue past it "
+                             "gets 503 and enqueues nothing (default: %(default)s)")
+    parser.add_argument("--dedup-window", type=_positive_float, default=DEFAULT_DEDUP_WINDOW,
+                        metavar="SECONDS",
+                        help="with --source api: how long a job's idempotency key is "
+                             "remembered, across restarts (default: %(default)s)")
+    parser.add_argument("--max-enqueue-body", type=_positive_int,
+                        default=DEFAULT_MAX_ENQUEUE_BODY, metavar="BYTES",
+                        help="with --source api: the largest POST /enqueue body; larger get "
+                             "413 (default: %(default)s)")
     parser.add_argument("--total", type=_non_negative_int, default=None, metavar="N",
                         help="generate N messages, then none; exit 0 once all are done or dead "
                              "(default: generate forever)")
@@ -3326,6 +3717,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.jetstream and args.durable:
         parser.error("--jetstream keeps the queue in JetStream: --durable is not needed there")
+    if args.source == "api":
+        if args.total is not None:
+            parser.error("--total counts generated messages: not with --source api")
+        if args.jetstream:
+            parser.error("--source api with --jetstream is not supported yet: jobs from "
+                         "producers are kept in this broker's db")
+        args.durable = True  # (an accepted job survives a crash: PROTOCOL.md)
     try:
         args.token = _token(args.token, args.token_file)
     except ValueError as error:
@@ -3363,12 +3761,13 @@ def _token(token, token_file):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("dead", "requeue"):
+    if argv and argv[0] in ("dead", "requeue", "put"):
         # Killed by SIGPIPE like any Unix tool when the reader goes (| head):
         # no BrokenPipeError traceback.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
-            return (dead_command if argv[0] == "dead" else requeue_command)(argv[1:])
+            return {"dead": dead_command, "requeue": requeue_command,
+                    "put": put_command}[argv[0]](argv[1:])
         except ToolError as error:
             print("broker.py %s: %s" % (argv[0], error), file=sys.stderr)
             return 2
@@ -3598,6 +3997,17 @@ def prometheus_text(figures, writer, started_at):
     lines += _histogram("broker_batch_round_trip_seconds",
                         "Time from a batch's dispatch to its report.", ROUND_TRIP_BUCKETS,
                         figures.round_trips, figures.round_trip_sum)
+    if figures.jobs:  # (--source api)
+        for name, kind, help_text, value in (
+                ("broker_enqueued_total", "counter", "Jobs accepted from producers.",
+                 figures.enqueued),
+                ("broker_duplicates_total", "counter",
+                 "Jobs not enqueued: their key was taken (idempotency).", figures.duplicates),
+                ("broker_backlog", "gauge", "Jobs waiting to be leased.", figures.backlog)):
+            lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind),
+                      "%s %d" % (name, value)]
+        lines += _by_reason("broker_enqueue_refused_total", "counter",
+                            "Enqueue requests answered 503, by cause.", figures.refused)
     lines += ["# HELP broker_db_commits_total Transactions committed to the db.",
               "# TYPE broker_db_commits_total counter",
               "broker_db_commits_total %d" % writer.commits,
@@ -3747,33 +4157,134 @@ def requeue_command(argv):
     return 0
 
 
-def _requeue_live(args):
-    """`requeue --url`: POST /requeue to a running broker."""
-    if not args.url.startswith(("http://", "https://")):
+class HTTPAnswer(Exception):
+    """A broker's answer other than 200: its status, error text and Retry-After."""
+
+    def __init__(self, status, reason, retry_after):
+        super().__init__(reason)
+        self.status, self.retry_after = status, retry_after
+
+
+def _post_json(url, path, body, token):
+    """POST `body` (JSON) to a running broker: its answer, parsed;
+    HTTPAnswer for another status than 200, ToolError if it is not reached."""
+    if not url.startswith(("http://", "https://")):
         raise ToolError("--url must start with http:// or https://")
-    body = json.dumps({"all": True} if args.all else args.ids).encode()
     headers = {"Content-Type": "application/json"}
-    if args.token:
-        headers["Authorization"] = "Bearer " + args.token.encode("utf-8").decode("latin-1")
-    request = urllib.request.Request(args.url.rstrip("/") + "/requeue", data=body,
+    if token:  # (its UTF-8 bytes, as curl sends it)
+        headers["Authorization"] = "Bearer " + token.encode("utf-8").decode("latin-1")
+    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(),
                                      headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
+            return json.loads(response.read())
     except urllib.error.HTTPError as error:
         try:
             reason = json.loads(error.read()).get("error", "")
         except ValueError:
             reason = error.reason
-        raise ToolError("%s answered %d: %s" % (args.url, error.code, reason)) from None
+        raise HTTPAnswer(error.code, reason, error.headers.get("Retry-After")) from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise ToolError("cannot reach %s: %s" % (
-            args.url, getattr(error, "reason", None) or error)) from None
+            url, getattr(error, "reason", None) or error)) from None
+
+
+def _requeue_live(args):
+    """`requeue --url`: POST /requeue to a running broker."""
+    try:
+        answer = _post_json(args.url, "/requeue", {"all": True} if args.all else args.ids,
+                            _tool_token(args.token, None))
+    except HTTPAnswer as error:
+        raise ToolError("%s answered %d: %s" % (args.url, error.status, error)) from None
     print("%d dead letters requeued: the broker sends them first" % answer["requeued"])
     if answer["missing"]:
         print("not dead letters there: %s" % " ".join(answer["missing"]), file=sys.stderr)
         return 1
     return 0
+
+
+def _tool_token(token, token_file):
+    try:
+        return _token(token, token_file)
+    except ValueError as error:
+        raise ToolError(str(error)) from None
+
+
+PUT_AT_ONCE = 1000  # jobs a request of `broker.py put`
+
+
+def put_command(argv):
+    """`broker.py put`: enqueue jobs on a running broker (--source api)."""
+    parser = argparse.ArgumentParser(
+        prog="broker.py put",
+        description="Enqueue jobs on a running broker started with --source api. Each JOB is "
+                    'a JSON object, {"payload": ..., "period": N, "key": "...", "delay_ms": N} '
+                    "(a payload or a period at least); without JOB arguments, one JSON job a "
+                    "line on standard input, sent in requests of up to %d. Prints each job's "
+                    "id, one a line; a 503 (backlog full, broker stopping) is retried with "
+                    "backoff. Exit status: 0 all accepted, 1 some refused (each named by its "
+                    "line or argument), 2 a usage error or a broker that cannot be reached."
+                    % PUT_AT_ONCE)
+    parser.add_argument("--url", required=True, help="the broker, e.g. http://127.0.0.1:8080")
+    parser.add_argument("--token", default=None,
+                        help="the broker's --token (default: $BROKER_TOKEN)")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help="read the token from FILE (default: $BROKER_TOKEN_FILE)")
+    parser.add_argument("--key", help="the idempotency key of the job (one job only)")
+    parser.add_argument("--delay-ms", type=_non_negative_int, default=None, metavar="N",
+                        help="each job is leased no sooner than N ms from its accept")
+    parser.add_argument("jobs", nargs="*", metavar="JOB", help="a job, as JSON")
+    args = parser.parse_args(argv)
+    token = _tool_token(args.token, args.token_file)
+    named = [("argument %d" % (i + 1), text) for i, text in enumerate(args.jobs)] or \
+        [("line %d" % (i + 1), line) for i, line in enumerate(sys.stdin) if line.strip()]
+    if args.key is not None and len(named) != 1:
+        parser.error("--key names one job: give one JOB")
+    jobs, refused = [], 0
+    for where, text in named:
+        try:
+            job = json.loads(text)
+            if not isinstance(job, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            print("%s: not a job: %s" % (where, error), file=sys.stderr)
+            refused += 1
+            continue
+        if args.key is not None:
+            job.setdefault("key", args.key)
+        if args.delay_ms is not None:
+            job.setdefault("delay_ms", args.delay_ms)
+        jobs.append((where, job))
+    for start in range(0, len(jobs), PUT_AT_ONCE):
+        refused += _put_request(args.url, token, jobs[start:start + PUT_AT_ONCE])
+    return 1 if refused else 0
+
+
+def _put_request(url, token, jobs):
+    """Enqueue `jobs` [(where, job)], printing their ids; a job the broker
+    refuses (400 naming it) is named and left out, the rest sent again.
+    Returns how many were refused."""
+    refused, pause = 0, 0.5
+    while jobs:
+        try:
+            answer = _post_json(url, "/enqueue", [job for _where, job in jobs], token)
+        except HTTPAnswer as error:
+            if error.status == 503:
+                time.sleep(pause * random.uniform(0.5, 1.0) if error.retry_after is None
+                           else max(pause, float(error.retry_after)))
+                pause = min(pause * 2, 30.0)
+                continue
+            index = re.match(r"job (\d+): ", str(error))
+            if error.status != 400 or index is None or int(index.group(1)) >= len(jobs):
+                raise ToolError("%s answered %d: %s" % (url, error.status, error)) from None
+            where, _job = jobs.pop(int(index.group(1)))
+            print("%s: refused: %s" % (where, str(error)[index.end():]), file=sys.stderr)
+            refused += 1
+            continue
+        for job_id in answer["ids"]:
+            print(job_id)
+        return refused
+    return refused
 
 
 # ---------------------------------------------------------------------------

@@ -552,7 +552,8 @@ BROKER_FLAGS = {"--help", "--host", "--port", "--db", "--max-attempts", "--lease
                 "--max-workers", "--max-body", "--read-timeout", "--token", "--cors-origin",
                 "--drain-timeout", "--token-file", "--tls-cert", "--tls-key", "--version",
                 "--workers", "--jetstream", "--js-stream", "--js-replicas", "--backlog",
-                "--progress-every", "--trace", "--log-level", "--pin"}
+                "--progress-every", "--trace", "--log-level", "--pin", "--source",
+                "--max-backlog", "--dedup-window", "--max-enqueue-body"}
 
 
 def test_help_explains_every_flag():

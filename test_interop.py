@@ -26,7 +26,8 @@ import pytest
 
 import bbolt_lite
 
-from conftest import HERE, GoMissing, build_go, headless_chromium, safe_seed, skip_or_fail
+from conftest import (HERE, GoMissing, build_go, headless_chromium, safe_seed, skip_or_fail,
+                      wait_until)
 
 BATCHES = 20
 
@@ -436,3 +437,90 @@ def test_the_go_benchmark_tools_load_both_brokers(processes, db, tmp_path):
     # (and a few more: batches in flight when the load stopped, on their last attempt)
     assert row["dead"] <= len(letters) <= row["dead"] + 4 * 5
     assert all(d["attempts"] == 3 for d in letters)
+
+
+# --- producers (broker.py --source api, POST /enqueue) -------------------------------------
+
+PRODUCED = 1000
+
+
+def drain_jobs(b, count):
+    """A worker of our own: takes and reports `count` jobs; their payloads."""
+    client = b.stream(100)
+    client.hello()
+    payloads = []
+    while len(payloads) < count:
+        batch = client.batch(timeout=30)
+        payloads += [m["payload"] for m in batch]
+        assert b.report(client.token, batch[0]["batch"], [m["id"] for m in batch])[0] == 200
+    client.close()
+    return payloads
+
+
+def test_curl_as_a_producer(processes, db):
+    curl = need_program("curl", "curl")
+    b = processes.broker(db, "--source", "api", "--heartbeat", "600")
+    for start in range(0, PRODUCED, 100):
+        body = json.dumps([{"payload": {"n": n}} for n in range(start, start + 100)])
+        done = subprocess.run([curl, "-s", "-w", "\n%{http_code}", "--data", body,
+                               b.url + "/enqueue"], capture_output=True, text=True, timeout=30)
+        answer, status = done.stdout.rsplit("\n", 1)
+        assert status == "200" and len(json.loads(answer)["ids"]) == 100, done.stdout
+    assert sorted(p["n"] for p in drain_jobs(b, PRODUCED)) == list(range(PRODUCED))
+
+
+def test_requests_as_a_producer(processes, db):
+    requests = need("requests")
+    b = processes.broker(db, "--source", "api", "--heartbeat", "600")
+    with requests.Session() as session:  # as its docs show: json= on a POST
+        for start in range(0, PRODUCED, 250):
+            response = session.post(b.url + "/enqueue", json=[
+                {"payload": {"n": n}, "key": "job-%d" % n} for n in range(start, start + 250)])
+            response.raise_for_status()
+            assert len(response.json()["ids"]) == 250
+        again = session.post(b.url + "/enqueue", json={"payload": {"n": 0}, "key": "job-0"})
+        assert again.json()["duplicates"] == [0]  # a producer's retry is one job
+    assert sorted(p["n"] for p in drain_jobs(b, PRODUCED)) == list(range(PRODUCED))
+
+
+def test_a_browser_page_of_another_origin_is_a_producer_with_cors_origin(
+        processes, db, page_origin):
+    # fetch() with a JSON body: the browser asks first (a preflight), which
+    # --cors-origin allows; the same page is also the worker that settles them.
+    b = processes.broker(db, "--source", "api", "--heartbeat", "600",
+                         "--cors-origin", page_origin)
+    with headless_chromium() as browser:
+        page = open_worker_page(browser, page_origin, b.url)
+        statuses = page.evaluate("""async (broker) => {
+            const statuses = [];
+            for (let start = 0; start < %d; start += 100) {
+                const jobs = [];
+                for (let n = start; n < start + 100; n++) jobs.push({payload: {n}});
+                const answer = await fetch(broker + "/enqueue", {method: "POST",
+                    headers: {"Content-Type": "application/json"}, body: JSON.stringify(jobs)});
+                statuses.push(answer.status, (await answer.json()).ids.length);
+            }
+            return statuses;
+        }""" % PRODUCED, b.url)
+        assert statuses == [200, 100] * (PRODUCED // 100)
+        page.wait_for_function("window.seen.statuses.length >= %d" % BATCHES, timeout=20000)
+    wait_until(lambda: b.stats()["in_flight"] == 0)  # (the page's worker has left)
+    stats = b.stats()
+    drain_jobs(b, PRODUCED - stats["done"])  # (the rest, by a worker of ours)
+    assert b.stats()["done"] == PRODUCED
+
+
+def test_a_go_net_http_producer(processes, db, tmp_path):
+    try:
+        goproducer = build_go("goproducer", tmp_path)
+    except GoMissing as missing:
+        skip_or_fail(str(missing))
+    b = processes.broker(db, "--source", "api", "--heartbeat", "600", "--max-backlog", 500)
+    done = subprocess.Popen([goproducer, b.url, str(PRODUCED), "100"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    b.wait_for_line(r"/enqueue HTTP/1.1\" 503")  # (500 at most wait: it waits, then goes on)
+    payloads = drain_jobs(b, PRODUCED)
+    out, err = done.communicate(timeout=60)
+    assert done.returncode == 0, err
+    assert len(set(out.split())) == PRODUCED
+    assert sorted(p["n"] for p in payloads) == list(range(PRODUCED))

@@ -68,6 +68,7 @@ EXIT_STATUS_USAGE = 2
 EXIT_STATUS_BUG = 1
 CONNECT_TIMEOUT = 10.0
 REPORT_TIMEOUT = 10.0
+FENCE_WAIT = 2.0  # seconds a fenced batch's tasks have to stop before the stream ends
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 # Before the broker's hello says otherwise, how long a silent stream may last.
 DEFAULT_HEARTBEAT_MS = 15000
@@ -357,9 +358,11 @@ class Worker:
     def _on_message(self, stream, data):
         try:
             message = json.loads(data)
-            message_id, period = message["id"], message["period"]
+            message_id, period = message["id"], message.get("period")
             number, size = message["batch"], message["size"]
-            if not (isinstance(message_id, str) and isinstance(period, int)
+            if period is None and "payload" not in message:
+                raise KeyError("period")
+            if not (isinstance(message_id, str) and isinstance(period, (int, type(None)))
                     and isinstance(number, int) and isinstance(size, int) and size >= 1):
                 raise ValueError("wrong field types")
         except (ValueError, KeyError, TypeError) as error:
@@ -372,6 +375,11 @@ class Worker:
             batch = stream.batches.get(number)
             if batch is None:
                 batch = stream.batches[number] = BatchInHand(number, size)
+        if period is None:  # (a job of a producer's, with a payload only)
+            log.warning("message %s has a payload and no period: this worker only sleeps "
+                        "periods (not done)", message_id)
+            self._task_ended(stream, batch, message_id, False)
+            return
         with self._lock:
             running = self._running
             refuse = running >= self.batchsize
@@ -455,6 +463,12 @@ class Worker:
                                 batch.number, lease)
                     stream.fenced = True
                     stream.lost.set()  # (its tasks stop now)
+                    # Only once they have stopped does the broker hear of it
+                    # (the stream's end), and give the messages to another.
+                    deadline = time.monotonic() + FENCE_WAIT
+                    while time.monotonic() < deadline and any(
+                            b.ended < b.size for b in in_hand):
+                        time.sleep(0.002)
                     _end_stream(stream)
                     return
             for batch in in_hand:

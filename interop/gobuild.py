@@ -2,8 +2,8 @@
 
 `boltcheck` (and bench/'s `gobroker`) drive Debian's bbolt and rs/xid (the Go
 packages that `apt-get install golang-go golang-github-coreos-bbolt-dev
-golang-github-rs-xid-dev` puts under /usr/share/gocode); `goworker` and
-`goload` need only Go's standard library. No module proxy is asked for anything.
+golang-github-rs-xid-dev` puts under /usr/share/gocode); `goworker`,
+`goproducer` and `goload` need only Go's standard library. No module proxy is asked for anything.
 """
 
 import os
@@ -14,8 +14,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GOPATH = os.environ.get("INTEROP_GOPATH", "/usr/share/gocode")
 GO_PACKAGES = {"boltcheck": ("go.etcd.io/bbolt", "github.com/rs/xid"), "goworker": (),
-               "gobroker": ("go.etcd.io/bbolt", "github.com/rs/xid"), "goload": ()}
-SOURCES = {"boltcheck": "interop", "goworker": "interop", "gobroker": "bench", "goload": "bench"}
+               "goproducer": (), "gobroker": ("go.etcd.io/bbolt", "github.com/rs/xid"),
+               "goload": ()}
+SOURCES = {"boltcheck": "interop", "goworker": "interop", "goproducer": "interop",
+           "gobroker": "bench", "goload": "bench"}
 
 
 class GoMissing(Exception):
