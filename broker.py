@@ -2755,12 +2755,12 @@ def parse_jobs(body, new_ids, now):
         if unknown:
             raise ValueError("%s: unknown field %r (a job has %s)" % (
                 where, unknown[0][:40], ", ".join(JOB_FIELDS)))
-        if "payload" not in item and "period" not in item:
-            raise ValueError("%s: needs a payload or a period" % where)
         period = item.get("period")
-        if period is not None and not _is_int(period, MIN_PERIOD_MS, MAX_PERIOD_MS):
+        if "period" in item and not _is_int(period, MIN_PERIOD_MS, MAX_PERIOD_MS):
             raise ValueError("%s: period must be an integer in %d..%d"
                              % (where, MIN_PERIOD_MS, MAX_PERIOD_MS))
+        if item.get("payload") is None and period is None:  # (a null payload is none)
+            raise ValueError("%s: needs a payload or a period" % where)
         if "payload" in item:
             try:
                 size = len(_compact_json(item["payload"]).encode("utf-8"))

@@ -1,8 +1,10 @@
-"""Fuzzing, bounded for CI: the worker's SSE parser and bbolt_lite's file reader.
+"""Fuzzing, bounded for CI: the worker's SSE parser, bbolt_lite's file reader,
+and the broker's reading of a POST /enqueue body.
 
-Hypothesis drives both (no extra dependency): arbitrary bytes, cut anywhere,
-into the parser; random damage into a real bbolt file. A crash it finds is
-kept below as a regression example (@example).
+Hypothesis drives them (no extra dependency): arbitrary bytes, cut anywhere,
+into the parser; random damage into a real bbolt file; bytes and JSON of any
+shape as jobs. A crash it finds is kept below as a regression example
+(@example).
 """
 
 import os
@@ -10,6 +12,7 @@ import os
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import bbolt_lite
+import broker
 import worker
 from conftest import StrictSSEParser
 
@@ -110,3 +113,34 @@ def test_bbolt_lite_reading_a_damaged_file_raises_only_its_own_errors(tmp_path, 
         pass
     finally:
         os.remove(path)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 1002) | st.floats(allow_nan=False) |
+    st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) |
+    st.dictionaries(st.sampled_from(["payload", "period", "key", "delay_ms", "x"]) |
+                    st.text(max_size=5), children, max_size=5),
+    max_leaves=20)
+
+
+def fake_ids(count):
+    return ["9m4e2mr0ui3e8a215n%02d" % (i % 100) for i in range(count)]
+
+
+@FUZZ
+@given(body=st.binary(max_size=300) | JSON_VALUES.map(lambda v: broker._compact_json(v).encode()))
+@example(body=b'[{"payload": NaN}]')
+@example(body=b"[" * 5000 + b"]" * 5000)
+def test_an_enqueue_body_is_jobs_that_keep_the_rules_or_a_value_error_naming_why(body):
+    try:
+        jobs = broker.parse_jobs(body, fake_ids, 100.0)
+    except ValueError as error:
+        assert str(error)
+        return
+    for job in jobs:  # what POST /enqueue would accept keeps PROTOCOL.md's rules
+        assert isinstance(job, broker.Job) and (job.payload is not None or job.period)
+        assert job.period is None or 1 <= job.period <= 1000
+        assert job.key is None or 0 < len(job.key.encode("utf-8")) <= 256
+        assert job.due == 0.0 or job.due >= 100.0
+        broker.job_events(type("B", (), {"number": 1, "messages": {job.id: job}})())

@@ -4,6 +4,7 @@ its backlog, and hands their payloads to workers."""
 
 import json
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -95,6 +96,8 @@ BAD_JOBS = [
     ([{"period": True}], "job 0: period"),
     ([{"key": "k"}], "job 0: needs a payload or a period"),
     ([{}], "job 0: needs a payload or a period"),
+    ([{"payload": None}], "job 0: needs a payload or a period"),
+    ([{"payload": 1, "period": None}], "job 0: period"),
     ([{"payload": 1, "delay_ms": -1}], "job 0: delay_ms"),
     ([{"payload": 1, "delay_ms": 10 ** 12}], "job 0: delay_ms"),
     ([{"payload": 1, "key": "k" * 257}], "job 0: key"),
@@ -262,9 +265,17 @@ def test_past_max_backlog_an_enqueue_is_503_with_retry_after_and_enqueues_nothin
     assert status == 503 and headers["Retry-After"] == "2" and "backlog is full" in answer["error"]
     assert b.stats()["backlog"] == 40 and b.stats()["refused"]["backlog full"] == 1
     assert enqueue(b, [{"period": 1}] * 10)[0] == 200
+    # A full backlog shows as 503s, not as memory.
+    rss = []
+    for _round in range(3):
+        for _ in range(100):
+            assert enqueue(b, [{"payload": "x" * 1000}] * 50)[0] == 503
+        with open("/proc/%d/status" % b.popen.pid) as f:
+            rss.append(int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)))
+    assert rss[-1] <= rss[0] * 1.05, rss  # (15,000 refused jobs of 1 KB: none kept)
     metrics = b.request("GET", "/metrics")[2]
     assert "broker_enqueued_total 50" in metrics and "broker_backlog 50" in metrics
-    assert 'broker_enqueue_refused_total{reason="backlog full"} 1' in metrics
+    assert 'broker_enqueue_refused_total{reason="backlog full"} 301' in metrics
 
 
 # --- dead letters keep the job --------------------------------------------------------------
