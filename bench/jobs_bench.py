@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Jobs from producers: broker.py --source api against a Go broker of the same
+path, and against broker.py --durable with its own generator, in one run.
+
+    python bench/jobs_bench.py --gobroker BIN --goload BIN [--reps 2] [--seconds 8]
+
+`--gobroker` and `--goload` are Go programs that speak protocol v1.2's
+producer path: a broker with `--source api` (jobs saved in bbolt before the
+answer, a report answered after its commit, group commits) and a load client
+whose `-p P -pb N` adds P producers posting /enqueue requests of N jobs (this
+repository's bench/gobroker and bench/goload do not have that path). Each
+broker is started fresh on a free 127.0.0.1 port, its db in a temporary
+folder, `--reps` times in turn, and loaded by
+
+    goload -p 4 -pb 100 -c 8 -b 10 -s SECONDS     (--source api: 4 producers, 8 consumers)
+    goload -c 8 -b 10 -s SECONDS                  (broker.py --durable: 8 consumers)
+
+Prints medians (min-max) of jobs settled a second, jobs accepted a second,
+the enqueue answer's p50 and p99, the 503s (a full --max-backlog), and the
+ratio of broker.py's settled jobs to the Go broker's. A benchmark, not a
+test: compare the figures of one run only.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start(command, log_path):
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(log_path) as f:
+            found = re.search(r"listening on (http://[0-9.]+:\d+)", f.read())
+        if found:
+            return process, found.group(1)
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise SystemExit("%s did not start: %s" % (command[0], open(log_path).read()[-500:]))
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gobroker", required=True, help="a Go broker with --source api")
+    parser.add_argument("--goload", required=True, help="a Go load client with -p and -pb")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8)
+    args = parser.parse_args()
+    python = [sys.executable, os.path.join(ROOT, "broker.py")]
+    setups = [
+        ("broker.py --source api", python + ["--source", "api"], ["-p", "4", "-pb", "100"]),
+        ("gobroker --source api", [args.gobroker, "--source", "api"], ["-p", "4", "-pb", "100"]),
+        ("broker.py --durable", python + ["--durable"], []),
+    ]
+    rows = {name: [] for name, _c, _l in setups}
+    with tempfile.TemporaryDirectory() as work:
+        for rep in range(args.reps):
+            for name, command, load in setups:
+                db = os.path.join(work, "%d-%s.db" % (rep, name.replace(" ", "_")))
+                process, url = start(command + ["--port", "0", "--db", db, "--lease-timeout",
+                                                "30"], os.path.join(work, "broker.log"))
+                try:
+                    done = subprocess.run([args.goload, "-url", url, "-c", "8", "-b", "10",
+                                           "-s", str(args.seconds), "-f", "0"] + load,
+                                          capture_output=True, text=True,
+                                          timeout=args.seconds + 120)
+                finally:
+                    stop(process)
+                row = json.loads(done.stdout)
+                rows[name].append(row)
+                print(name, json.dumps(row), flush=True)
+
+    def cell(name, key, form):
+        values = [r.get(key) for r in rows[name] if r.get(key) is not None]
+        if not values or min(values) < 0:
+            return "-"
+        return (form + " (" + form + "-" + form + ")") % (
+            statistics.median(values), min(values), max(values))
+
+    print("\n%-24s %-26s %-26s %-20s %-20s %s" % ("broker", "settled/s", "enqueued/s",
+                                                  "enqueue p50 ms", "enqueue p99 ms", "503s"))
+    for name in rows:
+        print("%-24s %-26s %-26s %-20s %-20s %s" % (
+            name, cell(name, "settled_per_s", "%.0f"), cell(name, "enqueued_per_s", "%.0f"),
+            cell(name, "enq_p50_ms", "%.2f"), cell(name, "enq_p99_ms", "%.2f"),
+            cell(name, "enq_refused", "%.0f")))
+    py, go = (statistics.median(r["settled_per_s"] for r in rows[name])
+              for name in ("broker.py --source api", "gobroker --source api"))
+    print("settled jobs/s, broker.py / gobroker: %.3f" % (py / go))
+
+
+if __name__ == "__main__":
+    main()
