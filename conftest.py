@@ -352,6 +352,14 @@ def jetstream_missing():
     return None
 
 
+def require_jetstream():
+    """Skip (or, with REQUIRE_INTEROP=1, fail) a test that needs NATS JetStream
+    when it cannot be had here."""
+    missing = jetstream_missing()
+    if missing:
+        skip_or_fail(missing)
+
+
 class NatsServer(Process):
     """nats-server -js on loopback, its client port chosen by the OS."""
 
@@ -382,9 +390,7 @@ class NatsServer(Process):
 def nats_server(tmp_path_factory):
     """One nats-server with JetStream for the session (each test uses a stream
     of its own)."""
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     server = NatsServer.cluster(tmp_path_factory.mktemp("nats"), 1)[0]
     yield server
     server.stop()

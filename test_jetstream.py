@@ -14,8 +14,8 @@ import sys
 import time
 
 
-from conftest import (HERE, NatsServer, jetstream_flags, jetstream_missing, read_trace,
-                      skip_or_fail, wait_until)
+from conftest import (HERE, NatsServer, jetstream_flags, read_trace, require_jetstream,
+                      wait_until)
 
 TOTAL = 3000
 
@@ -30,9 +30,7 @@ def dead_stream(urls, stream):
 
 def test_two_brokers_over_a_nats_cluster_lose_nothing_when_a_broker_and_a_node_are_killed(
         processes, tmp_path):
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     nodes = processes.nats_cluster(tmp_path / "nats", 3)
     urls = ",".join(node.url for node in nodes)
     flags = ["--jetstream", urls, "--js-stream", "work", "--total", TOTAL,
@@ -160,9 +158,7 @@ def test_durable_and_jetstream_together_are_refused(tmp_path):
 
 
 def test_an_unreachable_cluster_is_a_start_error_naming_it(tmp_path):
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = "nats://127.0.0.1:%d" % s.getsockname()[1]
@@ -174,9 +170,7 @@ def test_an_unreachable_cluster_is_a_start_error_naming_it(tmp_path):
 
 
 def test_a_fetched_message_without_an_id_and_a_period_in_range_is_refused():
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     import types
     import broker
     import broker_jetstream
@@ -240,9 +234,7 @@ def test_a_fetched_message_whose_id_is_not_an_xid_is_terminated_and_never_writte
 
 def test_broker_jetstream_does_not_import_broker():
     # broker.py hands it what it needs: no import circle.
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     result = subprocess.run([sys.executable, "-c", "import sys, broker_jetstream; "
                              "print(sorted(m for m in sys.modules if m.startswith('broker')))"],
                             cwd=HERE, capture_output=True, text=True, timeout=60)
@@ -253,9 +245,7 @@ def test_broker_jetstream_does_not_import_broker():
 def test_an_unpublished_dead_letter_is_retried_with_backoff():
     # In an outage every dead letter retries its publish: at a fixed 0.2 s,
     # 15 tries in 3 s each (and as many warnings held back); backing off, a few.
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     import asyncio
     import broker
     import broker_jetstream
@@ -315,9 +305,7 @@ def test_a_broker_stalled_past_ack_wait_settles_nothing_another_broker_gave_away
     # those messages to broker b. Its workers stop their tasks once a lease
     # is not renewed (the fence), a, resumed, refuses their late reports and
     # acks nothing: no message is done twice, nor run on two workers at once.
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     total = 300
     nodes = processes.nats_cluster(tmp_path / "nats", 3)
     urls = ",".join(node.url for node in nodes)
@@ -372,9 +360,7 @@ def test_a_broker_stalled_past_ack_wait_settles_nothing_another_broker_gave_away
 
 def test_healthz_says_503_while_the_queue_has_no_quorum_and_200_once_it_has(
         processes, tmp_path):
-    missing = jetstream_missing()
-    if missing:
-        skip_or_fail(missing)
+    require_jetstream()
     nodes = processes.nats_cluster(tmp_path / "nats", 3)
     b = processes.broker(tmp_path / "b.db", "--jetstream", ",".join(n.url for n in nodes),
                          "--js-stream", "health", "--heartbeat", 600)

@@ -24,40 +24,16 @@ test: compare the figures of one run only.
 import argparse
 import json
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "interop"))
 
-
-def start(command, log_path):
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with open(log_path) as f:
-            found = re.search(r"listening on (http://[0-9.]+:\d+)", f.read())
-        if found:
-            return process, found.group(1)
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise SystemExit("%s did not start: %s" % (command[0], open(log_path).read()[-500:]))
-
-
-def stop(process):
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+from gobench import start, stop  # noqa: E402  (a broker started and stopped as users do)
 
 
 def main():
