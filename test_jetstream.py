@@ -323,6 +323,7 @@ def test_a_broker_stalled_past_ack_wait_settles_nothing_another_broker_gave_away
     held.hello()
     batch = held.batch(timeout=30)
     a.signal(signal.SIGSTOP)
+    stalled_at = time.time()
     body = json.dumps([m["id"] for m in batch]).encode()
     late = socket.create_connection((a.host, a.port), timeout=60)
     late.sendall(b"POST /report?worker=%s&batch=%d HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
@@ -345,6 +346,26 @@ def test_a_broker_stalled_past_ack_wait_settles_nothing_another_broker_gave_away
     dead = dead_stream(urls, "stall")
     assert len(done) == len(set(done)), "a message was done twice"
     assert not set(done) & {d["id"] for d in dead}, "a message is both done and dead"
+    # No message leased by both brokers at once. A lease ends at its end
+    # line, or at its deadline: a's leases open as it stalled could not be
+    # touched while it was stopped, so they ended a lease timeout after the
+    # stall began at the latest (its late report or touch is refused).
+    spans = collections.defaultdict(list)  # id -> [(start, end, broker)]
+    for name in "ab":
+        open_leases = {}
+        for e in events[name]:
+            if e["event"] == "lease":
+                open_leases[e["id"]] = e["t"]
+            elif e["id"] in open_leases:
+                start = open_leases.pop(e["id"])
+                end = e["t"]
+                if name == "a" and start < stalled_at < end:
+                    end = min(end, stalled_at + 1.0)
+                spans[e["id"]].append((start, end, name))
+    double = [(message_id, x, y) for message_id, leases in spans.items()
+              for x in leases for y in leases if x[2] == "a" and y[2] == "b" and
+              x[0] < y[1] and y[0] < x[1]]
+    assert double == [], double[:5]
     fenced = workers[0].output().count("its lease was not renewed")
     assert fenced >= 1, "the stall caught no batch in hand: nothing was proved"
     overlaps = []
