@@ -3831,6 +3831,9 @@ const FIELDS = [["generated", "generated"], ["dispatched", "dispatched"], ["done
   ["dead", "dead"], ["retrying", "retrying"], ["in_flight", "in flight"],
   ["workers", "workers"], ["busy_workers", "busy workers"], ["done_per_s", "done/s (10 s)"],
   ["uptime_s", "uptime (s)"]];
+// With --source api: the jobs from producers (refused: the enqueue 503s, all causes).
+const JOB_FIELDS = [["enqueued", "jobs enqueued"], ["backlog", "jobs waiting"],
+  ["duplicates", "duplicates"], ["refused", "enqueues refused"]];
 const history = [];  // [time, done, dead], one a second, five minutes
 let token = sessionStorage.getItem("broker-token") || "";
 let source = null;
@@ -3891,13 +3894,14 @@ function fill(id, rows, columns) {
 function show(stats) {
   const counters = document.getElementById("counters");
   counters.replaceChildren();
-  for (const [key, label] of FIELDS) {
+  for (const [key, label] of FIELDS.concat("enqueued" in stats ? JOB_FIELDS : [])) {
     const box = document.createElement("div");
     box.className = "counter";
     box.id = "counter-" + key;
     const value = document.createElement("b");
     value.textContent = key === "uptime_s" ? Math.round(stats[key]) :
-      key === "done_per_s" ? stats[key].toFixed(1) : stats[key];
+      key === "done_per_s" ? stats[key].toFixed(1) :
+      key === "refused" ? Object.values(stats[key]).reduce((a, b) => a + b, 0) : stats[key];
     const name = document.createElement("span");
     name.textContent = label;
     box.append(value, name);
@@ -3905,7 +3909,8 @@ function show(stats) {
   }
   const status = document.getElementById("status");
   status.className = "";
-  status.textContent = stats.total === null ? "generating without end" :
+  status.textContent = "enqueued" in stats ? "jobs from producers (--source api)" :
+    stats.total === null ? "generating without end" :
     "settled " + (stats.done + stats.dead) + " of " + (stats.total + stats.requeued);
   fill("workers", stats.workers_detail, [w => w.worker, w => w.batchsize, w => w.batches_done,
     w => w.batch_age_s === null ? "free" : w.batch_age_s.toFixed(2) + " s"]);

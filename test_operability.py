@@ -271,6 +271,24 @@ def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
     assert os.path.getsize(shot) > 1000
 
 
+def test_the_dashboard_counts_the_jobs_of_producers(processes, db):
+    b = processes.broker(db, "--source", "api", "--heartbeat", "600", "--max-backlog", 5)
+    jobs = json.dumps([{"payload": n} for n in range(5)]).encode()
+    assert b.request("POST", "/enqueue", jobs)[0] == 200
+    assert b.request("POST", "/enqueue", b'[{"payload": 9}]')[0] == 503  # the backlog is full
+    errors = []
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(b.url + "/")
+        page.wait_for_selector("#counter-enqueued b", timeout=15000)
+        shown = {key: page.inner_text("#counter-%s b" % key)
+                 for key in ("enqueued", "backlog", "duplicates", "refused")}
+        status = page.inner_text("#status")
+    assert shown == {"enqueued": "5", "backlog": "5", "duplicates": "0", "refused": "1"}
+    assert "jobs from producers" in status and errors == []
+
+
 # --- the tools never hurt a file ---------------------------------------------------------
 
 def dead_now(b):
