@@ -1400,12 +1400,14 @@ class Dispatcher:
         return first[0] if first is not None and first[1] > now else None
 
     def cancel_enqueue(self, ticket):
-        """The enqueue of `ticket` was not saved in time (the answer is 503):
-        its jobs are dropped, unless the state writer has taken them already
-        (then they are enqueued once that commit succeeds). True if they
-        were dropped."""
+        """The enqueue of `ticket` was not saved in time: True if it was
+        saved after all (the answer is 200). Else (the answer is 503) its
+        jobs are dropped, unless the state writer has taken them already:
+        then they are enqueued once that commit succeeds."""
         seq = ticket[0]
         with self._lock:
+            if seq <= self._saved_seq:
+                return True
             self.refused["not saved"] += 1
             if seq <= self._taken_seq:
                 return False
@@ -1419,7 +1421,7 @@ class Dispatcher:
                             del self._keys[job.key]
                             self._unsaved_keys.pop(job.key, None)
                     self.enqueued -= len(jobs)
-                    return True
+                    return False
             return False
 
     def _release_held_locked(self):
@@ -3015,7 +3017,7 @@ class BrokerRequestHandler(HTTPRequestHandler):
             self.send_error_json(error.status, str(error), [("Retry-After", "2")])
             return
         if not dispatcher.wait_reported(ticket, self.read_timeout) and \
-                dispatcher.cancel_enqueue(ticket):
+                not dispatcher.cancel_enqueue(ticket):
             self.send_error_json(503, "the jobs could not be saved (see /healthz): none was "
                                       "enqueued", [("Retry-After", "2")])
             return
