@@ -629,7 +629,7 @@ class LocalQueue:
         pass  # (nothing here runs outside the dispatcher's lock)
 
     def waiting(self):
-        return len(self._retry) + self._waiting_in_halves
+        return self.retrying()
 
     def retrying(self):
         """(For the figures) the messages waiting for another attempt."""
