@@ -44,6 +44,9 @@ def test_metrics_parse_with_the_prometheus_reference_parser(processes, db):
         settle_batch(b, client, done_share=0.5)
     client.batch()
     started = time.time()
+    # (The dead letters reach the db in the state writer's next commit.)
+    wait_until(lambda: re.search(r"^broker_db_commits_total [1-9]", b.request("GET", "/metrics")[2],
+                                 re.M), what="a commit")
     status, headers, text = b.request("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in parser.text_string_to_metric_families(text)}
