@@ -138,7 +138,8 @@ SSE_RETRY_MS = 2000
 # client holds a thread no longer), and a stream write may block no longer.
 DEFAULT_READ_TIMEOUT = 30.0
 # Why an attempt failed (a dead letter's `reason` is its last attempt's).
-FAILURE_REASONS = ("not reported", "stream closed", "lease expired")
+FAILURE_REASONS = ("not reported", "stream closed", "lease expired", "failed")
+MAX_ERROR_BYTES = 1024  # of a failed attempt's error (UTF-8), kept with its message
 MIN_PERIOD_MS, MAX_PERIOD_MS = 1, 1000
 # Upper bounds (seconds) of the /metrics histogram of batch round trips.
 ROUND_TRIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -384,7 +385,8 @@ def draw_period(rng):
 
 
 class Message:
-    __slots__ = ("id", "period", "attempts", "reason", "requeued", "batch", "handle")
+    __slots__ = ("id", "period", "attempts", "reason", "requeued", "batch", "handle", "error",
+                 "retry_in_ms")
 
     def __init__(self, message_id, period, requeued=False):
         self.id = message_id
@@ -395,7 +397,9 @@ class Message:
         self.batch = 0         # the number of its last batch (0: none in this run)
         # (`handle`: what a queue kept elsewhere settles it by, a JetStream
         # message; set by that queue on the messages it makes, and unset on
-        # the others: one more store here made __init__ a seventh slower.)
+        # the others: one more store here made __init__ a seventh slower.
+        # So too `error`, the last failed attempt's error text, and
+        # `retry_in_ms`, its worker's wish: set once an attempt failed.)
 
 
 class MessageMaker:
@@ -500,7 +504,11 @@ class Job(Message):
 
 
 def _job_fields(record, message):
-    """`record` with a job's payload and key, where it has them."""
+    """`record` with a job's payload and key, and the last attempt's error,
+    where it has them."""
+    error = getattr(message, "error", None)
+    if error is not None:
+        record["error"] = error
     if type(message) is Job:
         if message.payload is not None:
             record["payload"] = message.payload
@@ -527,9 +535,13 @@ def message_from_record(record, requeued=False):
     """The Message (or Job) a `pending` or `failed` record describes, its
     attempts as none yet."""
     if "payload" in record or "key" in record or record.get("period") is None:
-        return Job(record["id"], record.get("period"), record.get("payload"), record.get("key"),
-                   requeued=requeued)
-    return Message(record["id"], record["period"], requeued=requeued)
+        message = Job(record["id"], record.get("period"), record.get("payload"),
+                      record.get("key"), requeued=requeued)
+    else:
+        message = Message(record["id"], record["period"], requeued=requeued)
+    if record.get("error") is not None:
+        message.error = record["error"]
+    return message
 
 
 def requeued_record(record):
@@ -1081,9 +1093,10 @@ class Dispatcher:
 
     # -- reports ------------------------------------------------------------
 
-    def report(self, token, batch_number, ids, last=False):
-        """Settle a worker's batch: `ids` done, the rest failed this attempt.
-        `last`: the worker takes no next batch; its stream ends.
+    def report(self, token, batch_number, ids, last=False, failures=None):
+        """Settle a worker's batch: `ids` done, the rest failed this attempt,
+        those in `failures` ({id: Failure}) with their error, the others not
+        reported. `last`: the worker takes no next batch; its stream ends.
 
         Returns (the answer, what to wait for before answering: a ticket for
         `wait_reported`, and the worker's next batch, for the caller to write
@@ -1095,6 +1108,8 @@ class Dispatcher:
             done_ids = batch.messages.keys() & ids
             ignored = [] if len(done_ids) == len(ids) else \
                 [i for i in dict.fromkeys(ids) if i not in batch.messages]  # (in order, once each)
+            if failures:
+                ignored += [i for i in failures if i not in batch.messages]
             retried = dead = 0
             round_trip = self._clock() - batch.started
             self.round_trip_sum += round_trip
@@ -1114,7 +1129,12 @@ class Dispatcher:
             if self._on_settled:
                 for message in done:
                     self._on_settled("done", message, session)
-            if failed:
+            if failed and failures:
+                survivors = [m for m in failed if not self._fail_reported_locked(
+                    m, failures.get(m.id), session, tickets)]
+                self.queue.put(survivors, RETRY)
+                retried, dead = len(survivors), len(failed) - len(survivors)
+            elif failed:
                 survivors = [m for m in failed if not self._fail_locked(
                     m, "not reported", session, leased=False, tickets=tickets)]
                 self.queue.put(survivors, RETRY)
@@ -1187,14 +1207,28 @@ class Dispatcher:
         self._batches.move_to_end(batch.number)  # (the latest deadline: still in order)
         batch.touches += 1
 
-    def _fail_locked(self, message, reason, session, leased=True, tickets=None):
+    def _fail_reported_locked(self, message, failure, session, tickets):
+        """A message of a report: in its `failed` list (`failure`), or not reported."""
+        if failure is None:
+            return self._fail_locked(message, "not reported", session, leased=False,
+                                     tickets=tickets)
+        message.retry_in_ms = failure.retry_in_ms  # (for the retry delay)
+        return self._fail_locked(message, "failed", session, leased=False, tickets=tickets,
+                                 error=failure.error, final=failure.final)
+
+    def _fail_locked(self, message, reason, session, leased=True, tickets=None, error=None,
+                     final=False):
         """A failed attempt: dead-letter it (True), or leave it to the caller
-        to put back in the queue (False). `tickets`: see LocalQueue.settled."""
+        to put back in the queue (False). `tickets`: see LocalQueue.settled.
+        `error`: the attempt's error text (kept with the message, None for
+        none); `final`: dead-letter it whatever its attempts."""
         if leased:
             del self._leases[message.id]
         message.reason = reason
+        if error is not None or getattr(message, "error", None) is not None:
+            message.error = error  # (the last attempt's: none when it was not reported)
         self.failed_by_reason[reason] = self.failed_by_reason.get(reason, 0) + 1
-        if message.attempts >= self.max_attempts:
+        if final or message.attempts >= self.max_attempts:
             self.dead += 1
             self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + 1
             failed_at = _rfc3339_now()
@@ -1709,6 +1743,8 @@ def parse_record(bucket, key, raw):
         problems.append("attempts is not a non-negative integer")
     if record.get("reason") is not None and not isinstance(record["reason"], str):
         problems.append("reason is not text")
+    if record.get("error") is not None and not isinstance(record["error"], str):
+        problems.append("error is not text")
     if bucket == PENDING_BUCKET and not isinstance(record.get("in_flight"), bool):
         problems.append("in_flight is not true or false")
     if not isinstance(record.get("requeued", False), bool):
@@ -2808,6 +2844,62 @@ def _id_list(value):
     return None
 
 
+class Failure:
+    """A `failed` entry of a report: why the attempt failed."""
+
+    __slots__ = ("error", "final", "retry_in_ms")
+
+    def __init__(self, error, final, retry_in_ms):
+        self.error = error              # its text, cut to MAX_ERROR_BYTES (or None)
+        self.final = final              # dead-letter it now
+        self.retry_in_ms = retry_in_ms  # the worker's wish for its next attempt (or None)
+
+
+def cut_error(text):
+    """An error's text cut to MAX_ERROR_BYTES of UTF-8 (its first ones)."""
+    if len(text) * 4 <= MAX_ERROR_BYTES:
+        return text
+    return text.encode("utf-8")[:MAX_ERROR_BYTES].decode("utf-8", "ignore")
+
+
+def parse_report(value):
+    """A report's body, parsed (PROTOCOL.md, "POST /report"): (the ids
+    done, {id: Failure} or None). ValueError naming the fault."""
+    ids = _id_list(value)
+    if ids is not None:  # (v1: the ids done)
+        return ids, None
+    if not isinstance(value, dict):
+        raise ValueError("the body must be a JSON array of id strings, or an object "
+                         '{"done": [ids], "failed": [{"id": ...}]}')
+    done = value.get("done", [])
+    if _id_list(done) is None:
+        raise ValueError("done must be an array of id strings")
+    entries = value.get("failed", [])
+    if not isinstance(entries, list):
+        raise ValueError("failed must be an array of objects")
+    failures = {}
+    for index, entry in enumerate(entries):
+        where = "failed[%d]" % index
+        if not isinstance(entry, dict) or type(entry.get("id")) is not str:
+            raise ValueError("%s: must be an object with an id string" % where)
+        error, final, retry_in_ms = entry.get("error"), entry.get("final", False), \
+            entry.get("retry_in_ms")
+        if error is not None and type(error) is not str:
+            raise ValueError("%s: error must be a string" % where)
+        if type(final) is not bool:
+            raise ValueError("%s: final must be true or false" % where)
+        if retry_in_ms is not None and not _is_int(retry_in_ms, 0, 10 ** 12):
+            raise ValueError("%s: retry_in_ms must be an integer 0 or more" % where)
+        if entry["id"] in failures:
+            raise ValueError("%s: id %s is in failed twice" % (where, entry["id"]))
+        failures[entry["id"]] = Failure(None if error is None else cut_error(error), final,
+                                        retry_in_ms)
+    both = failures.keys() & set(done)
+    if both:
+        raise ValueError("id %s is in both done and failed" % min(both))
+    return done, failures
+
+
 class BrokerRequestHandler(HTTPRequestHandler):
     """The broker's endpoints (PROTOCOL.md): one short method each."""
 
@@ -2928,13 +3020,15 @@ class BrokerRequestHandler(HTTPRequestHandler):
         if last not in (["0"], ["1"]):
             self.send_error_json(400, "last must be 0 or 1")
             return
-        ids = _id_list(_json_body(body))
-        if ids is None:
-            self.send_error_json(400, "the body must be a JSON array of id strings")
+        try:
+            ids, failures = parse_report(_json_body(body))
+        except ValueError as error:
+            self.send_error_json(400, str(error))
             return
         dispatcher = self.server.broker.dispatcher
         try:
-            result, seq, next_batch = dispatcher.report(*named, ids, last=last == ["1"])
+            result, seq, next_batch = dispatcher.report(*named, ids, last=last == ["1"],
+                                                        failures=failures)
         except ReportError as error:
             self.send_error_json(error.status, str(error))
             return
@@ -3810,6 +3904,7 @@ DASHBOARD_HTML = """<!doctype html>
   canvas { background: #fff; border: 1px solid #ddd; border-radius: 6px; width: 100%; height: 200px; }
   table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
   td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
+  .clipped { font-family: ui-monospace, monospace; font-size: .9em; white-space: pre-wrap; word-break: break-all; }
   .legend i { display: inline-block; width: .8em; height: .8em; margin: 0 .3em 0 1em; }
 </style></head>
 <body>
@@ -3825,7 +3920,7 @@ DASHBOARD_HTML = """<!doctype html>
 <tbody id="workers"></tbody></table>
 <h2>Latest dead letters <button id="requeue-all" type="button">requeue all</button>
   <span id="requeue-result"></span></h2>
-<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>failed at</th><th></th></tr></thead>
+<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>error</th><th>payload</th><th>failed at</th><th></th></tr></thead>
 <tbody id="dead"></tbody></table>
 <script>
 "use strict";
@@ -3839,6 +3934,15 @@ const JOB_FIELDS = [["enqueued", "jobs enqueued"], ["backlog", "jobs waiting"],
 const history = [];  // [time, done, dead], one a second, five minutes
 let token = sessionStorage.getItem("broker-token") || "";
 let source = null;
+
+// A long text cut for its cell, whole in its tooltip (as text: never markup).
+function clipped(text) {
+  const span = document.createElement("span");
+  span.className = "clipped";
+  span.textContent = text.length > 120 ? text.slice(0, 119) + "\u2026" : text;
+  span.title = text;
+  return span;
+}
 
 function cell(row, content) {
   const td = document.createElement("td");
@@ -3916,8 +4020,11 @@ function show(stats) {
     "settled " + (stats.done + stats.dead) + " of " + (stats.total + stats.requeued);
   fill("workers", stats.workers_detail, [w => w.worker, w => w.batchsize, w => w.batches_done,
     w => w.batch_age_s === null ? "free" : w.batch_age_s.toFixed(2) + " s"]);
-  fill("dead", stats.recent_dead.slice().reverse(), [d => d.id, d => d.period + " ms",
-    d => d.attempts, d => d.reason, d => d.failed_at, d => requeueButton(d.id)]);
+  fill("dead", stats.recent_dead.slice().reverse(), [d => d.id,
+    d => d.period === null ? "" : d.period + " ms",
+    d => d.attempts, d => d.reason, d => clipped(d.error || ""),
+    d => clipped("payload" in d ? JSON.stringify(d.payload) : ""), d => d.failed_at,
+    d => requeueButton(d.id)]);
   history.push([Date.now() / 1000, stats.done, stats.dead]);
   while (history.length > 301) history.shift();
   draw();
@@ -4090,6 +4197,15 @@ def _tool_db(path, writable):
             path, getattr(error, "strerror", None) or error)) from None
 
 
+def _one_line(text, width=200):
+    """A dead letter's error or payload on one line of the table: its
+    control characters escaped (a terminal is not told to do anything), cut."""
+    if text is None:
+        return ""
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= width else text[:width - 1] + "\u2026"
+
+
 def dead_command(argv):
     parser = argparse.ArgumentParser(prog="broker.py dead",
                                      description="Print the dead letters as a table (the db is "
@@ -4118,13 +4234,18 @@ def dead_command(argv):
         for letter in letters:
             print(_compact_json(letter))
         return 0
-    print("%-20s %6s %8s  %-14s %s" % ("ID", "PERIOD", "ATTEMPTS", "REASON", "FAILED AT"))
+    print("%-20s %6s %8s  %-14s %-24s %s" % ("ID", "PERIOD", "ATTEMPTS", "REASON", "FAILED AT",
+                                              "ERROR / PAYLOAD"))
     for letter in letters:
         if "unreadable" in letter:
             print("%-20s %s" % (letter["id"], letter["unreadable"]))
             continue
-        print("%-20s %6s %8s  %-14s %s" % (letter["id"], letter["period"], letter["attempts"],
-                                            letter.get("reason"), letter.get("failed_at")))
+        print("%-20s %6s %8s  %-14s %-24s %s" % (
+            letter["id"], "-" if letter["period"] is None else letter["period"],
+            letter["attempts"], letter.get("reason"), letter.get("failed_at"),
+            _one_line(letter.get("error"))))
+        if "payload" in letter:
+            print("%-20s payload %s" % ("", _one_line(_compact_json(letter["payload"]))))
     print("%d dead letters" % len(letters))
     return 0
 
@@ -4468,9 +4589,9 @@ class TraceFile:
 
     def __call__(self, kind, message, session):
         line = '{"t":%.6f,"pid":%d,"event":"%s","id":"%s","worker":%d,"batch":%d,"attempt":%d,' \
-            '"period":%d' % (time.time(), os.getpid(), kind, message.id,
+            '"period":%s' % (time.time(), os.getpid(), kind, message.id,
                              session.number if session else 0, message.batch, message.attempts,
-                             message.period)
+                             "null" if message.period is None else message.period)
         if kind in ("failed", "dead"):
             line += ',"reason":"%s"' % message.reason
         self._lines.put(line + "}\n")

@@ -349,7 +349,8 @@ def test_report_errors_have_their_status_in_the_protocol_order(processes, db):
     assert post("/report?worker=%s" % client.token) == 400                  # no batch
     assert post("/report?worker=%s&batch=abc" % client.token) == 400        # malformed
     assert post(good + "&batch=1") == 400                                   # given twice
-    assert post(good, b"{}") == 400                                         # not an array
+    assert post(good, b'"x"') == 400                                        # not an array
+    assert post(good, b'{"done": "x"}') == 400                              # nor an object
     assert post(good, b"[1, 2]") == 400                                     # not strings
     assert post(good, b"[\"a\"") == 400                                     # not JSON
     assert post(good, b"[\"\xff\xfe\"]") == 400                             # not UTF-8

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import bbolt_lite
-from conftest import HERE, run_boltcheck, wait_until
+from conftest import HERE, read_trace, run_boltcheck, wait_until
 
 
 def enqueue(b, body, headers=None):
@@ -340,3 +340,19 @@ def test_put_retries_a_full_backlog_until_it_drains(processes, db):
     settle_all(b, 5)
     out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 0 and len(out.split()) == 1, err
+
+
+def test_the_trace_records_jobs_that_have_no_period(processes, db, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    b = processes.broker(db, "--source", "api", "--heartbeat", 600, "--trace", trace)
+    [job] = enqueue(b, [{"payload": "p"}])[2]["ids"]
+    client = b.stream(1)
+    client.hello()
+    for ids in ([], [job]):  # (its first attempt fails: not reported)
+        [event] = client.batch()
+        assert event["id"] == job and b.report(client.token, event["batch"], ids)[0] == 200
+    client.close()
+    b.stop()
+    assert [(e["event"], e["id"], e["period"], e["attempt"]) for e in read_trace(trace)] == [
+        ("lease", job, None, 1), ("failed", job, None, 1), ("lease", job, None, 2),
+        ("done", job, None, 2)]

@@ -57,7 +57,7 @@ def test_metrics_parse_with_the_prometheus_reference_parser(processes, db):
     assert families["broker_done"].type == "counter"
     assert families["broker_workers"].type == "gauge"
     by_reason = {s.labels["reason"]: s.value for s in families["broker_dead_letters"].samples}
-    assert by_reason == {"not reported": 6, "stream closed": 0, "lease expired": 0}
+    assert by_reason == {"not reported": 6, "stream closed": 0, "lease expired": 0, "failed": 0}
     assert {s.labels["reason"]: s.value for s in families["broker_failed_attempts"].samples
             }["not reported"] == 6
     assert [(s.labels, s.value) for s in families["broker_build_info"].samples] == [

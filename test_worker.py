@@ -1,150 +1,16 @@
 """worker.py against PROTOCOL.md: a real worker process and a scripted fake broker."""
 
-import http.server
-import json
 import os
 import re
 import signal
 import socket
 import threading
 import time
-import urllib.parse
 
 import pytest
 
 import worker
-from conftest import PROCESS_TIMEOUT, safe_seed
-
-
-class FakeBroker:
-    """An HTTP server in the test that plays the broker from a script.
-
-    `script(index, stream)` runs for the index-th GET /task (from 0) in its
-    handler thread; the stream closes when it returns. Reports are recorded
-    and answered with the statuses in `report_statuses` (then 200).
-    """
-
-    def __init__(self, script):
-        self.script = script
-        self.streams = []        # the query of each GET /task
-        self.reports = []        # (query, headers, body) of each POST /report
-        self.report_statuses = []
-        self.touches = []        # the query of each POST /touch
-        self.stall_touches = False  # a touch is never answered (a broker that stalled)
-        self.changed = threading.Condition()
-        self.release = threading.Event()  # ends scripts that hold their stream
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                url = urllib.parse.urlsplit(self.path)
-                with fake.changed:
-                    index = len(fake.streams)
-                    fake.streams.append(urllib.parse.parse_qs(url.query))
-                    fake.changed.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                try:
-                    fake.script(index, FakeStream(self.wfile, fake))
-                except OSError:
-                    pass
-
-            def do_POST(self):
-                url = urllib.parse.urlsplit(self.path)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if url.path == "/touch":
-                    with fake.changed:
-                        fake.touches.append(urllib.parse.parse_qs(url.query))
-                        fake.changed.notify_all()
-                    if fake.stall_touches:
-                        fake.release.wait(PROCESS_TIMEOUT)
-                        return
-                    answer = b'{"batch": 1, "lease_ms": 600}'
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(answer)))
-                    self.end_headers()
-                    self.wfile.write(answer)
-                    return
-                with fake.changed:
-                    status = fake.report_statuses.pop(0) if fake.report_statuses else 200
-                    fake.reports.append((urllib.parse.parse_qs(url.query), dict(self.headers),
-                                         json.loads(body)))
-                    fake.changed.notify_all()
-                answer = json.dumps({"done": 0, "retried": 0, "dead": 0, "ignored": []}
-                                    if status == 200 else {"error": "scripted"}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, predicate, timeout=20):
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                assert remaining > 0, "timed out: streams %r reports %r" % (
-                    self.streams, self.reports)
-                self.changed.wait(remaining)
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class FakeStream:
-    def __init__(self, wfile, fake):
-        self.wfile = wfile
-        self.fake = fake
-
-    def send(self, text):
-        self.wfile.write(text.encode())
-        self.wfile.flush()
-
-    def hello(self, token="tok", batchsize=2, heartbeat_ms=15000, lease_ms=10000):
-        self.send("retry: 2000\n\nevent: hello\ndata: %s\n\n" % json.dumps(
-            {"worker": token, "batchsize": batchsize, "lease_ms": lease_ms,
-             "heartbeat_ms": heartbeat_ms}))
-
-    def batch(self, number, periods, size=None):
-        """msg events for `periods`; returns their ids."""
-        ids = ["id-%d-%d" % (number, i) for i in range(len(periods))]
-        self.send("".join("event: msg\ndata: %s\n\n" % json.dumps(
-            {"id": i, "period": p, "attempt": 1, "batch": number,
-             "size": size or len(periods)}) for i, p in zip(ids, periods)))
-        return ids
-
-    def hold(self):
-        self.fake.release.wait(PROCESS_TIMEOUT)
-
-
-@pytest.fixture
-def fake_broker():
-    made = []
-
-    def make(script):
-        fake = FakeBroker(script)
-        made.append(fake)
-        return fake
-
-    yield make
-    for fake in made:
-        fake.close()
+from conftest import safe_seed
 
 
 # --- running messages -----------------------------------------------------------
@@ -449,7 +315,7 @@ def test_processes_passes_sigterm_on_and_waits_for_the_batches_to_be_reported(fa
 
 WORKER_FLAGS = {"--help", "--url", "--batchsize", "--time-scale", "--seed", "--token",
                 "--processes", "--parent-pid", "--log-level", "--token-file", "--cafile",
-                "--version"}
+                "--version", "--exec", "--handler", "--task-timeout"}
 
 
 def test_help_explains_every_flag():

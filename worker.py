@@ -10,6 +10,12 @@ in a thread of its own:
 * ``period > 800``: the task raises (logged; the worker lives on);
 * otherwise the task sleeps ``period`` ms (times ``--time-scale``) and succeeds.
 
+With ``--exec CMD`` each message runs a command instead, its payload as JSON
+on standard input (exit 0: done; 100: failed for good; any other: failed,
+the end of its standard error the error), and with ``--handler
+PATH.py:FUNCTION`` a Python function, ``FUNCTION(payload, message)``;
+``--task-timeout`` ends a task that runs too long.
+
 A message that arrives while ``batchsize`` tasks already run is refused
 (logged, not reported). When every task of a batch has ended, the worker
 reports the ids that succeeded with ``POST /report``; a batch still running
@@ -25,9 +31,11 @@ Run::
     python worker.py                         # one worker, http://127.0.0.1:8080
     python worker.py --processes 4           # four, each restarted when it exits
     python worker.py --time-scale 0.01       # 100 times faster work
+    python worker.py --exec 'python3 job.py' # your own work, a process per message
 
 Flags (``python worker.py --help``): --url, --batchsize, --time-scale,
---seed, --token, --token-file, --cafile (for an https:// --url), --processes,
+--seed, --token, --token-file, --cafile (for an https:// --url), --exec,
+--handler, --task-timeout, --processes,
 --parent-pid, --log-level, --version. Standard library
 only, Python 3.9 or newer; this file works on its own.
 """
@@ -37,14 +45,18 @@ __version__ = "1.1.0"
 import argparse
 import codecs
 import http.client
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import random
 import re
 import select
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -90,6 +102,22 @@ class FatalError(Exception):
 
 class TaskFailed(Exception):
     """What a task raises for a period above RAISE_PERIOD_MS."""
+
+
+class JobFailed(Exception):
+    """A task that failed with a reason to report (PROTOCOL.md, "POST
+    /report"): its error text, and `final` if the job can never succeed."""
+
+    def __init__(self, error, final=False):
+        super().__init__(error)
+        self.error = error
+        self.final = final
+
+
+class TaskInterrupted(BaseException):
+    """Raised in a --handler's thread when its task must end (its timeout,
+    or its batch abandoned). A BaseException: `except Exception` in a
+    handler does not swallow it."""
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +200,317 @@ class SSEParser:
 
 
 # ---------------------------------------------------------------------------
+# What a task does: sleep (the seed's), a command (--exec), a function (--handler)
+# ---------------------------------------------------------------------------
+#
+# Each runner's run(message, cancel, timeout) is called in the task's thread
+# with the msg event's fields; it returns True (done) or False (stopped
+# because `cancel` was set: its batch is abandoned, nothing is reported), or
+# raises JobFailed (reported as failed, with its error).
+
+NO_HANDLER = "no handler for a payload (use --exec or --handler)"
+ERROR_BYTES = 1024        # an error's text at most, in UTF-8 (as the broker keeps it)
+EXIT_STATUS_FINAL = 100   # an --exec command's: the job can never succeed
+INTERRUPT_GRACE = 2.0     # seconds a --handler task has to stop once told to
+EXIT_STATUS_STUCK = 4     # the worker's, when a --handler task would not stop
+
+
+def cut_error(text, last=False):
+    """`text` cut to ERROR_BYTES of UTF-8 (its first, or its `last`, bytes)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= ERROR_BYTES:
+        return text
+    data = data[-ERROR_BYTES:] if last else data[:ERROR_BYTES]
+    return data.decode("utf-8", "ignore")
+
+
+class Sleeper:
+    """The seed's task: sleep `period` ms times --time-scale (> 800 raises,
+    > 900 ends the worker process); a message with a payload and no period
+    fails, for want of a handler."""
+
+    def __init__(self, time_scale):
+        self.time_scale = time_scale
+
+    def run(self, message, cancel, timeout):
+        period, message_id = message.get("period"), message["id"]
+        if period is None:
+            raise JobFailed(NO_HANDLER)
+        if period > EXIT_PERIOD_MS:
+            log.error("message %s: period %d ms > %d: ending the worker process (exit %d)",
+                      message_id, period, EXIT_PERIOD_MS, EXIT_STATUS_PERIOD)
+            logging.shutdown()
+            os._exit(EXIT_STATUS_PERIOD)
+        if period > RAISE_PERIOD_MS:
+            raise TaskFailed("message %s: period %d ms > %d" % (message_id, period,
+                                                                RAISE_PERIOD_MS))
+        seconds = period / 1000.0 * self.time_scale
+        if timeout is not None and timeout < seconds:
+            if cancel.wait(timeout):
+                return False
+            raise JobFailed("timed out")
+        # Sleep, unless the stream is lost first: then stop, unreported.
+        return not cancel.wait(seconds)
+
+
+# The reaper (a process of its own, one per --exec worker) reads "+PGID" and
+# "-PGID" lines: the process groups of the tasks running. When its standard
+# input ends, the worker is gone (even by SIGKILL): it kills the groups left.
+REAPER = r"""
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+groups = set()
+for line in sys.stdin:
+    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class CommandRunner:
+    """--exec CMD: each message runs CMD in a process group of its own, with
+    the payload as JSON on standard input and BROKER_MSG_* in its
+    environment. Exit 0 is done, EXIT_STATUS_FINAL failed for good, any
+    other failed with the last ERROR_BYTES of standard error as the error.
+    Its output lines are the worker's, prefixed with the message id. When
+    the command ends, what it left running in its group is killed; at its
+    timeout or when its batch is abandoned, the whole group is."""
+
+    def __init__(self, command):
+        self.argv = shlex.split(command)
+        if not self.argv:
+            raise ValueError("--exec: an empty command")
+        self._output_lock = threading.Lock()
+        self._reaper_lock = threading.Lock()
+        self._reaper = None
+
+    def start(self):
+        """The reaper: started in the worker process that runs the tasks."""
+        # (A session of its own: a signal to the worker's process group,
+        # `kill -9 -PGID` say, does not take it with the worker.)
+        self._reaper = subprocess.Popen([sys.executable, "-c", REAPER], stdin=subprocess.PIPE,
+                                        start_new_session=True)
+
+    def _tell_reaper(self, line):
+        with self._reaper_lock:
+            try:
+                self._reaper.stdin.write(line.encode("ascii"))
+                self._reaper.stdin.flush()
+            except (OSError, ValueError):  # (gone: the tasks are still killed by us)
+                pass
+
+    def run(self, message, cancel, timeout):
+        message_id = message["id"]
+        env = dict(os.environ, BROKER_MSG_ID=message_id,
+                   BROKER_MSG_ATTEMPT=str(message.get("attempt", 1)))
+        env.pop("BROKER_MSG_PERIOD", None)
+        if message.get("period") is not None:
+            env["BROKER_MSG_PERIOD"] = str(message["period"])
+        payload = (json.dumps(message["payload"]) + "\n").encode("utf-8") \
+            if "payload" in message else b""
+        try:
+            process = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, env=env, start_new_session=True)
+        except OSError as error:
+            raise JobFailed("cannot run %s: %s" % (self.argv[0], error.strerror or error))
+        self._tell_reaper("+%d\n" % process.pid)
+        try:
+            return self._wait(process, message_id, payload, cancel, timeout)
+        finally:
+            self._tell_reaper("-%d\n" % process.pid)
+
+    def _wait(self, process, message_id, payload, cancel, timeout):
+        prefix = message_id.encode("ascii", "replace") + b": "
+        tail = bytearray()  # the last ERROR_BYTES of its standard error
+        threads = [threading.Thread(target=self._feed, args=(process.stdin, payload)),
+                   threading.Thread(target=self._copy, args=(
+                       process.stdout, prefix, sys.stdout, None)),
+                   threading.Thread(target=self._copy, args=(
+                       process.stderr, prefix, sys.stderr, tail))]
+        for thread in threads:
+            thread.daemon = True
+            thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        why = None
+        while why is None:
+            try:
+                process.wait(0.05)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if cancel.is_set():
+                why = "abandoned"
+            elif deadline is not None and time.monotonic() >= deadline:
+                why = "timed out"
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # all of it, or what it left running
+        except OSError:
+            pass  # (none left)
+        process.wait()
+        for thread in threads:
+            thread.join()
+        if why == "abandoned":
+            return False
+        if why is not None:
+            raise JobFailed(why)
+        code = process.returncode
+        if code == 0:
+            return True
+        error = tail.decode("utf-8", "replace").strip()
+        if not error:
+            error = "exit status %d" % code if code > 0 else _describe_exit(code)
+        raise JobFailed(cut_error(error, last=True), final=code == EXIT_STATUS_FINAL)
+
+    @staticmethod
+    def _feed(pipe, payload):
+        try:
+            pipe.write(payload)
+        except OSError:
+            pass  # (it did not read it all: its business)
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def _copy(self, pipe, prefix, to, tail):
+        """Each line of `pipe` to `to`, prefixed; the last bytes kept in `tail`."""
+        out = getattr(to, "buffer", None)
+        for line in pipe:
+            if tail is not None:
+                tail += line
+                del tail[:-ERROR_BYTES]
+            if out is not None:
+                with self._output_lock:
+                    try:
+                        out.write(prefix + line if line.endswith(b"\n") else
+                                  prefix + line + b"\n")
+                        out.flush()
+                    except (OSError, ValueError):
+                        out = None  # (its output is closed: keep reading, or it blocks)
+        pipe.close()
+
+
+def load_handler(spec):
+    """--handler PATH.py:FUNCTION or MODULE:FUNCTION: the function. ValueError
+    saying what is wrong (the worker's one line at start)."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError("--handler %s: expected PATH.py:FUNCTION or MODULE:FUNCTION" % spec)
+    try:
+        if target.endswith(".py"):
+            path = os.path.abspath(target)
+            if not os.path.isfile(path):
+                raise ValueError("no such file")
+            module_name = os.path.splitext(os.path.basename(path))[0]
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.path.insert(0, os.path.dirname(path))  # (its neighbours import as they would)
+            sys.modules[module_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # (as `python -m` finds modules)
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+        function = getattr(module, name, None)
+        if not callable(function):
+            raise ValueError("%s has no function %s" % (target, name))
+    except ValueError as error:
+        raise ValueError("--handler %s: %s" % (spec, error)) from None
+    except BaseException as error:  # (its code ran: whatever it raised, even SystemExit)
+        raise ValueError("--handler %s: cannot import it: %s: %s" % (
+            spec, type(error).__name__, error)) from None
+    return function
+
+
+def _interrupt(thread_id):
+    """Raise TaskInterrupted in thread `thread_id` (at its next bytecode:
+    not inside a call into C, a sleep say, until that returns). False
+    where it cannot be done (no ctypes, or not CPython)."""
+    try:
+        import ctypes
+        return ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread_id), ctypes.py_object(TaskInterrupted)) == 1
+    except (ImportError, AttributeError):
+        return False
+
+
+class HandlerRunner:
+    """--handler: FUNCTION(payload, message) in the task's thread. A return
+    is done; an exception failed (`Type: text`), final if it has a true
+    `final` attribute. At its timeout, or when its batch is abandoned, it is
+    told to stop (TaskInterrupted is raised in its thread); a handler that
+    has not stopped INTERRUPT_GRACE seconds later ends the worker process
+    (exit status 4), as a thread cannot be killed: the message must not run
+    here while it runs elsewhere."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def run(self, message, cancel, timeout):
+        thread_id = threading.get_ident()
+        guard = threading.Lock()
+        state = {"running": True, "why": None}
+        finished = threading.Event()
+        watcher = threading.Thread(target=self._watch, name="watch-%s" % message["id"], args=(
+            message["id"], thread_id, guard, state, finished, cancel, timeout), daemon=True)
+        watcher.start()
+        try:
+            try:
+                self.function(message.get("payload"), dict(message))
+            finally:
+                with guard:
+                    state["running"] = False
+                    if state["why"] is not None:  # (told, maybe not yet raised: no more)
+                        try:
+                            import ctypes
+                            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                                ctypes.c_ulong(thread_id), None)
+                        except (ImportError, AttributeError):
+                            pass
+                finished.set()
+        except TaskInterrupted:
+            pass
+        except Exception as error:
+            finished.set()
+            if state["why"] is None:
+                raise JobFailed(cut_error("%s: %s" % (type(error).__name__, error)),
+                                final=bool(getattr(error, "final", False))) from None
+        if state["why"] == "abandoned":
+            return False
+        if state["why"] is not None:
+            raise JobFailed(state["why"])
+        return True
+
+    @staticmethod
+    def _watch(message_id, thread_id, guard, state, finished, cancel, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not finished.wait(0.05):
+            why = "abandoned" if cancel.is_set() else "timed out" \
+                if deadline is not None and time.monotonic() >= deadline else None
+            if why is None:
+                continue
+            with guard:
+                if not state["running"]:
+                    return
+                state["why"] = why
+                _interrupt(thread_id)
+            if not finished.wait(INTERRUPT_GRACE):
+                log.error("message %s: its handler did not stop %.0f s after it %s: ending "
+                          "the worker process (exit %d), so that it does not run on while "
+                          "another worker runs the message", message_id, INTERRUPT_GRACE,
+                          "was abandoned" if why == "abandoned" else "timed out",
+                          EXIT_STATUS_STUCK)
+                logging.shutdown()
+                os._exit(EXIT_STATUS_STUCK)
+            return
+
+
+# ---------------------------------------------------------------------------
 # One worker process
 # ---------------------------------------------------------------------------
 
@@ -184,6 +523,7 @@ class BatchInHand:
         self.lock = threading.Lock()
         self.ended = 0
         self.succeeded = []
+        self.failed = []   # {"id", "error"[, "final"]} of the tasks that failed with an error
         self.raised = 0
         self.refused = 0
         self.started = self.touched = time.monotonic()  # touched: its lease last extended
@@ -207,7 +547,8 @@ class Stream:
 
 
 class Worker:
-    def __init__(self, url, batchsize, time_scale=1.0, rng=None, token=None, cafile=None):
+    def __init__(self, url, batchsize, time_scale=1.0, rng=None, token=None, cafile=None,
+                 runner=None, task_timeout=None):
         # One broker, or several serving one queue (broker.py --jetstream):
         # a stream that is lost or refused moves on to the next.
         self.urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
@@ -224,6 +565,10 @@ class Worker:
             if token else {}
         self.batchsize = batchsize
         self.time_scale = time_scale
+        # What each task does (Sleeper, CommandRunner or HandlerRunner), and
+        # for how long at most (seconds, or None).
+        self.runner = runner if runner is not None else Sleeper(time_scale)
+        self.task_timeout = task_timeout
         self.rng = rng or random.Random()
         # _lock guards _running: the tasks running now, across batches.
         self._lock = threading.Lock()
@@ -375,10 +720,8 @@ class Worker:
             batch = stream.batches.get(number)
             if batch is None:
                 batch = stream.batches[number] = BatchInHand(number, size)
-        if period is None:  # (a job of a producer's, with a payload only)
-            log.warning("message %s has a payload and no period: this worker only sleeps "
-                        "periods (not done)", message_id)
-            self._task_ended(stream, batch, message_id, False)
+        if period is None and type(self.runner) is Sleeper:  # (no need of a thread)
+            self._task_ended(stream, batch, message_id, False, JobFailed(NO_HANDLER))
             return
         with self._lock:
             running = self._running
@@ -392,15 +735,18 @@ class Worker:
                 batch.refused += 1
             self._task_ended(stream, batch, message_id, False)
             return
-        log.debug("batch %d: starting message %s (period %d ms)", number, message_id, period)
-        thread = threading.Thread(target=self._run_task, args=(stream, batch, message_id, period),
+        log.debug("batch %d: starting message %s (%s)", number, message_id,
+                  "payload" if period is None else "period %d ms" % period)
+        thread = threading.Thread(target=self._run_task, args=(stream, batch, message),
                                   name="task-%s" % message_id, daemon=True)
         thread.start()
 
-    def _run_task(self, stream, batch, message_id, period):
-        succeeded = False
+    def _run_task(self, stream, batch, message):
+        succeeded, failure = False, None
         try:
-            succeeded = self._work(stream, message_id, period)
+            succeeded = self.runner.run(message, stream.lost, self.task_timeout)
+        except JobFailed as error:
+            failure = error
         except Exception:
             with batch.lock:
                 batch.raised += 1
@@ -408,27 +754,25 @@ class Worker:
         finally:
             with self._lock:
                 self._running -= 1
-            self._task_ended(stream, batch, message_id, succeeded)
+            self._task_ended(stream, batch, message["id"], succeeded, failure)
 
-    def _work(self, stream, message_id, period):
-        """The task itself. True if it succeeded, False if abandoned."""
-        if period > EXIT_PERIOD_MS:
-            log.error("message %s: period %d ms > %d: ending the worker process (exit %d)",
-                      message_id, period, EXIT_PERIOD_MS, EXIT_STATUS_PERIOD)
-            logging.shutdown()
-            os._exit(EXIT_STATUS_PERIOD)
-        if period > RAISE_PERIOD_MS:
-            raise TaskFailed("message %s: period %d ms > %d" % (message_id, period, RAISE_PERIOD_MS))
-        # Sleep, unless the stream is lost first: then stop, unreported.
-        return not stream.lost.wait(period / 1000.0 * self.time_scale)
-
-    def _task_ended(self, stream, batch, message_id, succeeded):
-        log.debug("batch %d: message %s ended, %s", batch.number, message_id,
-                  "done" if succeeded else "not done")
+    def _task_ended(self, stream, batch, message_id, succeeded, failure=None):
+        """`failure`: the JobFailed it raised, reported with its error."""
+        if failure is not None:
+            log.warning("message %s failed%s: %s", message_id,
+                        " (final)" if failure.final else "", failure.error)
+        else:
+            log.debug("batch %d: message %s ended, %s", batch.number, message_id,
+                      "done" if succeeded else "not done")
         with batch.lock:
             batch.ended += 1
             if succeeded:
                 batch.succeeded.append(message_id)
+            elif failure is not None:
+                entry = {"id": message_id, "error": failure.error}
+                if failure.final:
+                    entry["final"] = True
+                batch.failed.append(entry)
             complete = batch.ended == batch.size
         if complete and not stream.lost.is_set():
             with stream.lock:
@@ -505,7 +849,9 @@ class Worker:
         if last:
             query["last"] = 1
         url = "%s/report?%s" % (stream.base_url, urllib.parse.urlencode(query))
-        body = json.dumps(batch.succeeded).encode("utf-8")
+        # (The v1 array of the ids done, unless a task failed with an error.)
+        body = json.dumps({"done": batch.succeeded, "failed": batch.failed} if batch.failed
+                          else batch.succeeded).encode("utf-8")
         delay = 0.05
         while not stream.lost.is_set():
             request = urllib.request.Request(url, data=body, method="POST", headers=dict(
@@ -513,9 +859,11 @@ class Worker:
             try:
                 with self._open(request, REPORT_TIMEOUT) as response:
                     result = json.loads(response.read())
-                log.info("batch %d: %d messages, %d done, %d raised, %d refused, %.3f s "
+                log.info("batch %d: %d messages, %d done, %s%d raised, %d refused, %.3f s "
                          "(broker: %s done, %s retried, %s dead)", batch.number, batch.size,
-                         len(batch.succeeded), batch.raised, batch.refused,
+                         len(batch.succeeded),
+                         "%d failed, " % len(batch.failed) if batch.failed else "",
+                         batch.raised, batch.refused,
                          time.monotonic() - batch.started, result.get("done"),
                          result.get("retried"), result.get("dead"))
                 log.debug("batch %d: reported done: %s", batch.number, " ".join(
@@ -582,6 +930,8 @@ def _log_task_exception(args):
 def _describe_exit(code):
     if code == EXIT_STATUS_PERIOD:
         return "exit %d (a message with period > %d ms)" % (code, EXIT_PERIOD_MS)
+    if code == EXIT_STATUS_STUCK:
+        return "exit %d (a --handler task that would not stop)" % code
     if code < 0:
         try:
             return "killed by %s" % signal.Signals(-code).name
@@ -778,8 +1128,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="worker.py",
         description="Take batches of messages from broker.py over Server-Sent Events, run each "
-                    "in a thread (sleep `period` ms; > 800 raises, > 900 ends the process with "
-                    "status 3), and report the ids that succeeded.")
+                    "in a thread, and report how each ended. By default a task sleeps `period` "
+                    "ms (> 800 raises, > 900 ends the process with status 3); --exec or "
+                    "--handler run your own work on each message's payload.")
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="the broker's base URL, or several, comma-separated, of brokers "
                              "that serve one queue (broker.py --jetstream): a lost or refused "
@@ -801,6 +1152,21 @@ def parse_args(argv=None):
     parser.add_argument("--cafile", default=None, metavar="FILE",
                         help="for an https:// --url: trust the CA certificates in FILE (PEM) "
                              "instead of the system's")
+    work = parser.add_mutually_exclusive_group()
+    work.add_argument("--exec", default=None, metavar="CMD", dest="command",
+                      help="run CMD (split as the shell would, run without one) for each "
+                           "message, its payload as JSON on standard input and BROKER_MSG_ID, "
+                           "BROKER_MSG_ATTEMPT, BROKER_MSG_PERIOD in its environment: exit "
+                           "status 0 is done, 100 failed for good, any other failed (its "
+                           "standard error's end is the error)")
+    work.add_argument("--handler", default=None, metavar="PATH.py:FUNCTION",
+                      help="call FUNCTION(payload, message) for each message, from a file or "
+                           "an importable MODULE:FUNCTION: a return is done, an exception "
+                           "failed (final if it has a true `final` attribute)")
+    parser.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                        help="end a task still running after SECONDS (an --exec command's "
+                             "whole process group) and report it failed, 'timed out' "
+                             "(default: none; the lease is kept by touching)")
     parser.add_argument("--processes", type=int, default=None, metavar="N",
                         help="run N worker processes, restarting each one that exits; "
                              "Ctrl-C stops them all")
@@ -832,6 +1198,14 @@ def parse_args(argv=None):
         parser.error("--batchsize must be 1 or more")
     if args.time_scale < 0:
         parser.error("--time-scale must be 0 or more")
+    if args.task_timeout is not None and not args.task_timeout > 0:
+        parser.error("--task-timeout must be more than 0")
+    if args.command is not None:
+        try:
+            if not shlex.split(args.command):
+                parser.error("--exec: an empty command")
+        except ValueError as error:
+            parser.error("--exec %s: %s" % (args.command, error))
     if args.processes is not None and args.processes < 1:
         parser.error("--processes must be 1 or more")
     urls = [u.strip() for u in args.url.split(",")]
@@ -849,8 +1223,14 @@ def run_worker(args, signals=(signal.SIGINT, signal.SIGTERM)):
     stop = threading.Event()
 
     try:
+        runner = None
+        if args.command is not None:
+            runner = CommandRunner(args.command)
+            runner.start()
+        elif getattr(args, "handler_function", None) is not None:
+            runner = HandlerRunner(args.handler_function)
         worker = Worker(args.url, batchsize, args.time_scale, rng, token=args.token,
-                        cafile=args.cafile)
+                        cafile=args.cafile, runner=runner, task_timeout=args.task_timeout)
     except (FatalError, OSError, ValueError) as error:  # (ssl.SSLError is an OSError)
         log.error("cannot start: %s", error)
         return EXIT_STATUS_USAGE
@@ -901,6 +1281,12 @@ def main(argv=None):
     formatter.default_msec_format = "%s.%03dZ"
     handler.setFormatter(formatter)
     logging.basicConfig(level=args.log_level, handlers=[handler])
+    if args.handler is not None:  # (once, before any fork: one line if it cannot be)
+        try:
+            args.handler_function = load_handler(args.handler)
+        except ValueError as error:
+            log.error("cannot start: %s", error)
+            return EXIT_STATUS_USAGE
     if args.processes is not None:
         return supervise(args)
     return run_worker(args)
