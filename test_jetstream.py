@@ -138,6 +138,32 @@ def test_dead_letters_are_listed_from_the_dead_letter_stream(processes, db, nats
     assert sorted(d["id"] for d in tool) == sorted(listed)
 
 
+def test_a_final_failure_is_terminated_at_once_its_error_in_the_dead_letter_stream(
+        processes, db, nats_server):
+    flags = jetstream_flags(nats_server)
+    b = processes.broker(db, "--heartbeat", "600", *flags)
+    client = b.stream(3)
+    client.hello()
+    batch = client.batch()
+    final, failed, done = [m["id"] for m in batch]
+    body = json.dumps({"done": [done], "failed": [{"id": final, "error": "never", "final": True},
+                                                  {"id": failed, "error": "later"}]})
+    status, _h, answer = b.request("POST", "/report?worker=%s&batch=%d" % (
+        client.token, batch[0]["batch"]), body.encode())
+    assert status == 200 and (answer["done"], answer["retried"], answer["dead"]) == (1, 1, 1)
+    [letter] = dead_stream(nats_server.url, flags[flags.index("--js-stream") + 1])
+    assert (letter["id"], letter["reason"], letter["error"], letter["attempts"]) == (
+        final, "failed", "never", 1)
+    seen = []  # (the other failed one comes again; the final one never)
+    while failed not in [m["id"] for m in seen]:
+        again = client.batch(timeout=30)
+        seen += again
+        assert b.report(client.token, again[0]["batch"], [m["id"] for m in again])[0] == 200
+    assert [m["attempt"] for m in seen if m["id"] == failed] == [2]
+    assert final not in [m["id"] for m in seen]
+    client.close()
+
+
 def test_requeue_is_refused_with_501_naming_the_dead_letter_stream(processes, db, nats_server):
     b = processes.broker(db, *jetstream_flags(nats_server))
     status, _headers, body = b.request("POST", "/requeue", b'{"all": true}')
