@@ -20,7 +20,8 @@ Run::
 
 Flags (``python broker.py --help`` says more): where to listen and store
 (--host, --port, --db), the rules (--max-attempts, --lease-timeout,
---heartbeat, --max-batchsize, --total, --seed, --durable), jobs from
+--heartbeat, --max-batchsize, --total, --seed, --durable, --retry-delay,
+--retry-delay-max: the wait before a retry, doubling), jobs from
 producers (--source api, --max-backlog, --dedup-window,
 --max-enqueue-body: POST /enqueue and ``broker.py put``), limits and access
 (--max-workers, --max-body, --read-timeout, --token, --token-file,
@@ -133,6 +134,8 @@ MAX_DELAY_MS = 30 * 24 * 3600 * 1000  # a job's delay_ms: 30 days at most
 DEFAULT_MAX_ENQUEUE_BODY = 4 * 1024 * 1024
 DEFAULT_DEDUP_WINDOW = 300.0         # seconds a key is remembered (as SQS FIFO's)
 DEFAULT_MAX_BACKLOG = 100000         # jobs waiting (not leased) at most
+DEFAULT_RETRY_DELAY_MAX = 300.0      # seconds a failed attempt's wait grows to at most
+DEFAULT_RETRY_DELAY_API = 1.0        # --source api's --retry-delay (the generator's: 0)
 SSE_RETRY_MS = 2000
 # A request must arrive whole within this many seconds (a slow or stalled
 # client holds a thread no longer), and a stream write may block no longer.
@@ -386,7 +389,7 @@ def draw_period(rng):
 
 class Message:
     __slots__ = ("id", "period", "attempts", "reason", "requeued", "batch", "handle", "error",
-                 "retry_in_ms")
+                 "retry_in_ms", "due")
 
     def __init__(self, message_id, period, requeued=False):
         self.id = message_id
@@ -398,8 +401,10 @@ class Message:
         # (`handle`: what a queue kept elsewhere settles it by, a JetStream
         # message; set by that queue on the messages it makes, and unset on
         # the others: one more store here made __init__ a seventh slower.
-        # So too `error`, the last failed attempt's error text, and
-        # `retry_in_ms`, its worker's wish: set once an attempt failed.)
+        # So too `error`, the last failed attempt's error text,
+        # `retry_in_ms`, its worker's wish, and `due`, the time (the
+        # Dispatcher's clock) before which it is not leased again: set once
+        # an attempt failed.)
 
 
 class MessageMaker:
@@ -490,7 +495,7 @@ class Job(Message):
     `key` (or None), and `due`, the time (the Dispatcher's clock) before
     which it is not leased."""
 
-    __slots__ = ("payload", "payload_json", "key", "due")
+    __slots__ = ("payload", "payload_json", "key")
 
     def __init__(self, message_id, period, payload=None, key=None, requeued=False,
                  payload_json=None):
@@ -524,11 +529,15 @@ def dead_letter_record(message, failed_at):
                         "failed_at": failed_at}, message)
 
 
-def pending_record(message, in_flight):
-    """A message's record in the `pending` bucket."""
-    return _job_fields({"id": message.id, "period": message.period,
-                        "attempts": message.attempts, "in_flight": in_flight,
-                        "reason": message.reason}, message)
+def pending_record(message, in_flight, not_before=None):
+    """A message's record in the `pending` bucket; `not_before`: the Unix
+    time before which it is not leased (its retry delay, or its delay_ms)."""
+    record = _job_fields({"id": message.id, "period": message.period,
+                          "attempts": message.attempts, "in_flight": in_flight,
+                          "reason": message.reason}, message)
+    if not_before is not None:
+        record["not_before"] = not_before
+    return record
 
 
 def message_from_record(record, requeued=False):
@@ -580,6 +589,9 @@ def _rfc3339_now():
 #
 #   bind(dispatcher, lock)  once, at the Dispatcher's start
 #   waiting()               how many messages wait here (for the figures)
+#   delayed()               how many of them are not due yet (for the figures)
+#   next_due()              the earliest time (the Dispatcher's clock) at which one
+#                           not due now will be, or None: the loop wakes then
 #   take(count)             (messages, half): up to `count` for one batch, and
 #                           whether they are a half (it goes alone); no messages
 #                           when none wait now
@@ -632,23 +644,45 @@ class LocalQueue:
         self.total = total
         self.generated = 0
         self._new_messages = new_messages or MessageMaker()
+        self._clock = time.monotonic  # (the Dispatcher's: see bind)
         # (Guarded by the Dispatcher's lock: see bind.)
-        self._retry = collections.deque()    # Messages waiting for another attempt
+        self._retry = collections.deque()    # Messages waiting for another attempt, due
+        self._not_due = []                   # heap of (due, order, Message) not yet due
+        self._order = 0                      # (ties in the heaps: first put, first out)
         self._halves = collections.deque()   # [Message]: halves of a batch whose worker died
         self._waiting_in_halves = 0          # messages in all those halves
+        self._halves_due = 0.0               # when the latest of them is due
 
     def bind(self, dispatcher, lock):
-        pass  # (nothing here runs outside the dispatcher's lock)
+        self._clock = dispatcher.clock  # (nothing here runs outside the dispatcher's lock)
 
     def waiting(self):
-        return self.retrying()
+        return self.retrying() + len(self._not_due)
 
     def retrying(self):
-        """(For the figures) the messages waiting for another attempt."""
-        return len(self._retry) + self._waiting_in_halves
+        """(For the figures) the messages waiting for another attempt, due."""
+        return len(self._retry) + (self._waiting_in_halves if self._halves_due <= self._clock()
+                                   else 0)
+
+    def delayed(self):
+        return len(self._not_due) + (self._waiting_in_halves if self._halves_due > self._clock()
+                                     else 0)
+
+    def next_due(self):
+        times = [self._not_due[0][0]] if self._not_due else []
+        if self._halves and self._halves_due > self._clock():
+            times.append(self._halves_due)
+        return min(times) if times else None
+
+    def _move_due(self, now):
+        """The retries now due, from the heap to the line (in due order)."""
+        not_due, retry = self._not_due, self._retry
+        while not_due and not_due[0][0] <= now:
+            retry.append(heapq.heappop(not_due)[2])
 
     def take(self, count):
-        if self._halves:  # a half goes alone, and first
+        now = self._clock()
+        if self._halves and self._halves_due <= now:  # a half goes alone, and first
             half = self._halves[0]
             messages = half[:count]
             if len(messages) == len(half):
@@ -657,6 +691,8 @@ class LocalQueue:
                 del half[:count]
             self._waiting_in_halves -= len(messages)
             return messages, True
+        if self._not_due and self._not_due[0][0] <= now:
+            self._move_due(now)
         retry = self._retry
         messages = [retry.popleft() for _ in range(min(count, len(retry)))] if retry else []
         new = count - len(messages)
@@ -670,7 +706,17 @@ class LocalQueue:
 
     def put(self, messages, where):
         if where == RETRY:
-            self._retry.extend(messages)
+            now = None
+            for message in messages:
+                due = getattr(message, "due", 0.0)
+                if due:
+                    if now is None:
+                        now = self._clock()
+                    if due > now:
+                        self._order += 1
+                        heapq.heappush(self._not_due, (due, self._order, message))
+                        continue
+                self._retry.append(message)
         elif where == FIRST:
             self._retry.extendleft(reversed(messages))
         elif where == FIRST_HALF:
@@ -679,6 +725,10 @@ class LocalQueue:
         elif where == BISECT:  # two halves, each a batch of its own (PROTOCOL.md
             # rule 6: one of them may have ended the worker; it takes fewer
             # batch-mates down each time)
+            # A half is given once all its messages are due: all the
+            # halves wait for the latest (they go one at a time, first).
+            self._halves_due = max([self._halves_due] + [getattr(m, "due", 0.0)
+                                                         for m in messages])
             middle = (len(messages) + 1) // 2
             for half in (messages[:middle], messages[middle:]):
                 if half:
@@ -703,8 +753,10 @@ class LocalQueue:
         return True  # (it appends no tickets)
 
     def snapshot(self):
-        """(For the invariant tests) the halves and the retries, in line order."""
-        return [list(half) for half in self._halves], list(self._retry)
+        """(For the invariant tests) the halves, and the retries in line
+        order (those not due yet last, in due order)."""
+        return [list(half) for half in self._halves], list(self._retry) + [
+            m for _due, _order, m in sorted(self._not_due)]
 
 
 class JobQueue(LocalQueue):
@@ -717,10 +769,17 @@ class JobQueue(LocalQueue):
         self._clock = clock
         self._ready = collections.deque()  # Jobs due, in the order they were accepted
         self._delayed = []                  # heap of (due, order, Job) not yet due
-        self._order = 0
 
     def waiting(self):
         return super().waiting() + len(self._ready) + len(self._delayed)
+
+    def delayed(self):
+        return super().delayed() + len(self._delayed)
+
+    def next_due(self):
+        times = [t for t in (super().next_due(), self._delayed[0][0] if self._delayed else None)
+                 if t is not None]
+        return min(times) if times else None
 
     def put(self, messages, where):
         if where != NEW:
@@ -728,7 +787,7 @@ class JobQueue(LocalQueue):
             return
         now = self._clock()
         for job in messages:
-            if job.due > now:
+            if getattr(job, "due", 0.0) > now:
                 self._order += 1
                 heapq.heappush(self._delayed, (job.due, self._order, job))
             else:
@@ -771,7 +830,8 @@ class Dispatcher:
     def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, lease_timeout=DEFAULT_LEASE_TIMEOUT,
                  total=None, seed=None, new_id=None, clock=time.monotonic, on_event=None,
                  durable=False, max_workers=None, queue=None, max_backlog=DEFAULT_MAX_BACKLOG,
-                 dedup_window=DEFAULT_DEDUP_WINDOW, wall_clock=time.time):
+                 dedup_window=DEFAULT_DEDUP_WINDOW, wall_clock=time.time, retry_delay=0.0,
+                 retry_delay_max=DEFAULT_RETRY_DELAY_MAX, rng=None):
         self.max_attempts = max_attempts
         self.durable = durable
         self.max_workers = max_workers
@@ -779,7 +839,12 @@ class Dispatcher:
         self.total = total
         self.queue = queue if queue is not None else \
             LocalQueue(total, MessageMaker(seed, new_id))
-        self._clock = clock
+        self._clock = self.clock = clock
+        # After its n-th failed attempt a message waits min(max, delay * 2^(n-1))
+        # times a uniform factor in [0.5, 1] (seconds; PROTOCOL.md, "Retry delay").
+        self.retry_delay = retry_delay
+        self.retry_delay_max = retry_delay_max
+        self._rng = rng or random.Random()
         self._on_event = on_event  # on_event(kind, message, session), under the lock
         # (The done and dead lines of a queue that confirms them elsewhere are its own.)
         self._on_settled = None if self.queue.traces_settled else on_event
@@ -923,6 +988,10 @@ class Dispatcher:
                 self._expire_leases_locked()
                 self._assign_locked()
                 wait = self._until_next_deadline_locked()
+                due = self.queue.next_due()
+                if due is not None:  # (a message waiting for its retry delay, or its delay_ms)
+                    due = max(0.0, due - self._clock())
+                    wait = due if wait is None else min(wait, due)
                 # (At least once a second: /healthz tells a stuck loop by its beat.)
                 self.lease_to_watch.wait(1.0 if wait is None else min(wait, 1.0))
 
@@ -1241,10 +1310,29 @@ class Dispatcher:
             log.debug("dead letter %s after %d attempts (%s)", message.id, message.attempts,
                       reason)
             return True
+        self._delay_locked(message)
         self._save_locked([message], "waiting")
         if self._on_event:
             self._on_event("failed", message, session)
         return False
+
+    def _delay_locked(self, message):
+        """A failed attempt's wait before the next: the worker's wish
+        (`retry_in_ms`, capped) or the backoff of --retry-delay; `due` set."""
+        wish = getattr(message, "retry_in_ms", None)
+        if wish is not None:
+            message.retry_in_ms = None  # (this attempt's only)
+            delay = min(wish / 1000.0, self.retry_delay_max)
+        elif self.retry_delay > 0:
+            delay = min(self.retry_delay_max,
+                        self.retry_delay * 2 ** (message.attempts - 1)) * \
+                self._rng.uniform(0.5, 1.0)
+        else:
+            delay = 0.0
+        if delay > 0:
+            message.due = self._clock() + delay
+        elif getattr(message, "due", 0.0):
+            message.due = 0.0
 
     def _count_done_locked(self, count):
         second = int(self._clock())
@@ -1264,9 +1352,13 @@ class Dispatcher:
         if self.durable:
             if state in ("done", "dead"):
                 self._unsaved.update(dict.fromkeys([m.id for m in messages]))
-            else:
-                leased = state == "leased"
-                self._unsaved.update({m.id: pending_record(m, leased) for m in messages})
+            elif state == "leased":
+                self._unsaved.update({m.id: pending_record(m, True) for m in messages})
+            else:  # (waiting: its due time too, as Unix time, for a restart)
+                now, wall = self._clock(), self._wall_clock()
+                self._unsaved.update({m.id: pending_record(
+                    m, False, round(wall + m.due - now, 3) if getattr(m, "due", 0.0) > now
+                    else None) for m in messages})
         elif state in ("done", "dead"):
             # Dead letters brought back and settled again leave `pending`
             # in the same commit.
@@ -1374,10 +1466,13 @@ class Dispatcher:
                 self.queue.generated, self.done, self.dead, self.requeued = counters
                 self.dead_saved = self.dead
             waiting = []
+            now, wall = self._clock(), self._wall_clock()
             for record in records:
                 message = message_from_record(record)
                 message.attempts = record["attempts"]
                 message.reason = record.get("reason")
+                if record.get("not_before") is not None:  # (still waiting for its delay)
+                    message.due = now + max(0.0, record["not_before"] - wall)
                 if not record.get("in_flight") or \
                         not self._fail_locked(message, "stream closed", None, leased=False):
                     waiting.append(message)
@@ -1629,6 +1724,7 @@ class Dispatcher:
                 "assigned": {mid: (b.session.token, b.number)
                              for mid, b in self._leases.items() if not b.written},
                 "retry": [m.id for m in waiting],
+                "due": {m.id: m.due for m in waiting if getattr(m, "due", 0.0)},
                 "halves": [[m.id for m in half] for half in halves],
                 "attempts": dict([(m.id, m.attempts) for m in waiting] + [
                     (mid, b.messages[mid].attempts) for mid, b in self._leases.items()]),
@@ -1653,7 +1749,8 @@ class Figures:
         self.total, self.requeued = d.total, d.requeued
         self.generated, self.dispatched, self.done, self.dead = (
             d.queue.generated, d.dispatched, d.done, d.dead)
-        self.retrying = d.queue.waiting()
+        self.delayed = d.queue.delayed()
+        self.retrying = d.queue.waiting() - self.delayed
         self.in_flight = len(d._leases)
         self.workers = len(d._sessions)
         self.workers_detail = [
@@ -1681,14 +1778,14 @@ class Figures:
 
     def unsettled(self):
         """Messages generated (or requeued) and neither done nor dead."""
-        return self.in_flight + self.retrying
+        return self.in_flight + self.retrying + self.delayed
 
     def stats(self):
         """GET /stats (PROTOCOL.md)."""
         stats = {"uptime_s": round(self.uptime_s, 3), "generated": self.generated,
                  "dispatched": self.dispatched, "done": self.done, "dead": self.dead,
-                 "retrying": self.retrying, "in_flight": self.in_flight,
-                 "workers": self.workers, "busy_workers": self.busy_workers,
+                 "retrying": self.retrying, "delayed": self.delayed,
+                 "in_flight": self.in_flight, "workers": self.workers, "busy_workers": self.busy_workers,
                  "done_per_s": round(self.done_per_s, 3)}
         if self.jobs:
             stats.update(enqueued=self.enqueued, duplicates=self.duplicates,
@@ -1745,6 +1842,9 @@ def parse_record(bucket, key, raw):
         problems.append("reason is not text")
     if record.get("error") is not None and not isinstance(record["error"], str):
         problems.append("error is not text")
+    if record.get("not_before") is not None and (
+            type(record["not_before"]) not in (int, float) or not record["not_before"] >= 0):
+        problems.append("not_before is not a time")
     if bucket == PENDING_BUCKET and not isinstance(record.get("in_flight"), bool):
         problems.append("in_flight is not true or false")
     if not isinstance(record.get("requeued", False), bool):
@@ -3273,7 +3373,9 @@ class Broker:
                                          queue=self.queue or (JobQueue() if args.source == "api"
                                                               else None),
                                          max_backlog=args.max_backlog,
-                                         dedup_window=args.dedup_window)
+                                         dedup_window=args.dedup_window,
+                                         retry_delay=args.retry_delay / 1000.0,
+                                         retry_delay_max=args.retry_delay_max / 1000.0)
             # A small page cache: the broker mostly appends, and reads back little.
             self.db = bbolt_lite.open(args.db, timeout=1.0, cache_pages=64)
             try:
@@ -3744,6 +3846,15 @@ def parse_args(argv=None):
                         metavar="SECONDS",
                         help="with --source api: how long a job's idempotency key is "
                              "remembered, across restarts (default: %(default)s)")
+    parser.add_argument("--retry-delay", type=_non_negative_int, default=None, metavar="MS",
+                        help="after a message's n-th failed attempt, wait min(max, MS x "
+                             "2^(n-1)) times a random factor in [0.5, 1] before the next "
+                             "(default: 0, at once, with --source generator; 1000 with "
+                             "--source api)")
+    parser.add_argument("--retry-delay-max", type=_non_negative_int,
+                        default=int(DEFAULT_RETRY_DELAY_MAX * 1000), metavar="MS",
+                        help="the longest wait before a retry, a worker's retry_in_ms too "
+                             "(default: %(default)s)")
     parser.add_argument("--max-enqueue-body", type=_positive_int,
                         default=DEFAULT_MAX_ENQUEUE_BODY, metavar="BYTES",
                         help="with --source api: the largest POST /enqueue body; larger get "
@@ -3829,6 +3940,8 @@ def parse_args(argv=None):
             parser.error("--source api with --jetstream is not supported yet: jobs from "
                          "producers are kept in this broker's db")
         args.durable = True  # (an accepted job survives a crash: PROTOCOL.md)
+    if args.retry_delay is None:
+        args.retry_delay = int(DEFAULT_RETRY_DELAY_API * 1000) if args.source == "api" else 0
     try:
         args.token = _token(args.token, args.token_file)
     except ValueError as error:
@@ -3925,7 +4038,7 @@ DASHBOARD_HTML = """<!doctype html>
 <script>
 "use strict";
 const FIELDS = [["generated", "generated"], ["dispatched", "dispatched"], ["done", "done"],
-  ["dead", "dead"], ["retrying", "retrying"], ["in_flight", "in flight"],
+  ["dead", "dead"], ["retrying", "retrying"], ["delayed", "delayed"], ["in_flight", "in flight"],
   ["workers", "workers"], ["busy_workers", "busy workers"], ["done_per_s", "done/s (10 s)"],
   ["uptime_s", "uptime (s)"]];
 // With --source api: the jobs from producers (refused: the enqueue 503s, all causes).
@@ -4083,7 +4196,8 @@ _METRICS = (  # (name in the figures, type, help); counters get _total
     ("generated", "counter", "Messages generated."),
     ("dispatched", "counter", "Deliveries: messages sent in batches, retries included."),
     ("done", "counter", "Messages reported done."),
-    ("retrying", "gauge", "Messages waiting for another attempt."),
+    ("retrying", "gauge", "Messages waiting for another attempt, due."),
+    ("delayed", "gauge", "Messages waiting for their retry delay (or a job its delay_ms)."),
     ("in_flight", "gauge", "Messages leased to a worker now."),
     ("workers", "gauge", "Connected worker streams."),
     ("busy_workers", "gauge", "Workers holding a batch."),

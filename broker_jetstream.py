@@ -168,6 +168,12 @@ class JetStreamQueue:
     def waiting(self):
         return 0  # (what waits, waits in the stream)
 
+    def delayed(self):
+        return 0  # (a retry's delay is the stream's: a nak with a delay)
+
+    def next_due(self):
+        return None
+
     def take(self, count):
         fetched = self._fetched
         if not fetched:
@@ -431,7 +437,9 @@ class JetStreamQueue:
         number, session, when = outcome
         if what == "nak":  # (not after its bound: it would nak another broker's delivery)
             if self._in_time(message, when):
-                await self._settle(msg.nak)
+                # (A retry delay: JetStream sends it again no sooner.)
+                delay = getattr(message, "due", 0.0) - time.monotonic()
+                await self._settle(msg.nak, **({"delay": delay} if delay > 0 else {}))
             return
         if what == "progress":  # (confirmed by the server: the touch waits for it)
             ok = await self._settle(self._reply_sync, msg, b"+WPI")

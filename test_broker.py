@@ -418,7 +418,7 @@ def test_stats_counts_what_happened(processes, db):
     b.report(client.token, batch[0]["batch"], [m["id"] for m in batch[:3]])
     client.batch()
     stats = b.stats()
-    assert set(stats) == {"uptime_s", "generated", "dispatched", "done", "dead", "retrying",
+    assert set(stats) == {"uptime_s", "generated", "dispatched", "done", "dead", "retrying", "delayed",
                           "in_flight", "workers", "busy_workers", "done_per_s"}
     assert stats["done"] == 3 and stats["dispatched"] == 8 and stats["in_flight"] == 4
     assert stats["workers"] == 1 and stats["busy_workers"] == 1
@@ -554,7 +554,7 @@ BROKER_FLAGS = {"--help", "--host", "--port", "--db", "--max-attempts", "--lease
                 "--drain-timeout", "--token-file", "--tls-cert", "--tls-key", "--version",
                 "--workers", "--jetstream", "--js-stream", "--js-replicas", "--backlog",
                 "--progress-every", "--trace", "--log-level", "--pin", "--source",
-                "--max-backlog", "--dedup-window", "--max-enqueue-body"}
+                "--max-backlog", "--dedup-window", "--max-enqueue-body", "--retry-delay", "--retry-delay-max"}
 
 
 def test_help_explains_every_flag():

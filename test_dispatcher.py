@@ -9,6 +9,7 @@ broker stops, and that done and dead stay disjoint.
 """
 
 import itertools
+import random
 
 import pytest
 from hypothesis import settings, strategies as st
@@ -32,8 +33,9 @@ class FakeClock:
 class DispatcherMachine(RuleBasedStateMachine):
     sessions = Bundle("sessions")
 
-    @initialize(total=st.one_of(st.none(), st.integers(0, 30)), durable=st.booleans())
-    def start(self, total, durable):
+    @initialize(total=st.one_of(st.none(), st.integers(0, 30)), durable=st.booleans(),
+                retry_delay=st.sampled_from([0.0, 0.5, 3.0]))
+    def start(self, total, durable, retry_delay):
         self.clock = FakeClock()
         counter = itertools.count()
         self.events = []
@@ -47,19 +49,31 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.dispatcher = broker.Dispatcher(
             max_attempts=MAX_ATTEMPTS, lease_timeout=LEASE, total=total, seed=7,
             new_id=lambda: "m%06d" % next(counter), clock=self.clock, on_event=self.on_event,
-            durable=durable)
+            durable=durable, retry_delay=retry_delay, retry_delay_max=4.0,
+            rng=random.Random(3))
+        self.retry_delay = retry_delay
+        self.not_before = {}  # id -> when its last failed attempt lets it go again
 
     def on_event(self, kind, message, session):
         mid = message.id
         assert mid not in self.done and mid not in self.dead, (kind, mid)
         if kind == "lease":
             assert not self.stopped, "%s leased after stop" % mid
+            assert self.clock.now >= self.not_before.get(mid, 0.0), "%s leased before due" % mid
             assert mid not in self.leased_to, "%s leased twice at once" % mid
             self.leased_to[mid] = session.token
             self.deliveries[mid] = self.deliveries.get(mid, 0) + 1
             assert self.deliveries[mid] == message.attempts <= MAX_ATTEMPTS
             return
         assert self.leased_to.pop(mid) == session.token, (kind, mid)
+        if kind == "failed":  # (its wait: the backoff, within its bounds)
+            wait = getattr(message, "due", 0.0) - self.clock.now
+            if self.retry_delay:
+                full = min(4.0, self.retry_delay * 2 ** (message.attempts - 1))
+                assert full / 2 - 1e-9 <= wait <= full + 1e-9, (mid, wait, full)
+                self.not_before[mid] = message.due
+            else:
+                assert wait <= 0
         if kind == "done":
             self.done.add(mid)
         elif kind == "dead":
@@ -219,8 +233,20 @@ class DispatcherMachine(RuleBasedStateMachine):
         state = self.dispatcher.snapshot()
         assert not (self.drained and state["free"])  # a drain keeps no worker free
         if state["free"] and not self.stopped:
-            assert not state["retry"]
+            # (Those not due yet wait: the loop wakes for them when they are.)
+            assert not [mid for mid in state["retry"] if state["due"].get(mid, 0.0) <= self.clock.now]
             assert self.total is not None and self.dispatcher.queue.generated == self.total
+            due = self.dispatcher.queue.next_due()
+            assert (due is None) == (not state["retry"]) and (due is None or due > self.clock.now)
+
+    @invariant()
+    def what_waits_goes_in_due_order(self):
+        if not hasattr(self, "dispatcher"):
+            return
+        state = self.dispatcher.snapshot()
+        flat = [mid for mid in state["retry"] if mid not in sum(state["halves"], [])]
+        dues = [max(state["due"].get(mid, 0.0), self.clock.now) for mid in flat]
+        assert dues == sorted(dues)
 
 
 DispatcherMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
@@ -287,3 +313,47 @@ def test_figures_show_a_batch_assigned_but_not_yet_written_as_just_begun():
     ages = {w["worker"]: w["batch_age_s"] for w in figures.dashboard()["workers_detail"]}
     assert ages == {assigned.name: 0.0, written.name: 1.5, free.name: None}
     assert figures.busy_workers == 2 and figures.in_flight == 4
+
+
+def test_a_failed_attempt_waits_its_retry_delay_doubling_and_capped_then_goes_first():
+    clock = FakeClock()
+    dispatcher = broker.Dispatcher(lease_timeout=LEASE, clock=clock, seed=1, retry_delay=1.0,
+                                   retry_delay_max=3.0, rng=random.Random(5))
+    session = dispatcher.connect(1)
+    dispatcher.batch_written(session, session.batch)
+    [first] = session.batch.messages
+    waits = []
+    for attempt in (1, 2, 3):
+        failed_at = clock.now
+        dispatcher.report(session.token, session.batch.number, [])  # (not done: it fails)
+        # Not due yet: the worker gets a new message, and `first` waits, delayed.
+        assert session.batch is not None and first not in session.batch.messages
+        figures = dispatcher.figures()
+        assert (figures.delayed, figures.retrying) == (1, 0)
+        due = dispatcher.queue.next_due()
+        waits.append(due - failed_at)
+        dispatcher.report(session.token, session.batch.number, list(session.batch.messages))
+        assert first not in session.batch.messages  # (still not due)
+        clock.now = due
+        dispatcher.report(session.token, session.batch.number, list(session.batch.messages))
+        assert list(session.batch.messages) == [first]  # due: before the new ones
+        assert session.batch.messages[first].attempts == attempt + 1
+        dispatcher.batch_written(session, session.batch)
+        if attempt == 2:
+            break
+    # min(max, delay x 2^(n-1)) x [0.5, 1]: 0.5..1, then 1..2 (capped at 3 s after that).
+    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0
+
+
+def test_a_worker_s_retry_in_ms_overrides_the_delay_capped():
+    clock = FakeClock()
+    dispatcher = broker.Dispatcher(lease_timeout=LEASE, clock=clock, seed=1, retry_delay=1.0,
+                                   retry_delay_max=3.0)
+    session = dispatcher.connect(2)
+    dispatcher.batch_written(session, session.batch)
+    a, b = session.batch.messages
+    dispatcher.report(session.token, session.batch.number, [], failures={
+        a: broker.Failure("soon", False, 50), b: broker.Failure("later", False, 10 ** 7)})
+    state = dispatcher.snapshot()
+    assert state["due"][a] == pytest.approx(clock.now + 0.05)
+    assert state["due"][b] == pytest.approx(clock.now + 3.0)  # (capped)

@@ -164,6 +164,23 @@ def test_a_final_failure_is_terminated_at_once_its_error_in_the_dead_letter_stre
     client.close()
 
 
+def test_a_retry_delay_is_a_nak_with_that_delay(processes, db, nats_server):
+    b = processes.broker(db, "--heartbeat", "600", "--retry-delay", 2000,
+                         *jetstream_flags(nats_server))
+    client = b.stream(1)
+    client.hello()
+    [first] = client.batch()
+    failed_at = time.monotonic()
+    assert b.report(client.token, first["batch"], [])[0] == 200
+    while True:  # (new messages meanwhile; the failed one after 1..2 s, no sooner)
+        [message] = client.batch(timeout=10)
+        if message["id"] == first["id"]:
+            break
+        assert b.report(client.token, message["batch"], [message["id"]])[0] == 200
+    assert message["attempt"] == 2 and time.monotonic() - failed_at >= 1.0
+    client.close()
+
+
 def test_requeue_is_refused_with_501_naming_the_dead_letter_stream(processes, db, nats_server):
     b = processes.broker(db, *jetstream_flags(nats_server))
     status, _headers, body = b.request("POST", "/requeue", b'{"all": true}')
