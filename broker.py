@@ -1448,12 +1448,19 @@ class Dispatcher:
                 self.requeued_unsettled += len(messages)
             if not counted:
                 self.requeued += len(records)
-            ids = {record["id"] for record in records}
-            if any(d["id"] in ids for d in self.recent_dead):
-                kept = [d for d in self.recent_dead if d["id"] not in ids]
-                self.recent_dead.clear()
-                self.recent_dead.extend(kept)
+            self._forget_dead_locked({record["id"] for record in records})
             self._assign_locked()
+
+    def forget_dead(self, ids):
+        """Dead letters deleted: no longer among the latest shown."""
+        with self._lock:
+            self._forget_dead_locked(set(ids))
+
+    def _forget_dead_locked(self, ids):
+        if any(d["id"] in ids for d in self.recent_dead):
+            kept = [d for d in self.recent_dead if d["id"] not in ids]
+            self.recent_dead.clear()
+            self.recent_dead.extend(kept)
 
     def restore(self, records, counters):
         """--durable: take back the state a previous run saved.
@@ -1905,11 +1912,30 @@ class RequeueError(Exception):
     """A live requeue that could not be done; nothing changed."""
 
 
-class RequeueRequest:
-    """One POST /requeue, handed to the state writer (the db's one writer)."""
+def delete_dead_letters(failed, ids):
+    """Delete dead letters `ids` (None: all) from the bucket `failed` (or
+    None) of a transaction: (the ids deleted, the ids that were not there)."""
+    if failed is None:
+        return [], [] if ids is None else list(dict.fromkeys(ids))
+    keys = [k for k, _v in failed.items()] if ids is None else \
+        list(dict.fromkeys(i.encode("utf-8") for i in ids))
+    deleted, missing = [], []
+    for key in keys:
+        if failed.get(key) is None:
+            missing.append(key.decode("utf-8", "replace"))
+        else:
+            failed.delete(key)
+            deleted.append(key.decode("utf-8", "replace"))
+    return deleted, missing
 
-    def __init__(self, ids):
+
+class RequeueRequest:
+    """One POST /requeue or DELETE /dead (`delete`), handed to the state
+    writer (the db's one writer)."""
+
+    def __init__(self, ids, delete=False):
         self.ids = ids                  # None: every dead letter
+        self.delete = delete
         self.lock = threading.Lock()    # guards started and cancelled
         self.started = self.cancelled = False
         self.done = threading.Event()
@@ -1975,6 +2001,15 @@ class StateWriter:
         crash loses none). Returns (requeued ids, missing ids); raises
         RequeueError when it could not be done (nothing changed)."""
         request = RequeueRequest(ids)
+        return self._submit(request, timeout)
+
+    def delete(self, ids, timeout):
+        """DELETE /dead: delete the dead letters `ids` (None: all) from
+        `failed`, in one transaction of this thread's. Returns (deleted ids,
+        missing ids); raises RequeueError when it could not be done."""
+        return self._submit(RequeueRequest(ids, delete=True), timeout)
+
+    def _submit(self, request, timeout):
         self._requeues.put(request)
         self.dispatcher.wake_writer()
         if not request.done.wait(timeout):
@@ -2000,6 +2035,12 @@ class StateWriter:
             try:
                 if self.finish.is_set():
                     raise RequeueError("the broker is stopping")
+                if request.delete:
+                    request.requeued, request.missing = self._delete_dead_letters(request.ids)
+                    self.dispatcher.forget_dead(request.requeued)
+                    if request.requeued:
+                        log.info("%d dead letters deleted", len(request.requeued))
+                    continue
                 records, request.missing = self._move_dead_letters(request.ids)
                 request.requeued = [r["id"] for r in records]
                 self.dispatcher.requeue(records)
@@ -2009,8 +2050,9 @@ class StateWriter:
                 request.error = str(error)
             except Exception as error:  # a disk error: the transaction changed nothing
                 self.errors += 1
-                request.error = "cannot requeue: %s" % error
-                log.error("cannot requeue dead letters: %s", error)
+                what = "delete" if request.delete else "requeue"
+                request.error = "cannot %s: %s" % (what, error)
+                log.error("cannot %s dead letters: %s", what, error)
             finally:
                 request.done.set()
 
@@ -2018,6 +2060,14 @@ class StateWriter:
         self.commits += 1
         self.commit_seconds[bisect.bisect_left(COMMIT_BUCKETS, seconds)] += 1
         self.commit_seconds_sum += seconds
+
+    def _delete_dead_letters(self, ids):
+        started = time.monotonic()
+        with self.db.update() as tx:
+            failed = tx.bucket(DEAD_LETTER_BUCKET)
+            deleted, missing = delete_dead_letters(failed, ids)
+        self._count_commit(time.monotonic() - started)
+        return deleted, missing
 
     def _move_dead_letters(self, ids):
         durable = self.dispatcher.durable
@@ -2744,7 +2794,7 @@ class HTTPRequestHandler(http.server.BaseHTTPRequestHandler):
             return []
         headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         if self.command == "OPTIONS":  # the preflight
-            headers += [("Access-Control-Allow-Methods", "GET, POST"),
+            headers += [("Access-Control-Allow-Methods", "GET, POST, DELETE"),
                         ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
                         ("Access-Control-Max-Age", "600")]
         return headers
@@ -3008,7 +3058,8 @@ class BrokerRequestHandler(HTTPRequestHandler):
               "/touch": {"POST": "handle_touch"}, "/requeue": {"POST": "handle_requeue"},
               "/stats": {"GET": "handle_stats"}, "/healthz": {"GET": "handle_healthz"},
               "/metrics": {"GET": "handle_metrics"}, "/events": {"GET": "handle_events"},
-              "/dead": {"GET": "handle_dead"}, "/": {"GET": "handle_dashboard"},
+              "/dead": {"GET": "handle_dead", "DELETE": "handle_delete_dead"},
+              "/": {"GET": "handle_dashboard"},
               "/enqueue": {"POST": "handle_enqueue"}}
     STREAM_PATHS = STREAM_PATHS
 
@@ -3164,13 +3215,20 @@ class BrokerRequestHandler(HTTPRequestHandler):
 
     def handle_requeue(self, query):
         """Dead letters back to the retry queue of this running broker."""
+        self._on_dead_letters("requeue", "requeued")
+
+    def handle_delete_dead(self, query):
+        """DELETE /dead: dead letters deleted from this running broker's db."""
+        self._on_dead_letters("delete", "deleted")
+
+    def _on_dead_letters(self, what, done):
         body = self.read_body()
         if body is None:
             return
         if self.server.broker.queue is not None:
-            self.send_error_json(501, "with --jetstream the queue is the stream's: requeue is "
+            self.send_error_json(501, "with --jetstream the queue is the stream's: %s is "
                                       "not done by a broker (the dead letters are in the "
-                                      "stream %s-dead)" % self.server.broker.queue.stream)
+                                      "stream %s-dead)" % (what, self.server.broker.queue.stream))
             return
         request = _json_body(body)
         ids = None if request == {"all": True} else _id_list(request)
@@ -3178,13 +3236,13 @@ class BrokerRequestHandler(HTTPRequestHandler):
             self.send_error_json(400, 'the body must be a JSON array of dead-letter ids, '
                                       'or {"all": true}')
             return
-        broker = self.server.broker
+        writer = self.server.broker.state_writer
         try:
-            requeued, missing = broker.state_writer.requeue(ids, self.read_timeout)
+            changed, missing = getattr(writer, what)(ids, self.read_timeout)
         except RequeueError as error:
             self.send_error_json(503, str(error), [("Retry-After", "2")])
             return
-        self.send_json(200, {"requeued": len(requeued), "missing": missing})
+        self.send_json(200, {done: len(changed), "missing": missing})
 
     # -- POST /enqueue ------------------------------------------------------------
 
@@ -3979,12 +4037,12 @@ def _token(token, token_file):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("dead", "requeue", "put"):
+    if argv and argv[0] in ("dead", "requeue", "purge", "put"):
         # Killed by SIGPIPE like any Unix tool when the reader goes (| head):
         # no BrokenPipeError traceback.
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         try:
-            return {"dead": dead_command, "requeue": requeue_command,
+            return {"dead": dead_command, "requeue": requeue_command, "purge": purge_command,
                     "put": put_command}[argv[0]](argv[1:])
         except ToolError as error:
             print("broker.py %s: %s" % (argv[0], error), file=sys.stderr)
@@ -4076,27 +4134,38 @@ function askToken() {
 }
 
 // POST /requeue: these dead letters (or all) go out again first, attempts reset.
-async function requeue(ids, retried) {
+// POST /requeue or DELETE /dead: `what` is "requeue" or "delete".
+async function onDead(what, ids, retried) {
   const result = document.getElementById("requeue-result");
   try {
-    const answer = await fetch("/requeue", {method: "POST",
-      headers: Object.assign({"Content-Type": "application/json"}, authHeaders()),
-      body: JSON.stringify(ids === null ? {all: true} : ids)});
-    if (answer.status === 401 && !retried && askToken()) return requeue(ids, true);
+    const answer = await fetch(what === "delete" ? "/dead" : "/requeue",
+      {method: what === "delete" ? "DELETE" : "POST",
+       headers: Object.assign({"Content-Type": "application/json"}, authHeaders()),
+       body: JSON.stringify(ids === null ? {all: true} : ids)});
+    if (answer.status === 401 && !retried && askToken()) return onDead(what, ids, true);
     const body = await answer.json();
-    result.textContent = answer.ok ? body.requeued + " requeued" +
+    const done = what === "delete" ? "deleted" : "requeued";
+    result.textContent = answer.ok ? body[done] + " " + done +
       (body.missing.length ? ", " + body.missing.length + " no longer dead" : "") :
-      "requeue failed: " + body.error;
+      what + " failed: " + body.error;
   } catch (error) {
-    result.textContent = "requeue failed: " + error;
+    result.textContent = what + " failed: " + error;
   }
 }
+const requeue = (ids, retried) => onDead("requeue", ids, retried);
 
-function requeueButton(id) {
-  const button = document.createElement("button");
-  button.type = "button"; button.textContent = "requeue"; button.className = "requeue";
-  button.addEventListener("click", () => requeue([id], false));
-  return button;
+function deadButtons(id) {
+  const buttons = document.createElement("span");
+  const again = document.createElement("button");
+  again.type = "button"; again.textContent = "requeue"; again.className = "requeue";
+  again.addEventListener("click", () => requeue([id], false));
+  const gone = document.createElement("button");
+  gone.type = "button"; gone.textContent = "delete"; gone.className = "delete";
+  gone.addEventListener("click", () => {
+    if (confirm("Delete dead letter " + id + " for good?")) onDead("delete", [id], false);
+  });
+  buttons.append(again, " ", gone);
+  return buttons;
 }
 document.getElementById("requeue-all").addEventListener("click", () => requeue(null, false));
 
@@ -4137,7 +4206,7 @@ function show(stats) {
     d => d.period === null ? "" : d.period + " ms",
     d => d.attempts, d => d.reason, d => clipped(d.error || ""),
     d => clipped("payload" in d ? JSON.stringify(d.payload) : ""), d => d.failed_at,
-    d => requeueButton(d.id)]);
+    d => deadButtons(d.id)]);
   history.push([Date.now() / 1000, stats.done, stats.dead]);
   while (history.length > 301) history.shift();
   draw();
@@ -4405,6 +4474,28 @@ def requeue_command(argv):
                 failed.delete(key)
     print("%d dead letters requeued: the broker sends them first on its next start"
           % len(keys))
+    return 0
+
+
+def purge_command(argv):
+    parser = argparse.ArgumentParser(
+        prog="broker.py purge",
+        description="Delete dead letters from a stopped broker's db, for good (a running "
+                    "broker's: DELETE /dead, or the dashboard). The file keeps its size: "
+                    "'python bbolt_lite.py compact' writes a smaller copy.")
+    parser.add_argument("--db", default=DEFAULT_DB, help="(default: %(default)s)")
+    parser.add_argument("--all", action="store_true", help="every dead letter")
+    parser.add_argument("ids", nargs="*", metavar="ID", help="the dead letters to delete")
+    args = parser.parse_args(argv)
+    if bool(args.ids) == args.all:
+        parser.error("give dead letter ids, or --all")
+    with _tool_db(args.db, writable=True) as db:
+        with db.update() as tx:
+            failed = tx.bucket(DEAD_LETTER_BUCKET)
+            deleted, missing = delete_dead_letters(failed, None if args.all else args.ids)
+            if missing:  # (nothing deleted: the transaction is rolled back)
+                raise ToolError("not dead letters in %s: %s" % (args.db, " ".join(missing)))
+    print("%d dead letters deleted" % len(deleted))
     return 0
 
 

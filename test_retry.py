@@ -6,11 +6,13 @@ longer turns every job that needs it into a dead letter."""
 import json
 import os
 import re
+import subprocess
+import sys
 import textwrap
 import time
 
 import bbolt_lite
-from conftest import wait_until
+from conftest import HERE, headless_chromium, wait_until
 
 
 def pending(db):
@@ -105,3 +107,84 @@ def test_with_a_retry_delay_a_dependency_down_for_a_while_kills_no_job(processes
     done, dead = run_chaos(processes, tmp_path, 0)
     assert dead > 25 and done + dead == 50
     assert os.path.exists(tmp_path / "delay-0" / "broker.db")
+
+
+# --- dead letters deleted -----------------------------------------------------------------
+
+def dead_now(b):
+    return sorted(d["id"] for d in b.request("GET", "/dead?limit=1000")[2]["dead"])
+
+
+def make_dead(b, count):
+    """`count` dead letters of a --max-attempts 1 broker: their ids, sorted."""
+    client = b.stream(count)
+    client.hello()
+    batch = client.batch()
+    assert b.request("POST", "/report?worker=%s&batch=%d&last=1" % (
+        client.token, batch[0]["batch"]), b"[]")[0] == 200  # all dead, and no next batch
+    client.close()
+    wait_until(lambda: len(dead_now(b)) >= count)
+    return sorted(m["id"] for m in batch)
+
+
+def test_delete_dead_deletes_those_named_or_all_and_get_dead_no_longer_lists_them(
+        processes, db):
+    b = processes.broker(db, "--max-attempts", 1, "--heartbeat", 600, "--token", "t")
+    b.bearer = "t"
+    ids = make_dead(b, 4)
+    status, _h, answer = b.request("DELETE", "/dead", json.dumps(ids[:2] + ["nope"]).encode())
+    assert status == 200 and answer == {"deleted": 2, "missing": ["nope"]}
+    assert dead_now(b) == ids[2:]
+    for bad in (b'{"all": false}', b'[1]', b'nope'):
+        assert b.request("DELETE", "/dead", bad)[0] == 400
+    b.bearer = None
+    assert b.request("DELETE", "/dead", b'{"all": true}')[0] == 401
+    b.bearer = "t"
+    status, _h, answer = b.request("DELETE", "/dead", b'{"all": true}')
+    assert status == 200 and answer == {"deleted": 2, "missing": []}
+    assert dead_now(b) == []
+    b.stop()
+    with bbolt_lite.open(str(db), readonly=True) as store, store.view() as tx:
+        assert list(tx.bucket(b"failed").items()) == []
+
+
+def test_purge_deletes_dead_letters_of_a_stopped_broker_s_db(processes, db):
+    b = processes.broker(db, "--max-attempts", 1, "--heartbeat", 600)
+    ids = make_dead(b, 3)
+    b.stop()
+
+    def purge(*args):
+        return subprocess.run([sys.executable, "broker.py", "purge", "--db", str(db)] +
+                              list(args), cwd=HERE, capture_output=True, text=True, timeout=30)
+    refused = purge(ids[0], "nope")
+    assert refused.returncode == 2 and "not dead letters" in refused.stderr and "nope" in \
+        refused.stderr
+    assert purge(ids[0]).stdout == "1 dead letters deleted\n"
+    assert purge().returncode == 2  # (ids, or --all)
+    assert purge("--all").stdout == "2 dead letters deleted\n"
+    with bbolt_lite.open(str(db), readonly=True) as store, store.view() as tx:
+        assert list(tx.bucket(b"failed").items()) == []
+
+
+def test_the_dashboard_deletes_a_dead_letter_once_confirmed(processes, db):
+    b = processes.broker(db, "--max-attempts", 1, "--heartbeat", 600)
+    ids = make_dead(b, 2)
+    asked = []
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        answers = iter([False, True])  # (first declined: nothing deleted)
+        page.on("dialog", lambda dialog: (asked.append(dialog.message),
+                                          dialog.accept() if next(answers) else dialog.dismiss()))
+        page.goto(b.url + "/")
+        page.wait_for_selector("#dead button.delete", timeout=15000)
+        first = page.inner_text("#dead tr:first-child td:first-child")
+        page.click("#dead tr:first-child button.delete")
+        time.sleep(0.5)
+        assert dead_now(b) == ids
+        page.click("#dead tr:first-child button.delete")
+        page.wait_for_function("document.getElementById('requeue-result').textContent"
+                               " === '1 deleted'", timeout=10000)
+        page.wait_for_function("id => ![...document.querySelectorAll('#dead tr td:first-child')]"
+                               ".some(td => td.textContent === id)", arg=first, timeout=10000)
+    assert dead_now(b) == [i for i in ids if i != first]
+    assert asked == ["Delete dead letter %s for good?" % first] * 2
