@@ -36,6 +36,7 @@ Use as a command, after Go's ``bbolt`` tool::
     python bbolt_lite.py get     FILE BUCKET... KEY # one value, raw bytes to stdout
     python bbolt_lite.py dump    FILE [BUCKET...]   # one JSON line per key
     python bbolt_lite.py pages   FILE               # every page, its type and use
+    python bbolt_lite.py compact FILE NEW           # a packed copy, free pages left out
 
 Errors are subclasses of ``bbolt_lite.Error``; a damaged file raises
 ``ChecksumError``, ``InvalidError``, ``VersionMismatchError`` or
@@ -2162,6 +2163,61 @@ def _sync_folder(folder):
 
 
 # ---------------------------------------------------------------------------
+# compact: a fresh copy, without the free pages (after Go's `bbolt compact`)
+# ---------------------------------------------------------------------------
+
+COMPACT_TX_BYTES = 64 << 20  # keys and values copied per transaction, at most
+
+
+def compact(src, dst, tx_max_size=COMPACT_TX_BYTES):
+    """Copy every bucket, nested bucket, key, value and sequence of the file
+    `src` into a new file `dst` (which must not exist, or be empty), its
+    pages packed full: a file whose records were deleted gets its space back.
+    Commits every `tx_max_size` bytes of keys and values, as Go's does.
+    Returns (the size of src, the size of dst), in bytes."""
+    if os.path.exists(dst) and os.path.getsize(dst) > 0:
+        raise Error("%s exists: compact writes a new file" % dst)
+    with open(src, readonly=True, timeout=5) as source, source.view() as rtx:
+        with open(dst, page_size=source.page_size) as target:
+            state = {"tx": target.begin(writable=True), "size": 0}
+
+            def bucket_at(path):  # (in the transaction under way)
+                bucket = state["tx"].bucket(path[0])
+                for name in path[1:]:
+                    bucket = bucket.bucket(name)
+                bucket.fill_percent = 1.0  # (keys come in order: pack pages full)
+                return bucket
+
+            def copy(bucket, path):
+                for key, value in bucket.items():
+                    if state["size"] + len(key) + len(value or b"") > tx_max_size \
+                            and state["size"]:
+                        state["tx"].commit()
+                        state["tx"], state["size"] = target.begin(writable=True), 0
+                    state["size"] += len(key) + len(value or b"")
+                    if value is None:  # a nested bucket
+                        child = bucket.bucket(key)
+                        bucket_at(path).create_bucket(key).set_sequence(child.sequence())
+                        copy(child, path + [key])
+                    else:
+                        bucket_at(path).put(key, value)
+
+            try:
+                for name in list(rtx.buckets()):
+                    top = rtx.bucket(name)
+                    state["tx"].create_bucket(name).set_sequence(top.sequence())
+                    copy(top, [name])
+                state["tx"].commit()
+            except BaseException:
+                try:
+                    state["tx"].rollback()
+                except TxClosedError:
+                    pass
+                raise
+    return os.path.getsize(src), os.path.getsize(dst)
+
+
+# ---------------------------------------------------------------------------
 # Command line (after Go's bbolt tool)
 # ---------------------------------------------------------------------------
 
@@ -2177,6 +2233,8 @@ commands:
   get     FILE BUCKET... KEY   the value of KEY, as raw bytes
   dump    FILE [BUCKET...]     every key below, one JSON line each
   pages   FILE                 every page: id, type, items, overflow
+  compact FILE NEW             write a compacted copy of FILE to NEW (a new file): every
+                               bucket, key, value and sequence, the free pages left out
 
 Names and keys are taken as UTF-8 text. The file is opened read-only, with a
 shared lock: a running writer makes these commands wait up to 5 seconds.
@@ -2252,6 +2310,26 @@ def _pages(db, tx, out):
         pgid += overflow + 1
 
 
+def _compact_command(rest):
+    if len(rest) != 2:
+        sys.stderr.write("bbolt_lite: wrong arguments for compact\n\n%s\n" % _USAGE)
+        return 2
+    src, dst = rest
+    if not os.path.exists(src):
+        sys.stderr.write("bbolt_lite: %s: no such file\n" % src)
+        return 2
+    try:
+        before, after = compact(src, dst)
+    except Error as error:
+        sys.stderr.write("bbolt_lite: compact %s: %s\n" % (src, error))
+        return 2
+    except OSError as error:
+        sys.stderr.write("bbolt_lite: compact %s: %s\n" % (src, error.strerror or error))
+        return 2
+    sys.stdout.write("%d -> %d bytes (gain=%.2fx)\n" % (before, after, before / max(after, 1)))
+    return 0
+
+
 def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -2261,6 +2339,8 @@ def main(argv=None):
         print("bbolt_lite.py " + __version__)
         return 0
     command, rest = args[0], args[1:]
+    if command == "compact":
+        return _compact_command(rest)
     needs = {"check": 0, "info": 0, "stats": 0, "buckets": 0, "keys": 1, "get": 2,
              "dump": 0, "pages": 0}
     if command not in needs:

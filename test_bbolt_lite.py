@@ -1371,3 +1371,62 @@ def test_a_leaf_of_one_shape_is_written_as_the_plain_loop_writes_it(count, key_s
     page = node.to_bytes(5, 0, 0)
     assert page[bbolt_lite.PAGE_HEADER_SIZE:bbolt_lite.PAGE_HEADER_SIZE + len(plain)] == plain
     assert bbolt_lite._parse_node(page, "page 5", 5).values == values
+
+
+# --- compact ------------------------------------------------------------------------------
+
+def test_compact_copies_everything_and_go_s_bbolt_opens_the_copy(tmp_path, boltcheck):
+    src, dst = str(tmp_path / "src.db"), str(tmp_path / "dst.db")
+    rng = random.Random(4)
+    with bbolt_lite.open(src) as db, db.update() as tx:
+        top = tx.create_bucket(b"top")
+        top.set_sequence(2 ** 64 - 1)
+        for i in range(3000):
+            top.put(key(i), bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300))))
+        nested = top.create_bucket(b"nested")
+        nested.set_sequence(7)
+        nested.put(b"big", b"x" * 20000)  # (an overflow page)
+        nested.create_bucket(b"empty")
+        tx.create_bucket(b"\xff\x00binary")
+    with bbolt_lite.open(src) as db, db.update() as tx:  # (free pages in the source)
+        for i in range(0, 3000, 2):
+            tx.bucket(b"top").delete(key(i))
+    result = subprocess.run([sys.executable, "bbolt_lite.py", "compact", src, dst], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "bytes (gain=" in result.stdout, result.stderr
+    with bbolt_lite.open(src, readonly=True) as a, bbolt_lite.open(dst, readonly=True) as b:
+        assert dump_records(a) == dump_records(b)
+        assert b.check() == []
+    assert go_dump(boltcheck, dst) == go_dump(boltcheck, src)
+    go_check(boltcheck, dst)
+    again = subprocess.run([sys.executable, "bbolt_lite.py", "compact", src, dst], cwd=HERE,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr  # (never over a file)
+
+
+def test_compact_gives_back_the_space_of_purged_dead_letters(tmp_path, boltcheck):
+    import broker
+    src, dst = str(tmp_path / "broker.db"), str(tmp_path / "small.db")
+    new_ids = broker.new_ids_function()
+    with bbolt_lite.open(src) as db:
+        for _ in range(5):  # (as a broker writes them: a commit at a time)
+            with db.update() as tx:
+                failed = tx.create_bucket_if_not_exists(b"failed")
+                failed.fill_percent = 0.9
+                for i, message_id in enumerate(new_ids(20000)):
+                    message = broker.Message(message_id, 1 + i % 1000)
+                    message.attempts, message.reason = 3, "not reported"
+                    record = broker.dead_letter_record(message, "2026-12-07T00:00:00.000Z")
+                    failed.put(message.id.encode(), json.dumps(record).encode())
+        with db.view() as tx:
+            ids = [k.decode() for k, _v in tx.bucket(b"failed").items()]
+        with db.update() as tx:  # (what `broker.py purge` does, for 90% of them)
+            deleted, missing = broker.delete_dead_letters(
+                tx.bucket(b"failed"), [i for n, i in enumerate(ids) if n % 10])
+    assert len(deleted) == 90000 and missing == []
+    before, after = bbolt_lite.compact(src, dst)
+    print("100,000 dead letters, 90%% purged: %d -> %d bytes" % (before, after))
+    assert after < before / 5
+    with bbolt_lite.open(dst, readonly=True) as small, small.view() as tx:
+        assert [k.decode() for k, _v in tx.bucket(b"failed").items()] == ids[::10]
+    go_check(boltcheck, dst)
