@@ -122,6 +122,8 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert result["done"] == len(set(chosen))
         assert result["done"] + result["retried"] + result["dead"] == len(batch.messages)
         assert result["ignored"] == list(dict.fromkeys(foreign))
+        if next_batch is not None and data.draw(st.booleans()):  # (written at once)
+            self.dispatcher.batch_written(session, next_batch)
         self.dispatcher.dispatch_once()
 
     @rule(session=sessions)
@@ -168,7 +170,7 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.stopped = True
         assert not self.dispatcher.snapshot()["assigned"]
 
-    @rule(seconds=st.floats(0, 2 * LEASE))
+    @rule(seconds=st.one_of(st.floats(0, 2), st.floats(0, 2 * LEASE)))  # (delays: 0.25..4 s)
     def time_passes(self, seconds):
         self.clock.now += seconds
         self.dispatcher.dispatch_once()
@@ -199,6 +201,8 @@ class DispatcherMachine(RuleBasedStateMachine):
             assert attempts == self.deliveries.get(mid, 0) + (mid in assigned) <= MAX_ATTEMPTS
         if self.stopped or self.drained:
             assert not assigned
+        # Nothing is given out before it is due (assigned, and so leased).
+        assert not [mid for mid in assigned if self.not_before.get(mid, 0.0) > self.clock.now]
         # Leases are kept in deadline order (the loop sleeps until the first), touched or not.
         deadlines = [b.deadline for b in self.dispatcher._batches.values()]
         assert deadlines == sorted(deadlines)
