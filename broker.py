@@ -3115,7 +3115,7 @@ class BrokerRequestHandler(HTTPRequestHandler):
             return
         self.close_connection = True
         sock = self.connection
-        log.info("%s: connected from %s, batchsize %d", session.name,
+        log.debug("%s: connected from %s, batchsize %d", session.name,
                  self.client_address[0], batchsize)
         broker.stream_opened()
         try:
@@ -3132,7 +3132,7 @@ class BrokerRequestHandler(HTTPRequestHandler):
             broker.watcher.unwatch(sock)
             dispatcher.disconnect(session, "stream closed")
             broker.stream_closed()
-            log.info("%s: stream closed (%s%s)", session.name, session.close_reason,
+            log.debug("%s: stream closed (%s%s)", session.name, session.close_reason,
                      "; " + session.end_note if session.end_note else "")
 
     def _stream(self, session):
@@ -3601,9 +3601,16 @@ class Broker:
         share = ""
         if f.total is not None:
             share = ", %.1f%% settled" % (100.0 * (f.done + f.dead) / max(1, f.total + f.requeued))
-        status_log.info("progress: %d done, %d dead%s, %d in flight, %d retrying, %d workers, "
-                        "%.1f done/s%s", f.done, f.dead, f.dead_reasons(), f.in_flight,
-                        f.retrying, f.workers, f.done_per_s, share)
+        made = "%d generated%s" % (f.generated, "" if f.total is None else " of %d" % f.total)
+        if f.jobs:
+            made = "%d jobs enqueued, %d waiting" % (f.enqueued, f.backlog)
+        reasons = f.dead_reasons()
+        status_log.info("progress: %d done, %d dead (%.1f%%%s), %d in flight, %d retrying%s, "
+                        "%d workers, %.1f done/s, %s%s", f.done, f.dead,
+                        100.0 * f.dead / max(1, f.done + f.dead),
+                        ": " + reasons[2:-1] if reasons else "", f.in_flight,
+                        f.retrying, ", %d delayed" % f.delayed if f.delayed else "", f.workers,
+                        f.done_per_s, made, share)
 
     def start_workers(self, count):
         """`--workers N`: worker.py --processes N, a child of this broker."""
@@ -3611,7 +3618,12 @@ class Broker:
                                                 "worker.py"),
                    "--url", self.url, "--processes", str(count),
                    "--parent-pid", str(os.getpid()),  # they stop if this broker is killed
-                   "--log-level", self.args.log_level]
+                   # (Their batches, restarts and the seed's intended failures are
+                   # INFO: the broker's progress line counts what they do. Their
+                   # warnings and errors, real problems, show; --log-level DEBUG
+                   # shows all.)
+                   "--log-level", "DEBUG" if self.args.log_level == "DEBUG" else
+                   max(self.args.log_level, "WARNING", key=logging.getLevelName)]
         env = dict(os.environ, BROKER_TOKEN=self.token) if self.token else None
         # A session of its own: Ctrl-C in the terminal reaches the broker
         # alone, which passes it on when its drain begins (see drain()).

@@ -196,8 +196,9 @@ def test_workers_of_a_killed_broker_stop_too(processes, db):
 def test_progress_lines_say_done_dead_in_flight_workers_and_share(processes, db):
     b = processes.broker(db, "--total", "100", "--progress-every", "0.3")
     line = b.wait_for_line(r"progress: ")
-    assert re.search(r"progress: \d+ done, \d+ dead( \([^)]*\))?, \d+ in flight, \d+ retrying, "
-                     r"\d+ workers, [0-9.]+ done/s, [0-9.]+% settled", line)
+    assert re.search(r"progress: \d+ done, \d+ dead \([0-9.]+%(: [^)]*)?\), \d+ in flight, "
+                     r"\d+ retrying, \d+ workers, [0-9.]+ done/s, \d+ generated of 100, "
+                     r"[0-9.]+% settled", line)
 
 
 RFC3339_UTC_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -231,7 +232,8 @@ def test_warning_still_shows_the_listening_progress_and_stop_lines(processes, db
     client = b.stream(40)
     client.hello()
     settle_batch(b, client, done_share=0.5)
-    b.wait_for_line(r"INFO broker: progress: 20 done, 20 dead \(20 not reported\), 40 in flight")
+    b.wait_for_line(r"INFO broker: progress: 20 done, 20 dead \(50.0%: 20 not reported\), "
+                    r"40 in flight")
     settle_batch(b, client, done_share=0.5)
     assert b.wait(30) == 0
     out = b.output()
@@ -660,3 +662,22 @@ def test_a_clean_durable_run_after_a_requeue_settles(processes, db):
     failed, requeue, pending, _counters = read_buckets(db)
     assert (failed, requeue, pending) == ({}, {}, {})
     client.close()
+
+
+def test_a_minute_of_workers_4_is_a_quiet_terminal(tmp_path):
+    """`python broker.py --workers 4` at the default INFO: the start lines, a
+    progress line every 10 s, and real problems only; the seed's intended
+    failures (period > 800 raises, > 900 ends its worker), the workers'
+    restarts and the per-stream lines are not in it."""
+    from conftest import Process
+    b = Process(["broker.py", "--workers", "4", "--port", "0", "--db", str(tmp_path / "b.db")])
+    try:
+        time.sleep(60)
+        lines = list(b.lines)
+    finally:
+        b.stop()
+    assert len(lines) < 30, "\n".join(lines)
+    assert sum(" progress: " in line for line in lines) >= 5
+    assert not [line for line in lines if " ERROR " in line or "raised" in line
+                or "connected from" in line], "\n".join(lines)
+    assert re.search(r"progress: \d+ done, \d+ dead \(\d+\.\d%", "\n".join(lines))

@@ -236,9 +236,9 @@ class Sleeper:
         period, message_id = message.get("period"), message["id"]
         if period is None:
             raise JobFailed(NO_HANDLER)
-        if period > EXIT_PERIOD_MS:
-            log.error("message %s: period %d ms > %d: ending the worker process (exit %d)",
-                      message_id, period, EXIT_PERIOD_MS, EXIT_STATUS_PERIOD)
+        if period > EXIT_PERIOD_MS:  # (the seed's rule: intended, so INFO)
+            log.info("message %s: period %d ms > %d: ending the worker process (exit %d)",
+                     message_id, period, EXIT_PERIOD_MS, EXIT_STATUS_PERIOD)
             logging.shutdown()
             os._exit(EXIT_STATUS_PERIOD)
         if period > RAISE_PERIOD_MS:
@@ -603,7 +603,9 @@ class Worker:
                 if self.serve_stream():
                     backoff = BACKOFF_MIN  # it worked for a while: start over
             except urllib.error.HTTPError as error:
-                log.warning("broker answered %d: %s", error.code, _error_text(error))
+                # (503: it is stopping, or full; it says so, and it passes.)
+                (log.info if error.code == 503 else log.warning)(
+                    "broker answered %d: %s", error.code, _error_text(error))
                 self._fail_over()
             except NETWORK_ERRORS as error:
                 if not self.draining.is_set():  # (a drain ends its own stream)
@@ -920,7 +922,9 @@ def _log_task_exception(args):
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread else "thread"
-    log.error("%s raised %s: %s", name, args.exc_type.__name__, args.exc_value)
+    # (TaskFailed is the seed's rule, period > 800: intended, so INFO.)
+    (log.info if args.exc_type is TaskFailed else log.error)(
+        "%s raised %s: %s", name, args.exc_type.__name__, args.exc_value)
 
 
 # ---------------------------------------------------------------------------
