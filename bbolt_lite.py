@@ -2231,7 +2231,9 @@ commands:
   buckets FILE                 top-level bucket names
   keys    FILE BUCKET...       keys of a bucket (name nested buckets in turn)
   get     FILE BUCKET... KEY   the value of KEY, as raw bytes
-  dump    FILE [BUCKET...]     every key below, one JSON line each
+  dump    FILE [BUCKET...]     every key below, one JSON line each: its value as JSON
+                               when it is a JSON object or array, else as text (value_hex
+                               when it is not text); `get` gives the bytes
   pages   FILE                 every page: id, type, items, overflow
   compact FILE NEW             write a compacted copy of FILE to NEW (a new file): every
                                bucket, key, value and sequence, the free pages left out
@@ -2266,6 +2268,18 @@ def _open_path(tx, names):
     return bucket
 
 
+def _json_value(raw):
+    """A value that is a JSON object or array, parsed (None if it is not):
+    `dump` writes it as JSON, so that jq reads it in one pass."""
+    if raw[:1] not in (b"{", b"[") and raw.lstrip()[:1] not in (b"{", b"["):
+        return None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, (dict, list)) else None
+
+
 def _dump(bucket, path, out):
     for key, value in bucket.items():
         if value is None:
@@ -2273,7 +2287,11 @@ def _dump(bucket, path, out):
             continue
         record = {"bucket": path}
         _json_field(record, "key", key)
-        _json_field(record, "value", value)
+        parsed = _json_value(value)
+        if parsed is not None:
+            record["value"] = parsed
+        else:
+            _json_field(record, "value", value)
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

@@ -3103,6 +3103,7 @@ class BrokerRequestHandler(HTTPRequestHandler):
             return
         foreign = self.foreign_origin()
         if foreign is not None:  # its page could not read the stream: give it no batch
+            broker.refused_origin(foreign)
             self.send_error_json(403, "origin %s is not allowed (see --cors-origin)" % foreign)
             return
         dispatcher = broker.dispatcher
@@ -3407,6 +3408,7 @@ class Broker:
         self.read_timeout = args.read_timeout
         self.token = args.token or None
         self.cors_origins = tuple(args.cors_origin or ())
+        self._origins_refused = {}  # origin -> streams refused (the first is logged)
         self.max_enqueue_body = args.max_enqueue_body
         self.new_ids = new_ids_function()  # (the ids of jobs from producers)
         self.tls_context = _tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
@@ -3527,6 +3529,18 @@ class Broker:
         host, port = self.server.server_address[:2]
         return "%s://%s:%d" % ("https" if self.tls_context else "http", host, port)
 
+    @property
+    def workers_url(self):
+        """The URL the workers of --workers are given: --host as given (a
+        certificate is for a name, or for an address), but a wildcard
+        address (all interfaces) is reached on loopback."""
+        host, port = self.args.host, self.server.server_address[1]
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        if ":" in host:  # (an IPv6 address, in brackets)
+            host = "[%s]" % host
+        return "%s://%s:%d" % ("https" if self.tls_context else "http", host, port)
+
     def start(self):
         # (Before the threads start: each inherits the CPU of the thread that starts it.)
         self.one_core = OneCore.start() if self.args.pin else None
@@ -3612,11 +3626,22 @@ class Broker:
                         f.retrying, ", %d delayed" % f.delayed if f.delayed else "", f.workers,
                         f.done_per_s, made, share)
 
+    def refused_origin(self, origin):
+        """A stream refused for its Origin: said once per origin (a page
+        retries its EventSource every few seconds)."""
+        count = self._origins_refused.get(origin, 0)
+        if len(self._origins_refused) < 100 or count:
+            self._origins_refused[origin] = count + 1
+        if not count:
+            log.warning("refused a stream from a page of origin %s: not allowed by "
+                        "--cors-origin (%s); said once for this origin", origin,
+                        ", ".join(self.cors_origins) or "none given")
+
     def start_workers(self, count):
         """`--workers N`: worker.py --processes N, a child of this broker."""
         command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                 "worker.py"),
-                   "--url", self.url, "--processes", str(count),
+                   "--url", self.workers_url, "--processes", str(count),
                    "--parent-pid", str(os.getpid()),  # they stop if this broker is killed
                    # (Their batches, restarts and the seed's intended failures are
                    # INFO: the broker's progress line counts what they do. Their
@@ -3871,7 +3896,7 @@ def _positive_float(text):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="broker.py",
+        prog=program_name(),
         description="Generate messages and dispatch them to workers over Server-Sent Events "
                     "(GET /task?batchsize=N, POST /report). Unreported messages are retried; "
                     "after the last attempt they are saved as dead letters in a bbolt file. "
@@ -4057,7 +4082,7 @@ def main(argv=None):
             return {"dead": dead_command, "requeue": requeue_command, "purge": purge_command,
                     "put": put_command}[argv[0]](argv[1:])
         except ToolError as error:
-            print("broker.py %s: %s" % (argv[0], error), file=sys.stderr)
+            print("%s %s: %s" % (program_name(), argv[0], error), file=sys.stderr)
             return 2
     args = parse_args(argv)
     log_writer = start_logging(args.log_level)
@@ -4401,8 +4426,15 @@ def _one_line(text, width=200):
     return text if len(text) <= width else text[:width - 1] + "\u2026"
 
 
+def program_name():
+    """How this program was called: `broker` when installed (pip install .),
+    `broker.py` otherwise; for --help, --version and the tools' errors."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "broker" if called == "broker" else "broker.py"
+
+
 def dead_command(argv):
-    parser = argparse.ArgumentParser(prog="broker.py dead",
+    parser = argparse.ArgumentParser(prog=program_name() + " dead",
                                      description="Print the dead letters as a table (the db is "
                                                  "only read).")
     parser.add_argument("--db", default=DEFAULT_DB, help="(default: %(default)s)")
@@ -4447,7 +4479,7 @@ def dead_command(argv):
 
 def requeue_command(argv):
     parser = argparse.ArgumentParser(
-        prog="broker.py requeue",
+        prog=program_name() + " requeue",
         description="Requeue dead letters, attempts reset. With --url, those of a running "
                     "broker, which sends them out first at once (POST /requeue); otherwise "
                     "those of a stopped broker's --db, moved to its 'pending' bucket: the "
@@ -4456,8 +4488,11 @@ def requeue_command(argv):
     where.add_argument("--db", default=None,
                        help="the db of a stopped broker (default: %s)" % DEFAULT_DB)
     where.add_argument("--url", help="a running broker, e.g. http://127.0.0.1:8080")
-    parser.add_argument("--token", default=os.environ.get("BROKER_TOKEN"),
+    parser.add_argument("--token", default=None,
                         help="with --url: the broker's --token (default: $BROKER_TOKEN)")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help="with --url: read the token from FILE, its first line "
+                             "(default: $BROKER_TOKEN_FILE)")
     parser.add_argument("--all", action="store_true", help="every dead letter")
     parser.add_argument("ids", nargs="*", metavar="ID", help="the dead letters to requeue")
     args = parser.parse_args(argv)
@@ -4491,7 +4526,7 @@ def requeue_command(argv):
 
 def purge_command(argv):
     parser = argparse.ArgumentParser(
-        prog="broker.py purge",
+        prog=program_name() + " purge",
         description="Delete dead letters from a stopped broker's db, for good (a running "
                     "broker's: DELETE /dead, or the dashboard). The file keeps its size: "
                     "'python bbolt_lite.py compact' writes a smaller copy.")
@@ -4547,7 +4582,7 @@ def _requeue_live(args):
     """`requeue --url`: POST /requeue to a running broker."""
     try:
         answer = _post_json(args.url, "/requeue", {"all": True} if args.all else args.ids,
-                            _tool_token(args.token, None))
+                            _tool_token(args.token, args.token_file))
     except HTTPAnswer as error:
         raise ToolError("%s answered %d: %s" % (args.url, error.status, error)) from None
     print("%d dead letters requeued: the broker sends them first" % answer["requeued"])
@@ -4570,7 +4605,7 @@ PUT_AT_ONCE = 1000  # jobs a request of `broker.py put`
 def put_command(argv):
     """`broker.py put`: enqueue jobs on a running broker (--source api)."""
     parser = argparse.ArgumentParser(
-        prog="broker.py put",
+        prog=program_name() + " put",
         description="Enqueue jobs on a running broker started with --source api. Each JOB is "
                     'a JSON object, {"payload": ..., "period": N, "key": "...", "delay_ms": N} '
                     "(a payload or a period at least); without JOB arguments, one JSON job a "

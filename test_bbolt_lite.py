@@ -396,6 +396,7 @@ def test_command_line_check_dump_get(db_path):
         with db.update() as tx:
             b = tx.create_bucket(b"failed")
             b.put(b"id1", b'{"id": "id1"}')
+            b.put(b"id2", b'not {json}')
             b.create_bucket(b"sub").put(b"k", b"\xff\x00")
 
     def cli(*args):
@@ -404,16 +405,17 @@ def test_command_line_check_dump_get(db_path):
 
     assert cli("check", db_path).stdout == "OK\n"
     lines = [json.loads(line) for line in cli("dump", db_path).stdout.splitlines()]
-    assert lines == [{"bucket": ["failed"], "key": "id1", "value": '{"id": "id1"}'},
+    assert lines == [{"bucket": ["failed"], "key": "id1", "value": {"id": "id1"}},  # (jq: .value.id)
+                     {"bucket": ["failed"], "key": "id2", "value": "not {json}"},
                      {"bucket": ["failed", "sub"], "key": "k", "value_hex": "ff00"}]
     assert cli("get", db_path, "failed", "id1").stdout == '{"id": "id1"}'
     assert cli("buckets", db_path).stdout == "failed\n"
-    assert cli("keys", db_path, "failed").stdout == "id1\nsub\n"
+    assert cli("keys", db_path, "failed").stdout == "id1\nid2\nsub\n"
     assert cli("get", db_path, "failed", "nope").returncode == 1
     assert "Page size: " in cli("info", db_path).stdout
     assert "leaf" in cli("pages", db_path).stdout
     # Counted as Go's Bucket.Stats() counts: nested buckets' names are keys too.
-    assert "key_n=3 depth=2" in cli("stats", db_path).stdout
+    assert "key_n=4 depth=2" in cli("stats", db_path).stdout
     assert "bucket_n=2 inline_bucket_n=1" in cli("stats", db_path).stdout
     assert cli("frobnicate", db_path).returncode == 2
     missing = cli("check", db_path + ".missing")

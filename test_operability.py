@@ -362,6 +362,16 @@ def test_requeue_url_requeues_on_a_running_broker_with_its_token(processes, db):
     assert refused.returncode == 2 and "answered 401" in refused.stderr
     assert "1 dead letters requeued" in broker_tool(
         "requeue", "--url", b.url, "--all", env_token="s3cret").stdout
+    # The token from a file too (--token-file, or $BROKER_TOKEN_FILE): not in the process list.
+    more = live_dead_letters(b, 2)
+    token_file = db.parent / "token"
+    token_file.write_text("s3cret\n")
+    assert "1 dead letters requeued" in broker_tool(
+        "requeue", "--url", b.url, "--token-file", token_file, more[0]).stdout
+    result = subprocess.run([sys.executable, "broker.py", "requeue", "--url", b.url, more[1]],
+                            cwd=HERE, capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, BROKER_TOKEN_FILE=str(token_file)))
+    assert "1 dead letters requeued" in result.stdout, result.stderr
     gone = broker_tool("requeue", "--url", "http://127.0.0.1:9", "--all")
     assert gone.returncode == 2 and "cannot reach" in gone.stderr
 

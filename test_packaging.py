@@ -66,7 +66,10 @@ def test_pip_install_in_a_fresh_venv_gives_commands_that_run_the_whole_system(tm
     assert checked.returncode == 0 and checked.stdout.strip() == "OK"
     version = subprocess.run([str(venv / "bin" / "worker"), "--version"], capture_output=True,
                              text=True, timeout=60)
-    assert version.stdout.strip() == "worker.py %s" % broker.__version__  # (the same program)
+    assert version.stdout.strip() == "worker %s" % broker.__version__  # (the same program)
+    usage = subprocess.run([str(venv / "bin" / "broker"), "dead", "--help"], capture_output=True,
+                           text=True, timeout=60)
+    assert usage.stdout.startswith("usage: broker dead ")  # (its name as installed)
 
 
 def test_the_systemd_unit_passes_systemd_analyze_verify():

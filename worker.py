@@ -608,6 +608,10 @@ class Worker:
                     "broker answered %d: %s", error.code, _error_text(error))
                 self._fail_over()
             except NETWORK_ERRORS as error:
+                hopeless = _hopeless_tls_error(error)
+                if hopeless:
+                    raise FatalError("%s: %s (retrying cannot fix it)" % (self.url, hopeless)) \
+                        from error
                 if not self.draining.is_set():  # (a drain ends its own stream)
                     log.warning("stream lost: %s", getattr(error, "reason", None) or error)
                     self._fail_over()
@@ -888,6 +892,30 @@ class Worker:
             delay = min(delay * 2, 2.0)
 
 
+# TLS failures that a retry meets again: the certificate is not trusted or is
+# for another name, or the other side does not speak TLS (or not a version
+# both know).
+_HOPELESS_TLS = ("WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION",
+                 "NO_PROTOCOLS_AVAILABLE", "UNKNOWN_PROTOCOL", "TLSV1_ALERT_UNKNOWN_CA",
+                 "SSLV3_ALERT_BAD_CERTIFICATE", "HTTP_REQUEST")
+
+
+def _hopeless_tls_error(error):
+    """What is wrong, if `error` (or the error it wraps) is a TLS error that
+    retrying cannot fix; None otherwise."""
+    reason = getattr(error, "reason", None)
+    for cause in (error, reason):
+        if ssl is None or not isinstance(cause, ssl.SSLError):
+            continue
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "TLS: the certificate is not trusted: %s (--cafile FILE trusts a CA)" % (
+                cause.verify_message or cause.reason)
+        if cause.reason in _HOPELESS_TLS:
+            return "TLS: %s (is it an https:// server, and the URL's scheme right?)" % (
+                cause.reason.replace("_", " ").lower())
+    return None
+
+
 def _socket_of(response):
     """The socket under a urllib response (urllib hides it), or None."""
     sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
@@ -1130,7 +1158,8 @@ def _stop_children(children):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="worker.py",
+        prog="worker" if os.path.basename(sys.argv[0] if sys.argv else "") == "worker"
+        else "worker.py",  # (`worker` when installed by pip install .)
         description="Take batches of messages from broker.py over Server-Sent Events, run each "
                     "in a thread, and report how each ended. By default a task sleeps `period` "
                     "ms (> 800 raises, > 900 ends the process with status 3); --exec or "
