@@ -849,7 +849,8 @@ class Dispatcher:
         # (The done and dead lines of a queue that confirms them elsewhere are its own.)
         self._on_settled = None if self.queue.traces_settled else on_event
         self._bounded = self.queue.bounds_leases  # (see _bound_lease_locked)
-        self.jobs = type(self.queue) is JobQueue  # (--source api: jobs' msg events)
+        # (--source api: jobs' msg events; in a JobQueue, or a queue kept elsewhere)
+        self.jobs = type(self.queue) is JobQueue or getattr(self.queue, "jobs", False)
         self.max_backlog = max_backlog
         self.dedup_window = dedup_window
         self._wall_clock = wall_clock  # (a key's expiry outlives a restart: Unix time)
@@ -1488,6 +1489,14 @@ class Dispatcher:
 
     # -- jobs from producers (--source api) -----------------------------------
 
+    def count_enqueue(self, enqueued, duplicates, refused=None):
+        """(For the figures) an enqueue a queue kept elsewhere took, or refused."""
+        with self._lock:
+            self.enqueued += enqueued
+            self.duplicates += duplicates
+            if refused is not None:
+                self.refused[refused] = self.refused.get(refused, 0) + 1
+
     def enqueue(self, jobs):
         """POST /enqueue: `jobs` (Jobs, ids given) into the queue, all or
         none. A job whose key is remembered (or taken by an earlier job of
@@ -1776,10 +1785,11 @@ class Figures:
         self.unsaved_changes = d._change_seq - d._saved_seq
         self.unsaved_dead_letters = d.dead - d.dead_saved
         self.requeued_unsettled = d.requeued_unsettled  # (counted without --durable)
-        self.jobs = type(d.queue) is JobQueue  # (--source api)
+        self.jobs = d.jobs  # (--source api)
         if self.jobs:
             self.retrying = d.queue.retrying()
-            self.backlog = d.queue.waiting() + d._held_jobs
+            self.backlog = d.queue.waiting() + d._held_jobs if type(d.queue) is JobQueue \
+                else d.queue.jobs_waiting  # (JetStream's count, as last read)
             self.enqueued, self.duplicates = d.enqueued, d.duplicates
             self.refused = dict(d.refused)
 
@@ -2985,6 +2995,43 @@ def parse_jobs(body, new_ids, now):
     return jobs
 
 
+def checked_job(data):
+    """A job fetched from a queue kept elsewhere (--jetstream with --source
+    api): the bytes a broker published (job_record_json), checked as
+    parse_jobs checks an enqueue (strict JSON, an xid, a period in range or
+    a payload, a key of text); ValueError naming the fault."""
+    try:
+        body = _STRICT_JSON.decode(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ValueError("not strict JSON: %s" % error) from None
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    job_id, period, key = body.get("id"), body.get("period"), body.get("key")
+    if not (type(job_id) is str and XID_PATTERN.fullmatch(job_id)):
+        raise ValueError("its id is not an xid")
+    if period is not None and not _is_int(period, MIN_PERIOD_MS, MAX_PERIOD_MS):
+        raise ValueError("its period is not an integer in %d..%d" % (MIN_PERIOD_MS, MAX_PERIOD_MS))
+    if period is None and body.get("payload") is None:
+        raise ValueError("it has neither a payload nor a period")
+    if key is not None and type(key) is not str:
+        raise ValueError("its key is not text")
+    payload = body.get("payload")
+    return Job(job_id, period, payload, key,
+               payload_json=None if payload is None else _compact_json(payload))
+
+
+def job_record_json(job):
+    """What --jetstream with --source api publishes of a job (checked_job reads it)."""
+    record = '{"id":"%s"' % job.id
+    if job.period is not None:
+        record += ',"period":%d' % job.period
+    if job.payload_json is not None:
+        record += ',"payload":' + job.payload_json
+    if job.key is not None:
+        record += ',"key":' + _compact_json(job.key)
+    return record + "}"
+
+
 def _id_list(value):
     """`value` if it is a list of strings (ids), else None."""
     # (The types of its items, as a set made in C: a generator took 10
@@ -3264,6 +3311,16 @@ class BrokerRequestHandler(HTTPRequestHandler):
         except ValueError as error:
             self.send_error_json(400, str(error))
             return
+        if broker.queue is not None:  # (--jetstream: published, once JetStream stored them)
+            try:
+                ids, duplicates = broker.queue.enqueue(jobs, self.read_timeout)
+            except broker.queue.Refused as error:
+                dispatcher.count_enqueue(0, 0, error.cause)
+                self.send_error_json(503, str(error), [("Retry-After", "2")])
+                return
+            dispatcher.count_enqueue(len(jobs) - len(duplicates), len(duplicates))
+            self.send_json(200, {"ids": ids, "duplicates": duplicates})
+            return
         try:
             ids, duplicates, ticket = dispatcher.enqueue(jobs)
         except ReportError as error:
@@ -3380,7 +3437,8 @@ def _jetstream_queue(args, on_event):
     """--jetstream: the queue in a NATS JetStream stream (a sibling of LocalQueue)."""
     return _jetstream().queue_for(
         args, on_event, new_messages=MessageMaker(args.seed), checked_message=checked_message,
-        dead_letter_record=dead_letter_record, start_error=StartError)
+        dead_letter_record=dead_letter_record, start_error=StartError,
+        checked_job=checked_job, job_record_json=job_record_json)
 
 
 def _tls_context(cert, key):
@@ -3932,7 +3990,7 @@ def parse_args(argv=None):
                         help="where messages come from: 'generator', the seed's loop (the "
                              "default), or 'api', jobs that producers POST to /enqueue (and "
                              "'broker.py put' sends): each saved before it is accepted "
-                             "(implies --durable)")
+                             "(implies --durable; with --jetstream, stored in the stream)")
     parser.add_argument("--max-backlog", type=_positive_int, default=DEFAULT_MAX_BACKLOG,
                         metavar="N",
                         help="with --source api: jobs waiting at most; an enqueue past it "
@@ -4031,10 +4089,8 @@ def parse_args(argv=None):
     if args.source == "api":
         if args.total is not None:
             parser.error("--total counts generated messages: not with --source api")
-        if args.jetstream:
-            parser.error("--source api with --jetstream is not supported yet: jobs from "
-                         "producers are kept in this broker's db")
-        args.durable = True  # (an accepted job survives a crash: PROTOCOL.md)
+        # (An accepted job survives a crash: in the db, or in JetStream.)
+        args.durable = not args.jetstream
     if args.retry_delay is None:
         args.retry_delay = int(DEFAULT_RETRY_DELAY_API * 1000) if args.source == "api" else 0
     try:

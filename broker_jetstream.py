@@ -38,6 +38,7 @@ The loop calls the dispatcher's public methods for a queue kept elsewhere
 """
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import json
@@ -50,8 +51,8 @@ try:
     import nats
     import nats.errors
     import nats.js.errors
-    from nats.js.api import (AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
-                             StreamConfig)
+    from nats.js.api import (AckPolicy, ConsumerConfig, KeyValueConfig, RetentionPolicy,
+                             StorageType, StreamConfig)
 except ImportError as error:  # (broker.py turns this into its start error)
     raise ImportError("--jetstream needs the NATS client: pip install nats-py (%s)"
                       % error) from None
@@ -76,6 +77,19 @@ HEALTH_EVERY = 1.0       # seconds between checks that JetStream answers (/healt
 
 def _compact_json(obj):
     return json.dumps(obj, separators=(",", ":"))
+
+
+def _kv_key(key):
+    """A job's key as a key of the keys' bucket (which takes [-_=a-zA-Z0-9] and dots)."""
+    return base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii")
+
+
+class Refused(Exception):
+    """An enqueue not taken: its `cause` (for the figures), and why, for the producer."""
+
+    def __init__(self, cause, text):
+        super().__init__(text)
+        self.cause = cause
 
 
 class JetStreamQueue:
@@ -103,10 +117,12 @@ class JetStreamQueue:
 
     traces_settled = True
     bounds_leases = True
+    Refused = Refused  # (what enqueue raises, for broker.py, which does not import this file's names)
 
     def __init__(self, servers, stream, replicas, max_attempts, lease_timeout, backlog,
                  total, new_messages, checked_message, dead_letter_record, start_error,
-                 on_event=None):
+                 on_event=None, jobs=False, checked_job=None, job_record_json=None,
+                 max_backlog=None, dedup_window=120.0):
         self.servers = servers
         self.stream = stream
         self.subject = stream + ".tasks"
@@ -121,6 +137,19 @@ class JetStreamQueue:
         self.total = total
         self._new_messages = new_messages
         self._checked_message = checked_message
+        # --source api: the messages are the jobs producers enqueue (enqueue),
+        # published as `job_record_json(job)` with Nats-Msg-Id = the job's key
+        # (or its id), read back by `checked_job(bytes)`; none is generated.
+        self.jobs = jobs
+        self._checked_job = checked_job
+        self._job_record_json = job_record_json
+        self.max_backlog = max_backlog
+        self.dedup_window = dedup_window
+        self.jobs_waiting = 0  # (the consumer's undelivered messages, as last read)
+        # Key -> the first job's id, for the cluster, kept --dedup-window: a
+        # duplicate's answer names the first job even once it has left the
+        # stream (a key-value bucket, "<stream>-keys").
+        self._keys = None
         self._dead_letter_record = dead_letter_record
         self._start_error = start_error
         self._trace = on_event
@@ -170,6 +199,9 @@ class JetStreamQueue:
 
     def delayed(self):
         return 0  # (a retry's delay is the stream's: a nak with a delay)
+
+    def retrying(self):
+        return 0  # (what waits, waits in the stream: jobs_waiting)
 
     def next_due(self):
         return None
@@ -390,8 +422,11 @@ class JetStreamQueue:
                 await asyncio.sleep(0.5)
         self._wake_fetcher = asyncio.Event()
         self._filled = asyncio.Event()  # the generator's first round is out
+        if self.jobs:
+            self._filled.set()  # (nothing to generate: jobs come from producers)
         self._tasks = [asyncio.ensure_future(task) for task in (
-            self._fetch_forever(), self._generate_forever(), self._watch_health())]
+            self._fetch_forever(), self._watch_health()) + (
+            () if self.jobs else (self._generate_forever(),))]
         if self.total is not None:
             self._tasks.append(asyncio.ensure_future(self._watch_settled()))
         log.info("queue in JetStream stream %r (%d replicas) at %s", self.stream,
@@ -399,13 +434,23 @@ class JetStreamQueue:
 
     async def _create(self):
         """The streams and the consumer, unless they exist."""
+        # (--source api: a job's key is its Nats-Msg-Id, a duplicate within
+        # the stream's duplicate window, which --dedup-window sets.)
         await self._ensure_stream(StreamConfig(
             name=self.stream, subjects=[self.subject], retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE, num_replicas=self.replicas, duplicate_window=120.0))
+            storage=StorageType.FILE, num_replicas=self.replicas,
+            duplicate_window=max(120.0, self.dedup_window) if self.jobs else 120.0))
         await self._ensure_stream(StreamConfig(
             name=self.dead_stream, subjects=[self.dead_subject],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             num_replicas=self.replicas, duplicate_window=120.0))
+        if self.jobs:
+            try:
+                self._keys = await self._js.create_key_value(KeyValueConfig(
+                    bucket=self.stream + "-keys", ttl=self.dedup_window, history=1,
+                    storage=StorageType.FILE, replicas=self.replicas))
+            except nats.js.errors.BadRequestError:  # it exists: use it as it is
+                self._keys = await self._js.key_value(self.stream + "-keys")
         self._sub = await self._js.pull_subscribe(
             self.subject, durable=CONSUMER, stream=self.stream,
             # (One delivery more than the attempts: see _dead_on_arrival_locked.)
@@ -554,10 +599,13 @@ class JetStreamQueue:
     def _message(self, msg):
         # (Checked as broker.py's own: a worker's stream takes them as they are.)
         try:
-            body = json.loads(msg.data)
-            if not isinstance(body, dict) or "id" not in body or "period" not in body:
-                raise ValueError("it is not {id, period}")
-            message = self._checked_message(body["id"], body["period"])
+            if self.jobs:
+                message = self._checked_job(msg.data)
+            else:
+                body = json.loads(msg.data)
+                if not isinstance(body, dict) or "id" not in body or "period" not in body:
+                    raise ValueError("it is not {id, period}")
+                message = self._checked_message(body["id"], body["period"])
         except (ValueError, RecursionError) as error:
             log.error("a message in %s that no broker made (%s), terminated: %r",
                       self.stream, error, msg.data[:200])
@@ -627,6 +675,82 @@ class JetStreamQueue:
             return 0
         return 1
 
+    # -- jobs from producers (--source api) -------------------------------------
+
+    def enqueue(self, jobs, timeout):
+        """POST /enqueue (from an HTTP thread, outside the dispatcher's lock):
+        publish `jobs`, answered once JetStream has stored each. Returns (ids,
+        indexes of duplicates); a duplicate's id is the first job's (None if
+        that job has left the stream and its id cannot be read). Raises
+        Refused (its cause: "backlog full", "stopping" or "not saved")."""
+        future = asyncio.run_coroutine_threadsafe(self._enqueue(jobs), self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise Refused("not saved", "JetStream did not confirm the jobs within %.0f s: "
+                          "some may be enqueued (resend them with keys: each is then "
+                          "enqueued once)" % timeout) from None
+
+    async def _enqueue(self, jobs):
+        if self._stopping:
+            raise Refused("stopping", "the broker is stopping")
+        try:
+            info = await self._js.consumer_info(self.stream, CONSUMER)
+        except Exception as error:
+            raise Refused("not saved", "JetStream does not answer: %s" % (
+                str(error) or type(error).__name__)) from None
+        self.jobs_waiting = info.num_pending
+        if info.num_pending + len(jobs) > self.max_backlog:
+            raise Refused("backlog full", "the backlog is full (%d jobs waiting, --max-backlog "
+                          "%d): try again later" % (info.num_pending, self.max_backlog))
+        acks = await asyncio.gather(*(self._js.publish(
+            self.subject, self._job_record_json(job).encode(),
+            headers={"Nats-Msg-Id": job.key if job.key is not None else job.id})
+            for job in jobs), return_exceptions=True)
+        failed = [a for a in acks if isinstance(a, BaseException)]
+        if failed:
+            raise Refused("not saved", "JetStream did not confirm %d of the %d jobs (%s): those "
+                          "it confirmed are enqueued (resend them all with keys: each is then "
+                          "enqueued once)" % (len(failed), len(jobs),
+                                              str(failed[0]) or type(failed[0]).__name__))
+        # The new keys' first ids, for the duplicates to come (a failure here
+        # leaves the job enqueued: its duplicates read the stream instead).
+        recorded = await asyncio.gather(*(
+            self._keys.put(_kv_key(job.key), job.id.encode()) for job, ack in zip(jobs, acks)
+            if job.key is not None and not ack.duplicate), return_exceptions=True)
+        for error in recorded:
+            if isinstance(error, BaseException):
+                self._warn("recording a job's key: %s", str(error) or type(error).__name__)
+        ids, duplicates = [], []
+        for index, (job, ack) in enumerate(zip(jobs, acks)):
+            if ack.duplicate:
+                duplicates.append(index)
+                ids.append(await self._first_id(job, ack.seq))
+            else:
+                ids.append(job.id)
+        self.jobs_waiting = info.num_pending + len(jobs) - len(duplicates)
+        return ids, duplicates
+
+    async def _first_id(self, job, seq):
+        """The id of the first job of `job`'s key (stored at `seq`): from the
+        keys' bucket (where the first's broker records it just after its
+        publish: waited for a moment), else from the stream while the job is
+        there; None if neither has it."""
+        if job.key is not None:
+            for _ in range(20):
+                try:
+                    return (await self._keys.get(_kv_key(job.key))).value.decode()
+                except nats.js.errors.KeyNotFoundError:
+                    await asyncio.sleep(0.05)
+                except Exception:
+                    break
+        try:
+            stored = await self._js.get_msg(self.stream, seq)
+            return self._checked_job(stored.data).id
+        except Exception:  # (gone: a work queue drops what was acked or terminated)
+            return None
+
     async def _watch_health(self):
         """`problem` (for /healthz): the NATS connection is down, or JetStream
         does not answer for the stream (no quorum); None once it does again."""
@@ -635,7 +759,9 @@ class JetStreamQueue:
                 problem = "NATS: not connected (reconnecting)"
             else:
                 try:  # (its stream's info is answered without a quorum; its consumer's not)
-                    await asyncio.wait_for(self._js.consumer_info(self.stream, CONSUMER), 2.0)
+                    info = await asyncio.wait_for(
+                        self._js.consumer_info(self.stream, CONSUMER), 2.0)
+                    self.jobs_waiting = info.num_pending
                     problem = None
                 except asyncio.CancelledError:
                     raise
@@ -739,4 +865,5 @@ def queue_for(args, on_event, **handed):
     replicas = args.js_replicas or (3 if len(servers) >= 3 else 1)
     return JetStreamQueue(servers, args.js_stream, replicas, args.max_attempts,
                           args.lease_timeout, args.backlog, args.total, on_event=on_event,
-                          **handed)
+                          jobs=args.source == "api", max_backlog=args.max_backlog,
+                          dedup_window=args.dedup_window, **handed)
