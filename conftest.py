@@ -302,6 +302,30 @@ def http_request(host, port, method, path, body=None, headers=None, timeout=10):
         conn.close()
 
 
+# --- the quick first run: python -m pytest -m "not slow" -----------------------------------
+
+# Whole files that run real systems for seconds or need what is outside
+# Python; and the tests of the other files that take a second or more.
+SLOW_FILES = {"test_chaos.py", "test_edges.py", "test_end_to_end.py", "test_fuzz.py",
+              "test_interop.py", "test_jetstream.py", "test_jobs.py", "test_operability.py",
+              "test_packaging.py", "test_reliability.py", "test_retry.py", "test_security.py"}
+SLOW_WORDS = ("jetstream", "go_bbolt", "written_by_go", "sigkill", "compact", "dashboard",
+              "two_exec_workers", "touch_extends", "second_broker", "drain", "second_signal",
+              "processes_backs_off", "time_scale", "abandoning", "not_renewed", "handler_that",
+              "report_says", "a_dict_model", "dead_letters_made", "killed", "restart")
+
+
+EXTERNAL_FIXTURES = {"boltcheck", "nats_server", "pki"}  # (Go, NATS, openssl)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if os.path.basename(str(item.fspath)) in SLOW_FILES or any(
+                word in item.nodeid for word in SLOW_WORDS) or EXTERNAL_FIXTURES & set(
+                getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def processes():
     """Start processes through this; every one is stopped at the end."""

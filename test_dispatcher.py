@@ -238,7 +238,11 @@ class DispatcherMachine(RuleBasedStateMachine):
         assert not (self.drained and state["free"])  # a drain keeps no worker free
         if state["free"] and not self.stopped:
             # (Those not due yet wait: the loop wakes for them when they are.)
-            assert not [mid for mid in state["retry"] if state["due"].get(mid, 0.0) <= self.clock.now]
+            # (The halves wait for the latest of them: PROTOCOL.md rule 4a.)
+            in_halves = sum(state["halves"], [])
+            halves_due = max([state["due"].get(mid, 0.0) for mid in in_halves] + [0.0])
+            assert not [mid for mid in state["retry"] if self.clock.now >= (
+                halves_due if mid in in_halves else state["due"].get(mid, 0.0))]
             assert self.total is not None and self.dispatcher.queue.generated == self.total
             due = self.dispatcher.queue.next_due()
             assert (due is None) == (not state["retry"]) and (due is None or due > self.clock.now)

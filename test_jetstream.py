@@ -227,6 +227,7 @@ def test_a_fetched_message_without_an_id_and_a_period_in_range_is_refused():
     # (_message reads its stream and the checker broker.py hands it, only.)
     queue = object.__new__(broker_jetstream.JetStreamQueue)
     queue.stream, queue._checked_message = "test", broker.checked_message
+    queue.jobs, queue._checked_job = False, broker.checked_job
 
     def fetched(body):
         metadata = types.SimpleNamespace(num_delivered=2, sequence=types.SimpleNamespace(stream=9))
@@ -241,6 +242,20 @@ def test_a_fetched_message_without_an_id_and_a_period_in_range_is_refused():
                  {"id": "9m4e2mr0ui3e8a215n4\u00e9", "period": 5}, {"id": 7, "period": 5},
                  {"period": 5}):
         assert queue._message(fetched(body)) is None, body
+    # --source api: the jobs a broker published (job_record_json), checked as enqueues are.
+    queue.jobs = True
+    job = queue._message(fetched({"id": "9m4e2mr0ui3e8a215n4g", "payload": {"a": [1]},
+                                  "key": "k"}))
+    assert (job.id, job.period, job.payload, job.payload_json, job.key) == (
+        "9m4e2mr0ui3e8a215n4g", None, {"a": [1]}, '{"a":[1]}', "k")
+    assert broker.checked_job(broker.job_record_json(job).encode()).payload == {"a": [1]}
+    for body in ({"id": "9m4e2mr0ui3e8a215n4g"}, {"id": "9m4e2mr0ui3e8a215n4g", "period": 0},
+                 {"id": "9m4e2mr0ui3e8a215n4g", "payload": 1, "key": 5},
+                 {"id": "x", "payload": 1}, [1]):
+        assert queue._message(fetched(body)) is None, body
+    nan = types.SimpleNamespace(data=b'{"id":"9m4e2mr0ui3e8a215n4g","payload":NaN}',
+                                metadata=fetched({}).metadata)
+    assert queue._message(nan) is None  # (JSON has no NaN: a worker could not read it)
 
 
 def test_a_fetched_message_whose_id_is_not_an_xid_is_terminated_and_never_written(
@@ -468,7 +483,8 @@ def test_a_dead_letter_whose_term_was_lost_is_terminated_again_never_leased_or_d
     events = []
     args = types.SimpleNamespace(
         jetstream=nats_server.url, js_stream=jetstream_flags(nats_server)[-1], js_replicas=1,
-        max_attempts=1, lease_timeout=0.1, backlog=1, total=None, seed=1, max_workers=None)
+        max_attempts=1, lease_timeout=0.1, backlog=1, total=None, seed=1, max_workers=None,
+        source="generator", max_backlog=100, dedup_window=120.0)
     queue = broker._jetstream_queue(args, lambda kind, m, s: events.append(
         (kind, m.id, m.reason if kind != "lease" else None)))
     dispatcher = broker.Dispatcher(max_attempts=1, lease_timeout=0.1, queue=queue,

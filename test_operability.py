@@ -204,9 +204,9 @@ def test_progress_lines_say_done_dead_in_flight_workers_and_share(processes, db)
 RFC3339_UTC_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
-def test_info_logs_a_line_per_stream_start_and_end_and_dead_letters_by_reason(
+def test_debug_logs_a_line_per_stream_start_and_end_and_info_keeps_to_the_run(
         processes, db):
-    b = processes.broker(db, "--total", "300", "--max-attempts", "1", "--log-level", "INFO",
+    b = processes.broker(db, "--total", "300", "--max-attempts", "1", "--log-level", "DEBUG",
                          "--progress-every", "0.2", "--heartbeat", "600")
     w = processes.worker("--url", b.url, "--processes", "3", "--time-scale", "0",
                          "--log-level", "INFO")
@@ -214,13 +214,15 @@ def test_info_logs_a_line_per_stream_start_and_end_and_dead_letters_by_reason(
     w.stop()
     lines = b.output().splitlines()
     for line in lines + w.output().splitlines():  # UTC, RFC 3339, milliseconds
-        assert re.match(RFC3339_UTC_MS + r" (INFO|WARNING|ERROR) (broker|worker\[\d+\]): ",
+        assert re.match(RFC3339_UTC_MS + r" (DEBUG|INFO|WARNING|ERROR) (broker|worker\[\d+\]): ",
                         line), line
-    assert not [line for line in lines if "dead letter" in line]  # (at DEBUG)
-    streams = re.findall(r" (w\d+): connected from", b.output())
+    info = [line for line in lines if " DEBUG " not in line]
+    assert not [line for line in info if "dead letter" in line or
+                re.search(r"w\d+: (connected from|stream closed)", line)]  # (DEBUG lines)
+    streams = re.findall(r" DEBUG broker: (w\d+): connected from", b.output())
     assert len(streams) > 3  # workers that ended by the rules came back
     for stream in streams:
-        assert len([line for line in lines if " %s: " % stream in line]) == 2, stream
+        assert len([line for line in lines if " broker: %s: " % stream in line]) == 2, stream
     assert re.search(r"back in halves\)$", b.output(), re.M)  # told in the closing line
     assert re.search(r"all 300 messages settled: \d+ done, [1-9]\d* dead \(\d+ "
                      r"(not reported|stream closed)", b.output())
