@@ -63,7 +63,7 @@ CONSUMER = "workers"
 PUBLISH_AT_ONCE = 100    # new messages published before the backlog is looked at again
 FETCH_WAIT = 0.5         # seconds a fetch waits for messages before it asks again
 SETTLED_EVERY = 0.25     # seconds between checks that a --total run has settled
-CONNECT_TIMEOUT = 30.0   # seconds to reach the cluster and set up the stream at start
+CONNECT_TIMEOUT = 30.0  # seconds to reach the cluster and set up the stream at start
 ACK_TIMEOUT = 5.0        # seconds JetStream has to confirm an ack or a term
 
 
@@ -186,6 +186,7 @@ class JetStreamQueue:
         self._wake_fetcher = None
         self._tasks = []
         self._last_error = None  # (from the client's error callback: for the start error)
+        self._not_ready = None   # (why JetStream was not ready at the start, while it lasts)
         self._warned = {}  # warning form -> (when last shown, how many not shown since)
 
     # -- the queue's hooks (broker.py's "Queues"), under the dispatcher's lock --
@@ -357,16 +358,47 @@ class JetStreamQueue:
         future = asyncio.run_coroutine_threadsafe(self._setup(), self._loop)
         try:
             future.result(CONNECT_TIMEOUT)
-        except Exception as error:
+        except BaseException as error:  # (Ctrl-C too: one line, no traceback)
             future.cancel()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if isinstance(error, concurrent.futures.TimeoutError):
-                why = "no NATS server with JetStream answered within %.0f s (last: %s)" % (
-                    CONNECT_TIMEOUT, self._last_error or "no answer")
+            self._abort()
+            if isinstance(error, KeyboardInterrupt):
+                why = "interrupted while connecting"
+            elif isinstance(error, concurrent.futures.TimeoutError):
+                if self._not_ready is not None:
+                    why = ("JetStream is not ready after %.0f s (%s): a cluster whose "
+                           "other nodes are down has no quorum; start them, or give the "
+                           "URLs of nodes that are up" % (CONNECT_TIMEOUT, self._not_ready))
+                else:
+                    why = "no NATS server with JetStream answered within %.0f s (last: %s)" % (
+                        CONNECT_TIMEOUT, self._last_error or "no answer")
             else:
                 why = str(error) or type(error).__name__
             raise self._start_error("--jetstream %s: %s" % (",".join(self.servers), why)) \
                 from None
+
+    def _abort(self):
+        """A start that failed: the connection closed and the loop's tasks
+        ended before it stops (else the client's tasks, left pending, print
+        'Event loop is closed' tracebacks at exit)."""
+        self._stopping = True  # (its disconnection is no news)
+
+        async def close():
+            if self._nc is not None and not self._nc.is_closed:
+                try:
+                    await asyncio.wait_for(self._nc.close(), 2.0)
+                except BaseException:
+                    pass
+            current = asyncio.current_task()
+            pending = [t for t in asyncio.all_tasks() if t is not current]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(5.0)
+        except BaseException:
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
 
     def stop(self, timeout=5.0):
         """Give back what this broker holds (nak: sent again at once by
@@ -418,7 +450,11 @@ class JetStreamQueue:
                     nats.js.errors.ServiceUnavailableError) as error:
                 if time.monotonic() >= deadline:
                     raise
-                log.info("JetStream not ready (%s): retrying", str(error) or type(error).__name__)
+                first = self._not_ready is None
+                self._not_ready = str(error) or type(error).__name__
+                (log.info if first else log.debug)(
+                    "JetStream not ready (%s): retrying for up to %.0f s", self._not_ready,
+                    CONNECT_TIMEOUT)
                 await asyncio.sleep(0.5)
         self._wake_fetcher = asyncio.Event()
         self._filled = asyncio.Event()  # the generator's first round is out
@@ -809,7 +845,8 @@ class JetStreamQueue:
         self._warn("NATS: %s", self._last_error)
 
     async def _on_disconnected(self):
-        log.warning("NATS: disconnected; reconnecting")
+        if not self._stopping:
+            log.warning("NATS: disconnected; reconnecting")
 
     async def _on_reconnected(self):
         log.warning("NATS: reconnected to %s", self._nc.connected_url.netloc)

@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import json
 import random
+import shutil
 import re
 import signal
 import socket
@@ -637,3 +638,28 @@ def test_jobs_answered_200_settle_once_across_two_brokers_when_a_broker_and_a_no
           "trace line lost, %d acked with the answer lost"
           % (dict(answers), len(set(done)), len(dead), len(unexplained - lost_answers),
              len(lost_answers)))
+
+
+def test_ctrl_c_while_jetstream_is_not_ready_is_one_line_and_exit_2(tmp_path):
+    """A lone node of a three-node cluster: JetStream has no quorum, and the
+    broker waits for it (up to 30 s); Ctrl-C meanwhile ends it with one line,
+    no traceback (nor 'Event loop is closed' at exit)."""
+    require_jetstream()
+    from conftest import Process, nats_configs
+    configs = nats_configs(str(tmp_path / "nats"), 3)
+    lone = Process(["-c", configs[0]], program=shutil.which("nats-server"))
+    try:
+        line = lone.wait_for_line(r"Listening for client connections on", timeout=20)
+        url = "nats://127.0.0.1:%d" % int(line.rsplit(":", 1)[1])
+        b = Process(["broker.py", "--jetstream", url, "--port", "0", "--db",
+                     str(tmp_path / "b.db")])
+        b.wait_for_line(r"JetStream not ready .*retrying for up to 30 s", timeout=20)
+        b.signal(signal.SIGINT)
+        assert b.wait(20) == 2
+        output = b.output()
+        assert "Traceback" not in output and "Event loop is closed" not in output, output
+        assert re.search(r"ERROR broker: --jetstream \S+: interrupted while connecting$", output,
+                         re.M), output
+        assert len(re.findall(r"JetStream not ready", output)) == 1  # (then DEBUG)
+    finally:
+        lone.stop()
