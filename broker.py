@@ -156,6 +156,7 @@ STOP_SAVE_SECONDS = 10.0
 # Without --durable, the state writer's pause between commits: dead letters
 # reach the db within this (and a commit) of their last attempt.
 COALESCE_SECONDS = 0.1
+HISTORY_SECONDS = 300  # the dashboard's chart: the last 5 minutes
 # How often a broker kept on one CPU checks whether other work crowds it (OneCore).
 BALANCE_SECONDS = 5.0
 
@@ -875,6 +876,9 @@ class Dispatcher:
         # while draining: a worker no longer holds a batch
         self.worker_freed = threading.Condition(self._lock)
         # (and one per stream, Session.batch_ready: a batch for its writer)
+        # [Unix second, done, dead] once a second for 5 minutes: the
+        # dashboard's chart, sent whole to a page as it opens.
+        self.history = collections.deque(maxlen=HISTORY_SECONDS)
         self._sessions = {}                       # token -> Session
         self._free_workers = collections.deque()  # Sessions, in the order they became free
         self._leases = {}                         # message id -> Batch holding it
@@ -986,6 +990,9 @@ class Dispatcher:
         with self._lock:
             while not self.stopping:
                 self.loop_beat = self._clock()
+                second = int(self._wall_clock())
+                if not self.history or self.history[-1][0] != second:
+                    self.history.append([second, self.done, self.dead])
                 self._expire_leases_locked()
                 self._assign_locked()
                 wait = self._until_next_deadline_locked()
@@ -1722,6 +1729,11 @@ class Dispatcher:
             for session in self._sessions.values():
                 session.batch_ready.notify_all()
 
+    def history_now(self):
+        """(The dashboard's chart) the last 5 minutes, a sample a second."""
+        with self._lock:
+            return list(self.history)
+
     def figures(self):
         """The figures of the run, copied under the lock in one go (a Figures)."""
         with self._lock:
@@ -1761,6 +1773,7 @@ class Figures:
 
     def __init__(self, dispatcher, now):  # (under the dispatcher's lock)
         d = dispatcher
+        self.wall_time = d._wall_clock()
         self.uptime_s = now - d.started_at
         self.total, self.requeued = d.total, d.requeued
         self.generated, self.dispatched, self.done, self.dead = (
@@ -1810,9 +1823,11 @@ class Figures:
         return stats
 
     def dashboard(self):
-        """The dashboard's `stats` event: /stats, the workers, the latest dead letters."""
+        """The dashboard's `stats` event: /stats, the workers, the latest dead
+        letters, the dead by reason, and the time (for the chart)."""
         return dict(self.stats(), workers_detail=self.workers_detail,
-                    recent_dead=self.recent_dead, total=self.total, requeued=self.requeued)
+                    recent_dead=self.recent_dead, total=self.total, requeued=self.requeued,
+                    dead_by_reason=self.dead_by_reason, time=int(self.wall_time))
 
     def dead_reasons(self):
         """' (3 stream closed, 1 not reported)': this run's dead letters by reason."""
@@ -3401,6 +3416,8 @@ class BrokerRequestHandler(HTTPRequestHandler):
         self.close_connection = True
         channel = self.start_event_stream()
         channel.send(b"retry: %d\n\n" % SSE_RETRY_MS)
+        # (The chart's last 5 minutes first: a page opened, or reloaded, shows them.)
+        channel.send(sse_event("history", broker.dispatcher.history_now()))
         while not broker.dispatcher.stopping:  # (through a drain: it shows the drain)
             channel.send(sse_event("stats", broker.dispatcher.figures().dashboard()))
             if broker.stopping.wait(1.0):
@@ -4165,7 +4182,7 @@ DASHBOARD_HTML = """<!doctype html>
   .counter { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5em .7em; }
   .counter b { display: block; font-size: 1.5em; font-variant-numeric: tabular-nums; }
   .counter span { color: #666; font-size: .85em; }
-  canvas { background: #fff; border: 1px solid #ddd; border-radius: 6px; width: 100%; height: 200px; }
+  canvas { background: #fff; border: 1px solid #ddd; border-radius: 6px; width: 100%; height: 260px; }
   table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
   td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; }
   .clipped { font-family: ui-monospace, monospace; font-size: .9em; white-space: pre-wrap; word-break: break-all; }
@@ -4176,16 +4193,22 @@ DASHBOARD_HTML = """<!doctype html>
 <div id="status">connecting&hellip;</div>
 <h2>Counters</h2>
 <div class="counters" id="counters"></div>
-<h2>Done and dead per second, last 5 minutes
+<div id="dead-share"></div>
+<h2>Per second, the last 5 minutes
   <span class="legend"><i style="background:#2a7"></i>done/s<i style="background:#c33"></i>dead/s</span></h2>
-<canvas id="chart" width="900" height="200"></canvas>
+<canvas id="chart" width="900" height="260"></canvas>
 <h2>Workers</h2>
 <table><thead><tr><th>worker</th><th>batchsize</th><th>batches done</th><th>current batch age</th></tr></thead>
 <tbody id="workers"></tbody></table>
-<h2>Latest dead letters <button id="requeue-all" type="button">requeue all</button>
+<h2>Latest dead letters <span id="dead-count"></span>
+  <button id="requeue-all" type="button">requeue all</button>
   <span id="requeue-result"></span></h2>
 <table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>error</th><th>payload</th><th>failed at</th><th></th></tr></thead>
 <tbody id="dead"></tbody></table>
+<h2>All dead letters, oldest first (GET /dead) <button id="dead-first" type="button">first page</button>
+  <button id="dead-next" type="button" disabled>next page</button> <span id="dead-page"></span></h2>
+<table><thead><tr><th>id</th><th>period</th><th>attempts</th><th>reason</th><th>error</th><th>payload</th><th>failed at</th><th></th></tr></thead>
+<tbody id="all-dead"></tbody></table>
 <script>
 "use strict";
 const FIELDS = [["generated", "generated"], ["dispatched", "dispatched"], ["done", "done"],
@@ -4195,7 +4218,7 @@ const FIELDS = [["generated", "generated"], ["dispatched", "dispatched"], ["done
 // With --source api: the jobs from producers (refused: the enqueue 503s, all causes).
 const JOB_FIELDS = [["enqueued", "jobs enqueued"], ["backlog", "jobs waiting"],
   ["duplicates", "duplicates"], ["refused", "enqueues refused"]];
-const history = [];  // [time, done, dead], one a second, five minutes
+let history = [];  // [Unix second, done, dead], one a second, five minutes (the broker's)
 let token = sessionStorage.getItem("broker-token") || "";
 let source = null;
 
@@ -4260,7 +4283,32 @@ function deadButtons(id) {
   buttons.append(again, " ", gone);
   return buttons;
 }
-document.getElementById("requeue-all").addEventListener("click", () => requeue(null, false));
+document.getElementById("requeue-all").addEventListener("click", () => {
+  if (confirm("Requeue every dead letter?")) requeue(null, false);
+});
+
+// GET /dead, a page at a time: "first page", then "next page" from where it ended.
+let deadAfter = null, deadPage = 0;
+async function loadDead(first) {
+  if (first) { deadAfter = null; deadPage = 0; }
+  const url = "/dead?limit=20" + (deadAfter ? "&after=" + encodeURIComponent(deadAfter) : "");
+  const answer = await fetch(url, {headers: authHeaders()});
+  if (!answer.ok) { document.getElementById("dead-page").textContent = "GET /dead: " + answer.status; return; }
+  const body = await answer.json();
+  deadPage += 1;
+  deadAfter = body.next_after;
+  fill("all-dead", body.dead, deadColumns);
+  document.getElementById("dead-page").textContent = "page " + deadPage +
+    (body.more ? "" : " (the last)");
+  document.getElementById("dead-next").disabled = !body.more;
+}
+document.getElementById("dead-first").addEventListener("click", () => loadDead(true));
+document.getElementById("dead-next").addEventListener("click", () => loadDead(false));
+
+const deadColumns = [d => d.id, d => d.period === null || d.period === undefined ? "" : d.period + " ms",
+  d => d.attempts, d => d.reason, d => clipped(d.error || ""),
+  d => clipped("payload" in d ? JSON.stringify(d.payload) : ""), d => d.failed_at,
+  d => deadButtons(d.id)];
 
 function fill(id, rows, columns) {
   const body = document.getElementById(id);
@@ -4295,42 +4343,65 @@ function show(stats) {
     "settled " + (stats.done + stats.dead) + " of " + (stats.total + stats.requeued);
   fill("workers", stats.workers_detail, [w => w.worker, w => w.batchsize, w => w.batches_done,
     w => w.batch_age_s === null ? "free" : w.batch_age_s.toFixed(2) + " s"]);
-  fill("dead", stats.recent_dead.slice().reverse(), [d => d.id,
-    d => d.period === null ? "" : d.period + " ms",
-    d => d.attempts, d => d.reason, d => clipped(d.error || ""),
-    d => clipped("payload" in d ? JSON.stringify(d.payload) : ""), d => d.failed_at,
-    d => deadButtons(d.id)]);
-  history.push([Date.now() / 1000, stats.done, stats.dead]);
-  while (history.length > 301) history.shift();
+  fill("dead", stats.recent_dead.slice().reverse(), deadColumns);
+  document.getElementById("dead-count").textContent = "(" + stats.recent_dead.length + " of " +
+    stats.dead + " this run)";
+  const settled = stats.done + stats.dead;
+  const reasons = Object.entries(stats.dead_by_reason).filter(([, n]) => n > 0)
+    .map(([reason, n]) => n + " " + reason).join(", ");
+  document.getElementById("dead-share").textContent = settled ? "dead: " +
+    (100 * stats.dead / settled).toFixed(1) + "% of those settled" +
+    (reasons ? " (" + reasons + ")" : "") : "";
+  if (!history.length || history[history.length - 1][0] !== stats.time)
+    history.push([stats.time, stats.done, stats.dead]);
+  while (history.length && history[0][0] < stats.time - 300) history.shift();
   draw();
 }
 
+// Two panels, done/s above and dead/s below, each with its own scale, over a
+// time axis of the last 5 minutes (the broker's clock).
 function draw() {
   const canvas = document.getElementById("chart");
   const g = canvas.getContext("2d");
   g.clearRect(0, 0, canvas.width, canvas.height);
-  if (history.length < 2) return;
+  const left = 48, right = canvas.width - 8, axis = canvas.height - 18;
+  const panel = (axis - 8) / 2;
+  const now = history.length ? history[history.length - 1][0] : Math.floor(Date.now() / 1000);
+  const x = t => right - (now - t) * (right - left) / 300;
+  g.font = "11px sans-serif"; g.fillStyle = "#888"; g.strokeStyle = "#eee"; g.lineWidth = 1;
+  for (let m = 0; m <= 5; m++) {  // the time axis: a tick a minute
+    const tx = x(now - 60 * m);
+    g.beginPath(); g.moveTo(tx, 4); g.lineTo(tx, axis); g.stroke();
+    g.fillText(m ? "-" + m + " min" : "now", Math.min(tx - 14, right - 24), canvas.height - 4);
+  }
   const rates = [];
   for (let i = 1; i < history.length; i++) {
-    const dt = Math.max(history[i][0] - history[i - 1][0], 1e-3);
-    rates.push([(history[i][1] - history[i - 1][1]) / dt, (history[i][2] - history[i - 1][2]) / dt]);
+    const dt = Math.max(history[i][0] - history[i - 1][0], 1);
+    rates.push([history[i][0], (history[i][1] - history[i - 1][1]) / dt,
+                (history[i][2] - history[i - 1][2]) / dt]);
   }
-  const top = Math.max(1, ...rates.map(r => Math.max(r[0], r[1]))) * 1.1;
-  g.fillStyle = "#888"; g.font = "11px sans-serif"; g.fillText(top.toFixed(0) + "/s", 4, 12);
-  [[0, "#2a7"], [1, "#c33"]].forEach(([k, color]) => {
+  [[1, "#2a7", 4], [2, "#c33", 8 + panel]].forEach(([k, color, top]) => {
+    const most = Math.max(1, ...rates.map(r => r[k]));
+    const scale = Math.pow(10, Math.floor(Math.log10(most)));
+    const max = Math.ceil(most / scale) * scale;  // a round top for the scale
+    g.fillStyle = "#888";
+    g.fillText(max + "/s", 2, top + 10); g.fillText("0", 2, top + panel);
+    g.strokeStyle = "#ddd"; g.beginPath(); g.moveTo(left, top + panel); g.lineTo(right, top + panel);
+    g.stroke();
     g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
     rates.forEach((r, i) => {
-      const x = canvas.width - (rates.length - 1 - i) * canvas.width / 300;
-      const y = canvas.height - r[k] / top * (canvas.height - 16);
-      i ? g.lineTo(x, y) : g.moveTo(x, y);
+      const y = top + panel - r[k] / max * (panel - 4);
+      i ? g.lineTo(x(r[0]), y) : g.moveTo(x(r[0]), y);
     });
-    g.stroke();
+    g.stroke(); g.lineWidth = 1;
   });
+  window.chartSamples = rates.length;  // (for the tests: how many points it drew)
 }
 
 function connect() {
   if (source) source.close();
   source = new EventSource("/events" + (token ? "?access_token=" + encodeURIComponent(token) : ""));
+  source.addEventListener("history", e => { history = JSON.parse(e.data); draw(); });
   source.addEventListener("stats", e => show(JSON.parse(e.data)));
   source.addEventListener("bye", () => { status("the broker stopped"); source.close(); });
   source.onerror = () => {

@@ -253,8 +253,11 @@ def test_the_dashboard_page_and_its_event_stream(processes, db):
     assert SSEClient(b.host, b.port, "/events").status == 401
     events = SSEClient(b.host, b.port, "/events?access_token=tok")
     assert events.status == 200
+    kind, history = events.next_event()  # (first the chart's last 5 minutes: a sample a second)
+    assert kind == "history" and all(len(sample) == 3 for sample in history)
     kind, stats = events.next_event()
     assert kind == "stats" and stats["workers"] == 0 and stats["recent_dead"] == []
+    assert stats["dead_by_reason"]["not reported"] == 0 and abs(stats["time"] - time.time()) < 5
     events.close()
 
 
@@ -273,9 +276,41 @@ def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
             "n => Number(document.querySelector('#counter-generated b').textContent) > n",
             arg=first, timeout=20000)
         page.wait_for_selector("#workers tr", timeout=15000)
+        page.wait_for_timeout(5000)  # (open 5 s, as a user sees it: a filled chart)
         page.screenshot(path=shot, full_page=True)
     assert errors == []
     assert os.path.getsize(shot) > 1000
+
+
+def test_the_dashboard_shows_the_last_minutes_at_once_the_dead_share_and_pages_dead(
+        processes, db):
+    b = processes.broker(db, "--workers", "3", "--heartbeat", "5", "--max-attempts", "1")
+    wait_until(lambda: b.stats()["dead"] > 25 and b.stats()["uptime_s"] > 6, timeout=60)
+    errors = []
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(b.url + "/")
+        # The broker's last seconds are drawn as the page opens, not from then on.
+        page.wait_for_function("window.chartSamples >= 4", timeout=5000)
+        page.wait_for_selector("#counter-dead b", timeout=15000)
+        share = page.inner_text("#dead-share")
+        count = page.inner_text("#dead-count")
+        page.click("#dead-first")
+        page.wait_for_function("document.getElementById('dead-page').textContent"
+                               ".startsWith('page 1')", timeout=10000)
+        first_page = page.eval_on_selector_all("#all-dead tr td:first-child",
+                                               "tds => tds.map(td => td.textContent)")
+        page.click("#dead-next")
+        page.wait_for_function("document.getElementById('dead-page').textContent"
+                               ".startsWith('page 2')", timeout=10000)
+        second_page = page.eval_on_selector_all("#all-dead tr td:first-child",
+                                                "tds => tds.map(td => td.textContent)")
+    assert errors == []
+    assert re.fullmatch(r"dead: \d+\.\d% of those settled \(\d+ [a-z ]+(, \d+ [a-z ]+)*\)", share)
+    assert re.fullmatch(r"\(20 of \d+ this run\)", count)
+    listed = [d["id"] for d in b.request("GET", "/dead?limit=40")[2]["dead"]]
+    assert first_page == listed[:20] and second_page == listed[20:40]
 
 
 def test_the_dashboard_counts_the_jobs_of_producers(processes, db):
@@ -399,7 +434,8 @@ def test_the_dashboard_requeues_one_dead_letter_and_then_all_asking_for_the_toke
         page.wait_for_function("document.getElementById('requeue-result').textContent"
                                " === '2 requeued'", timeout=10000)
     assert dead_now(b) == [] and first in ids
-    assert prompts == ["This broker needs its token:"]  # asked once, for the stream
+    # Asked once for the token (for the stream), and to confirm "requeue all".
+    assert prompts == ["This broker needs its token:", "Requeue every dead letter?"]
 
 
 def broker_tool(*args, env_token=None):
