@@ -151,6 +151,23 @@ def audit_trace(path, max_attempts=3):
     return done, dead, unsettled, problems
 
 
+def dead_now(b):
+    """The ids GET /dead lists, oldest first."""
+    return [d["id"] for d in b.request("GET", "/dead?limit=1000")[2]["dead"]]
+
+
+def live_dead_letters(b, count):
+    """On a running --max-attempts 1 broker: `count` dead letters, saved; their ids."""
+    client = b.stream(count)
+    client.hello()
+    batch = client.batch()
+    assert b.request("POST", "/report?worker=%s&batch=%d&last=1" % (
+        client.token, batch[0]["batch"]), b"[]")[0] == 200  # all dead, and no next batch
+    client.close()
+    wait_until(lambda: len(dead_now(b)) >= count)  # (saved by their own thread)
+    return [m["id"] for m in batch]
+
+
 def dead_letters_made(processes, db, count, *flags):
     """A --total `count` run on `db` whose messages all die (one attempt
     each, none reported): their ids, sorted, once the broker has stopped."""

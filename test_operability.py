@@ -14,8 +14,8 @@ import pytest
 
 import broker
 
-from conftest import (HERE, SSEClient, dead_letters_made, headless_chromium, skip_or_fail,
-                      wait_until)
+from conftest import (HERE, SSEClient, dead_letters_made, dead_now, headless_chromium,
+                      live_dead_letters, skip_or_fail, wait_until)
 
 
 def settle_batch(b, client, done_share=1.0):
@@ -266,7 +266,7 @@ def test_the_dashboard_in_a_real_headless_browser(processes, db, tmp_path):
     errors = []
     shot = os.environ.get("DASHBOARD_SCREENSHOT") or str(tmp_path / "dashboard.png")
     with headless_chromium() as browser:
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(b.url + "/")
@@ -332,23 +332,6 @@ def test_the_dashboard_counts_the_jobs_of_producers(processes, db):
 
 
 # --- the tools never hurt a file ---------------------------------------------------------
-
-def dead_now(b):
-    """The ids GET /dead lists."""
-    return [d["id"] for d in b.request("GET", "/dead")[2]["dead"]]
-
-
-def live_dead_letters(b, count):
-    """On a running --max-attempts 1 broker: `count` dead letters, saved; their ids."""
-    client = b.stream(count)
-    client.hello()
-    batch = client.batch()
-    assert b.request("POST", "/report?worker=%s&batch=%d&last=1" % (
-        client.token, batch[0]["batch"]), b"[]")[0] == 200  # all dead, and no next batch
-    client.close()
-    wait_until(lambda: len(dead_now(b)) >= count)  # (saved by their own thread)
-    return [m["id"] for m in batch]
-
 
 def test_post_requeue_sends_dead_letters_out_first_at_once(processes, db):
     b = processes.broker(db, "--max-attempts", "1", "--heartbeat", "600")

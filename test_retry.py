@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import bbolt_lite
+import conftest
 from conftest import HERE, headless_chromium, wait_until
 
 
@@ -112,19 +113,12 @@ def test_with_a_retry_delay_a_dependency_down_for_a_while_kills_no_job(processes
 # --- dead letters deleted -----------------------------------------------------------------
 
 def dead_now(b):
-    return sorted(d["id"] for d in b.request("GET", "/dead?limit=1000")[2]["dead"])
+    return sorted(conftest.dead_now(b))
 
 
 def make_dead(b, count):
     """`count` dead letters of a --max-attempts 1 broker: their ids, sorted."""
-    client = b.stream(count)
-    client.hello()
-    batch = client.batch()
-    assert b.request("POST", "/report?worker=%s&batch=%d&last=1" % (
-        client.token, batch[0]["batch"]), b"[]")[0] == 200  # all dead, and no next batch
-    client.close()
-    wait_until(lambda: len(dead_now(b)) >= count)
-    return sorted(m["id"] for m in batch)
+    return sorted(conftest.live_dead_letters(b, count))
 
 
 def test_delete_dead_deletes_those_named_or_all_and_get_dead_no_longer_lists_them(
