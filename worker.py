@@ -427,14 +427,16 @@ def load_handler(spec):
     return function
 
 
-def _interrupt(thread_id):
+def _interrupt(thread_id, raising=True):
     """Raise TaskInterrupted in thread `thread_id` (at its next bytecode:
-    not inside a call into C, a sleep say, until that returns). False
-    where it cannot be done (no ctypes, or not CPython)."""
+    not inside a call into C, a sleep say, until that returns); not
+    `raising`: take back one not yet raised. False where it cannot be done
+    (no ctypes, or not CPython)."""
     try:
         import ctypes
         return ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(thread_id), ctypes.py_object(TaskInterrupted)) == 1
+            ctypes.c_ulong(thread_id),
+            ctypes.py_object(TaskInterrupted) if raising else None) == 1
     except (ImportError, AttributeError):
         return False
 
@@ -466,12 +468,7 @@ class HandlerRunner:
                 with guard:
                     state["running"] = False
                     if state["why"] is not None:  # (told, maybe not yet raised: no more)
-                        try:
-                            import ctypes
-                            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                                ctypes.c_ulong(thread_id), None)
-                        except (ImportError, AttributeError):
-                            pass
+                        _interrupt(thread_id, raising=False)
                 finished.set()
         except TaskInterrupted:
             pass
