@@ -9,10 +9,11 @@ broker stops, and that done and dead stay disjoint.
 """
 
 import itertools
+import json
 import random
 
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize,
                                  invariant, multiple, rule)
 
@@ -217,6 +218,7 @@ class DispatcherMachine(RuleBasedStateMachine):
                 assert message_id in self.done or message_id in self.dead
             else:
                 assigned = message_id in self.dispatcher.snapshot()["assigned"]
+                record = json.loads(record)
                 assert record["in_flight"] == (message_id in self.leased_to or assigned)
                 assert record["attempts"] == self.deliveries.get(message_id, 0) + assigned
         self.dispatcher.changes_written(changes, ok=True)
@@ -365,3 +367,30 @@ def test_a_worker_s_retry_in_ms_overrides_the_delay_capped():
     state = dispatcher.snapshot()
     assert state["due"][a] == pytest.approx(clock.now + 0.05)
     assert state["due"][b] == pytest.approx(clock.now + 3.0)  # (capped)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@pytest.mark.parametrize("kind", ["message", "job"])
+@given(period=st.none() | st.integers(1, 1000), attempts=st.integers(0, 5),
+       reason=st.none() | st.sampled_from(broker.FAILURE_REASONS), error=st.none() | st.text(),
+       payload=st.none() | json_values, key=st.none() | st.text(min_size=1),
+       in_flight=st.booleans(),
+       not_before=st.none() | st.floats(0, 4e9, allow_nan=False).map(lambda t: round(t, 3)))
+def test_a_pending_record_formatted_directly_is_the_record_s_json(
+        kind, period, attempts, reason, error, payload, key, in_flight, not_before):
+    message_id = broker.XidGenerator().take(1)[0]
+    if kind == "message":
+        message = broker.Message(message_id, period or 1)
+    else:
+        message = broker.Job(message_id, period if payload is not None else period or 5,
+                             payload, key)
+    message.attempts, message.reason = attempts, reason
+    if error is not None:
+        message.error = error
+    assert broker.pending_record_json(message, in_flight, not_before) == \
+        broker._compact_json(broker.pending_record(message, in_flight, not_before))
