@@ -3,6 +3,7 @@
 path, and against broker.py --durable with its own generator, in one run.
 
     python bench/jobs_bench.py --gobroker BIN --goload BIN [--reps 2] [--seconds 8]
+                               [--before DIR]
 
 `--gobroker` and `--goload` are Go programs that speak protocol v1.2's
 producer path: a broker with `--source api` (jobs saved in bbolt before the
@@ -15,6 +16,8 @@ folder, `--reps` times in turn, and loaded by
     goload -p 4 -pb 100 -c 8 -b 10 -s SECONDS     (--source api: 4 producers, 8 consumers)
     goload -c 8 -b 10 -s SECONDS                  (broker.py --durable: 8 consumers)
 
+`--before DIR` adds DIR's broker.py `--source api` to each repetition (a
+checkout of an earlier commit: the change's before and after in one run).
 Prints medians (min-max) of jobs settled a second, jobs accepted a second,
 the enqueue answer's p50 and p99, the 503s (a full --max-backlog), and the
 ratio of broker.py's settled jobs to the Go broker's. A benchmark, not a
@@ -42,10 +45,17 @@ def main():
     parser.add_argument("--goload", required=True, help="a Go load client with -p and -pb")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--before", metavar="DIR",
+                        help="also run DIR/broker.py --source api (an earlier checkout)")
     args = parser.parse_args()
     python = [sys.executable, os.path.join(ROOT, "broker.py")]
     setups = [
         ("broker.py --source api", python + ["--source", "api"], ["-p", "4", "-pb", "100"]),
+    ]
+    if args.before:
+        setups.append(("before: --source api", [sys.executable, os.path.join(
+            args.before, "broker.py"), "--source", "api"], ["-p", "4", "-pb", "100"]))
+    setups += [
         ("gobroker --source api", [args.gobroker, "--source", "api"], ["-p", "4", "-pb", "100"]),
         ("broker.py --durable", python + ["--durable"], []),
     ]
@@ -84,6 +94,10 @@ def main():
     py, go = (statistics.median(r["settled_per_s"] for r in rows[name])
               for name in ("broker.py --source api", "gobroker --source api"))
     print("settled jobs/s, broker.py / gobroker: %.3f" % (py / go))
+    if args.before:
+        before = statistics.median(r["settled_per_s"] for r in rows["before: --source api"])
+        print("settled jobs/s, before / gobroker: %.3f; broker.py / before: %.3f"
+              % (before / go, py / before))
 
 
 if __name__ == "__main__":
