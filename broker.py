@@ -2213,36 +2213,34 @@ class StateWriter:
 # encoder a call too: a job's payload of 100 bytes took 1.54 µs by it, 0.79
 # by the C encoder made once, timeit.)
 _COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# A producer's payload: JSON has no NaN or Infinity, and Python's parser
+# reads a number past a double's range (1e400) as Infinity.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
-def _encoder_made_once():
-    """_COMPACT_ENCODER's C encoder, made once as JSONEncoder.iterencode
-    makes it, less the check for cycles (what it encodes comes from a JSON
-    decoder or from this program, and nesting too deep still raises
-    RecursionError); None where Python has none, or where it writes other
-    text than _COMPACT_ENCODER."""
+def _made_once(encoder):
+    """`encoder`'s C encoder, made once as JSONEncoder.iterencode makes it,
+    less the check for cycles (what it encodes comes from a JSON decoder or
+    from this program, and nesting too deep still raises RecursionError);
+    else (no C encoder in this Python, or one that writes another text)
+    `encoder` itself."""
     make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return None
     try:
-        encode = make(None, _COMPACT_ENCODER.default, json.encoder.encode_basestring_ascii,
-                      None, ":", ",", False, False, True)
+        encode = make(None, encoder.default, json.encoder.encode_basestring_ascii, None,
+                      encoder.key_separator, encoder.item_separator, False, False,
+                      encoder.allow_nan)
         sample = {"a": [1, 2.5, None, True, "\u00e9\n"], "b": {}, "c": "x"}
-        if "".join(encode(sample, 0)) != _COMPACT_ENCODER.encode(sample):
-            return None
-    except Exception:  # (its arguments changed in another Python)
-        return None
-    return encode
+        if "".join(encode(sample, 0)) == encoder.encode(sample):
+            return lambda obj: "".join(encode(obj, 0))
+    except Exception:  # (none, or its arguments changed in another Python)
+        pass
+    return encoder.encode
 
 
-_ENCODE = _encoder_made_once()
-
-
-def _compact_json(obj):
-    """`obj` as compact JSON text, ASCII only (non-ASCII as \\u escapes)."""
-    if _ENCODE is None:
-        return _COMPACT_ENCODER.encode(obj)
-    return "".join(_ENCODE(obj, 0))
+# `obj` as compact JSON text, ASCII only (non-ASCII as \\u escapes).
+_compact_json = _made_once(_COMPACT_ENCODER)
+# The same, and ValueError for a number JSON cannot carry.
+_payload_json = _made_once(_PAYLOAD_ENCODER)
 
 
 def sse_event(event, data):
@@ -3032,9 +3030,12 @@ def parse_jobs(body, new_ids, now):
             payload_json = None
         else:
             try:
-                payload_json = _compact_json(payload)
+                payload_json = _payload_json(payload)
             except RecursionError:
                 raise ValueError("job %d: the payload is nested too deep" % index) from None
+            except ValueError:  # (Infinity, from a number such as 1e400)
+                raise ValueError("job %d: the payload has a number out of range (past a "
+                                 "double's, as 1e400)" % index) from None
             if len(payload_json) > MAX_PAYLOAD_BYTES:  # (ASCII: its bytes)
                 raise ValueError("job %d: the payload is %d bytes of JSON, more than %d"
                                  % (index, len(payload_json), MAX_PAYLOAD_BYTES))
@@ -3088,8 +3089,11 @@ def checked_job(data):
     if key is not None and type(key) is not str:
         raise ValueError("its key is not text")
     payload = body.get("payload")
-    return Job(job_id, period, payload, key,
-               payload_json=None if payload is None else _compact_json(payload))
+    try:
+        payload_json = None if payload is None else _payload_json(payload)
+    except ValueError:
+        raise ValueError("its payload has a number out of range") from None
+    return Job(job_id, period, payload, key, payload_json=payload_json)
 
 
 def job_record_json(job):

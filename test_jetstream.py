@@ -257,6 +257,9 @@ def test_a_fetched_message_without_an_id_and_a_period_in_range_is_refused():
     nan = types.SimpleNamespace(data=b'{"id":"9m4e2mr0ui3e8a215n4g","payload":NaN}',
                                 metadata=fetched({}).metadata)
     assert queue._message(nan) is None  # (JSON has no NaN: a worker could not read it)
+    huge = types.SimpleNamespace(data=b'{"id":"9m4e2mr0ui3e8a215n4g","payload":[1e400]}',
+                                 metadata=fetched({}).metadata)
+    assert queue._message(huge) is None  # (read as Infinity: no worker could read that)
 
 
 def test_a_fetched_message_whose_id_is_not_an_xid_is_terminated_and_never_written(

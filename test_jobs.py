@@ -124,9 +124,12 @@ def test_a_malformed_job_is_400_naming_it_and_no_job_of_the_request_is_enqueued(
     (b'[{"payload": NaN}]', "the body is not JSON: NaN"),
     (b'[{"payload": [Infinity]}]', "the body is not JSON: Infinity"),
     (b'[{"payload": -Infinity}]', "the body is not JSON: -Infinity"),
+    (b'[{"payload": {"x": [1e400]}}]', "job 0: the payload has a number out of range"),
+    (b'[{"payload": -1E999}]', "job 0: the payload has a number out of range"),
     (b'[{"payload": "\xff\xfe"}]', "the body is not UTF-8"),
     (b'[{"payload": ' + b"[" * 100000 + b"]" * 100000 + b"}]", "the body is nested too deep"),
-], ids=["NaN", "Infinity", "-Infinity", "invalid UTF-8", "nested 100,000 deep"])
+], ids=["NaN", "Infinity", "-Infinity", "1e400", "-1E999", "invalid UTF-8",
+        "nested 100,000 deep"])
 def test_a_body_that_json_does_not_allow_is_400(processes, db, raw, says):
     b = processes.broker(db, "--source", "api", "--heartbeat", 600)
     status, _h, answer = enqueue(b, raw)
