@@ -4946,10 +4946,10 @@ class OneCore:
         crowding = busy[self.cpu] - (own_now - own_then) / (now - then)  # others' share of ours
         idlest = min((cpu for cpu in busy if cpu != self.cpu), key=busy.get, default=None)
         if idlest is not None and busy[idlest] + self.MARGIN < crowding:
-            log.info("CPU %d is %.0f%% busy with other work, CPU %d %.0f%%: moving the "
-                     "broker's threads there", self.cpu, 100 * crowding, idlest,
-                     100 * busy[idlest])
-            self.move(idlest)
+            was = self.cpu
+            self.move(idlest)  # (then the line: once it is out, the threads are there)
+            log.info("CPU %d is %.0f%% busy with other work, CPU %d %.0f%%: moved the "
+                     "broker's threads there", was, 100 * crowding, idlest, 100 * busy[idlest])
 
 
 def _current_cpu(allowed):

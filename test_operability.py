@@ -568,8 +568,8 @@ def test_a_pinned_broker_moves_off_a_cpu_that_other_work_keeps_busy(processes, d
     hog = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {%d})\n"
                             "while True: pass" % cpu])
     try:
-        line = b.wait_for_line(r"moving the broker's threads there", timeout=30)
-        moved_to = re.search(r"CPU (\d+) \d+%: moving", line).group(1)
+        line = b.wait_for_line(r"moved the broker's threads there", timeout=30)
+        moved_to = re.search(r"CPU (\d+) \d+%: moved", line).group(1)
         assert int(moved_to) != cpu
         assert cpus_of_threads(b.popen.pid) == {moved_to}
     finally:
