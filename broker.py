@@ -2237,7 +2237,7 @@ def _made_once(encoder):
     return encoder.encode
 
 
-# `obj` as compact JSON text, ASCII only (non-ASCII as \\u escapes).
+# `obj` as compact JSON text, ASCII only (non-ASCII as \u escapes).
 _compact_json = _made_once(_COMPACT_ENCODER)
 # The same, and ValueError for a number JSON cannot carry.
 _payload_json = _made_once(_PAYLOAD_ENCODER)
@@ -3019,9 +3019,7 @@ def parse_jobs(body, new_ids, now):
         if type(item) is not dict or not item.keys() <= _JOB_FIELD_SET:
             raise ValueError("job %d: %s" % (index, _job_fault(item)))
         payload, period = item.get("payload"), item.get("period")
-        if period is not None and not (type(period) is int and
-                                       MIN_PERIOD_MS <= period <= MAX_PERIOD_MS) \
-                or period is None and "period" in item:
+        if "period" in item and not _is_int(period, MIN_PERIOD_MS, MAX_PERIOD_MS):
             raise ValueError("job %d: period must be an integer in %d..%d"
                              % (index, MIN_PERIOD_MS, MAX_PERIOD_MS))
         if payload is None:  # (a null payload is none)
@@ -3049,8 +3047,8 @@ def parse_jobs(body, new_ids, now):
                 raise ValueError("job %d: key must be text of 1..%d bytes of UTF-8"
                                  % (index, MAX_KEY_BYTES))
         job = Job(job_id, period, payload, key, payload_json=payload_json)
-        delay = item.get("delay_ms")
-        if delay is not None or "delay_ms" in item:
+        if "delay_ms" in item:
+            delay = item["delay_ms"]
             if not _is_int(delay, 0, MAX_DELAY_MS):
                 raise ValueError("job %d: delay_ms must be an integer in 0..%d"
                                  % (index, MAX_DELAY_MS))
