@@ -99,6 +99,18 @@ def headless_chromium():
             browser.close()
 
 
+@contextlib.contextmanager
+def dashboard_page(url):
+    """The dashboard of the broker at `url`, opened in headless Chromium:
+    yields (page, errors), where the page's uncaught exceptions are listed."""
+    errors = []
+    with headless_chromium() as browser:
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        yield page, errors
+
+
 def run_boltcheck(binary, *args, timeout=120):
     return subprocess.run([binary] + [str(a) for a in args], capture_output=True,
                           text=True, timeout=timeout)

@@ -14,8 +14,8 @@ import pytest
 
 import broker
 
-from conftest import (HERE, SSEClient, dead_letters_made, dead_now, headless_chromium,
-                      live_dead_letters, skip_or_fail, wait_until)
+from conftest import (HERE, SSEClient, dashboard_page, dead_letters_made, dead_now,
+                      headless_chromium, live_dead_letters, skip_or_fail, wait_until)
 
 
 def settle_batch(b, client, done_share=1.0):
@@ -286,11 +286,7 @@ def test_the_dashboard_shows_the_last_minutes_at_once_the_dead_share_and_pages_d
         processes, db):
     b = processes.broker(db, "--workers", "3", "--heartbeat", "5", "--max-attempts", "1")
     wait_until(lambda: b.stats()["dead"] > 25 and b.stats()["uptime_s"] > 6, timeout=60)
-    errors = []
-    with headless_chromium() as browser:
-        page = browser.new_page()
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(b.url + "/")
+    with dashboard_page(b.url) as (page, errors):
         # The broker's last seconds are drawn as the page opens, not from then on.
         page.wait_for_function("window.chartSamples >= 4", timeout=5000)
         page.wait_for_selector("#counter-dead b", timeout=15000)
@@ -318,11 +314,7 @@ def test_the_dashboard_counts_the_jobs_of_producers(processes, db):
     jobs = json.dumps([{"payload": n} for n in range(5)]).encode()
     assert b.request("POST", "/enqueue", jobs)[0] == 200
     assert b.request("POST", "/enqueue", b'[{"payload": 9}]')[0] == 503  # the backlog is full
-    errors = []
-    with headless_chromium() as browser:
-        page = browser.new_page()
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(b.url + "/")
+    with dashboard_page(b.url) as (page, errors):
         page.wait_for_selector("#counter-enqueued b", timeout=15000)
         shown = {key: page.inner_text("#counter-%s b" % key)
                  for key in ("enqueued", "backlog", "duplicates", "refused")}

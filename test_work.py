@@ -14,7 +14,7 @@ import time
 import pytest
 
 import worker
-from conftest import HERE, audit_trace, headless_chromium, read_trace, wait_until
+from conftest import HERE, audit_trace, dashboard_page, read_trace, wait_until
 
 JOB_PY = textwrap.dedent("""\
     import json, os, sys
@@ -389,11 +389,7 @@ def test_the_dashboard_shows_a_dead_letter_s_error_and_payload_as_text(processes
     number = client.batch()[0]["batch"]
     assert post_report(b, client, number,
                        {"failed": [{"id": job, "error": error, "final": True}]})[0] == 200
-    errors = []
-    with headless_chromium() as browser:
-        page = browser.new_page()
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(b.url + "/")
+    with dashboard_page(b.url) as (page, errors):
         page.wait_for_selector("#dead tr", timeout=15000)
         cells = page.eval_on_selector_all("#dead tr td", "tds => tds.map(td => td.textContent)")
         pwned = page.evaluate("window.pwned")
