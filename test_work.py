@@ -14,7 +14,7 @@ import time
 import pytest
 
 import worker
-from conftest import HERE, audit_trace, dashboard_page, read_trace, wait_until
+from conftest import HERE, audit_trace, dashboard_page, dead_now, read_trace, wait_until
 
 JOB_PY = textwrap.dedent("""\
     import json, os, sys
@@ -437,7 +437,9 @@ def test_jobs_from_a_producer_settle_as_their_payloads_say_on_two_exec_workers(
     command = "%s %s" % (sys.executable, tmp_path / "job.py")
     workers = [processes.worker("--url", b.url, "--processes", 1, "--batchsize", 4,
                                 "--task-timeout", 1, "--exec", command) for _ in range(2)]
-    wait_until(lambda: (lambda s: s["done"] + s["dead"] == len(jobs))(b.stats()), timeout=90,
+    # Settled, and the dead letters saved (counted at once, saved by their own thread).
+    wait_until(lambda: (lambda s: s["done"] + s["dead"] == len(jobs)
+                        and len(dead_now(b)) == s["dead"])(b.stats()), timeout=90,
                what=lambda: "%s\n%s" % (b.stats(), "\n".join(w.output()[-3000:] for w in workers)))
     dead = {d["id"]: d for d in b.request("GET", "/dead?limit=100")[2]["dead"]}
     assert {kind_of[i] for i in dead} == {"fail", "final", "hang"}
