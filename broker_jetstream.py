@@ -65,6 +65,7 @@ FETCH_WAIT = 0.5         # seconds a fetch waits for messages before it asks aga
 SETTLED_EVERY = 0.25     # seconds between checks that a --total run has settled
 CONNECT_TIMEOUT = 30.0  # seconds to reach the cluster and set up the stream at start
 ACK_TIMEOUT = 5.0        # seconds JetStream has to confirm an ack or a term
+STREAM_NOT_FOUND = 10059  # JetStream's error code for "stream not found"
 
 
 FORGOTTEN = "forgotten"  # an outcome no report waits for any more
@@ -440,22 +441,7 @@ class JetStreamQueue:
                                       disconnected_cb=self._on_disconnected,
                                       reconnected_cb=self._on_reconnected)
         self._js = self._nc.jetstream()
-        # A cluster just started elects its JetStream leader first: retry.
-        deadline = time.monotonic() + CONNECT_TIMEOUT
-        while True:
-            try:
-                await self._create()
-                break
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                    nats.js.errors.ServiceUnavailableError) as error:
-                if time.monotonic() >= deadline:
-                    raise
-                first = self._not_ready is None
-                self._not_ready = str(error) or type(error).__name__
-                (log.info if first else log.debug)(
-                    "JetStream not ready (%s): retrying for up to %.0f s", self._not_ready,
-                    CONNECT_TIMEOUT)
-                await asyncio.sleep(0.5)
+        await self._create_when_ready()
         self._wake_fetcher = asyncio.Event()
         self._filled = asyncio.Event()  # the generator's first round is out
         if self.jobs:
@@ -467,6 +453,32 @@ class JetStreamQueue:
             self._tasks.append(asyncio.ensure_future(self._watch_settled()))
         log.info("queue in JetStream stream %r (%d replicas) at %s", self.stream,
                  self.replicas, self._nc.connected_url.netloc if self._nc.connected_url else "?")
+
+    async def _create_when_ready(self):
+        """_create, retried while JetStream is not ready: a cluster just
+        started elects its JetStream leader first, and a stream made a moment
+        ago can be "not found" by the next request, the consumer's create
+        (the cluster's meta layer applies it after the stream's leader
+        answered: nats-server#8410, fixed in later servers)."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while True:
+            try:
+                await self._create()
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError,
+                    nats.js.errors.NotFoundError) as error:
+                if isinstance(error, nats.js.errors.NotFoundError) and \
+                        error.err_code != STREAM_NOT_FOUND:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                first = self._not_ready is None
+                self._not_ready = str(error) or type(error).__name__
+                (log.info if first else log.debug)(
+                    "JetStream not ready (%s): retrying for up to %.0f s", self._not_ready,
+                    CONNECT_TIMEOUT)
+                await asyncio.sleep(0.5)
 
     async def _create(self):
         """The streams and the consumer, unless they exist."""

@@ -311,6 +311,39 @@ def test_broker_jetstream_does_not_import_broker():
     assert result.stdout.split() == ["['broker_jetstream']"]
 
 
+def test_a_consumer_made_before_the_cluster_knows_its_new_stream_is_made_again():
+    # In a cluster just started, the consumer's create can answer "stream not
+    # found" for the stream made a moment before (the meta layer applies the
+    # stream later than its leader answers, nats-server#8410): a broker
+    # starting then died with that line.
+    require_jetstream()
+    import asyncio
+    import nats.js.errors
+    import broker_jetstream
+    queue = object.__new__(broker_jetstream.JetStreamQueue)
+    queue.stream, queue.subject, queue.replicas, queue.jobs = "t", "t.tasks", 3, False
+    queue.dead_stream, queue.dead_subject = "t-dead", "t.dead"
+    queue.max_attempts, queue.ack_wait, queue._not_ready = 3, 11.0, None
+    calls = []
+
+    class NewCluster:
+        async def add_stream(self, config):
+            calls.append(("stream", config.name))
+
+        async def pull_subscribe(self, subject, durable, stream, config):
+            calls.append(("consumer", stream))
+            if calls.count(("consumer", stream)) == 1:
+                raise nats.js.errors.NotFoundError(code=404, err_code=10059,
+                                                   description="stream not found")
+            return "subscription"
+
+    queue._js = NewCluster()
+    asyncio.run(queue._create_when_ready())
+    assert queue._sub == "subscription"
+    assert calls.count(("consumer", "t")) == 2 and queue._not_ready == (
+        "nats: NotFoundError: code=404 err_code=10059 description='stream not found'")
+
+
 def test_an_unpublished_dead_letter_is_retried_with_backoff():
     # In an outage every dead letter retries its publish: at a fixed 0.2 s,
     # 15 tries in 3 s each (and as many warnings held back); backing off, a few.
